@@ -1,0 +1,159 @@
+"""Layout nodes: build a layout from boxes, attach references, preview it."""
+
+from __future__ import annotations
+
+import logging
+
+from ..locref_core.composite import composite_image
+from ..locref_core.layout import MAX_BOXES, Layout, Reference, find_box
+from ..locref_core.layout_json import bounding_boxes_to_boxes, parse_layout_json
+from ..locref_core.preview import render_preview
+from .convert import chw_to_image, image_to_chw, mask_to_hw
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "LOCREF_LAYOUT"
+DEFAULT_BOXES_JSON = '{"version": 1, "boxes": []}'
+
+
+class LocRefBoxes:
+    DESCRIPTION = (
+        "A layout: boxes on a canvas, each with a label. Draw boxes on the canvas (or edit the "
+        "JSON); coordinates are stored normalised, so changing the size keeps the layout. Later "
+        "boxes are in front."
+    )
+    CATEGORY = "LocRef/layout"
+    RETURN_TYPES = (LAYOUT,)
+    RETURN_NAMES = ("layout",)
+    OUTPUT_TOOLTIPS = ("The layout: canvas size and ordered boxes with labels.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"min": 64, "max": 8192, "step": 8}
+        return {
+            "required": {
+                "width": ("INT", {"default": 512, **size,
+                                  "tooltip": "Canvas width in pixels; match your latent size."}),
+                "height": ("INT", {"default": 512, **size,
+                                   "tooltip": "Canvas height in pixels; match your latent size."}),
+                "boxes_json": ("STRING", {
+                    "default": DEFAULT_BOXES_JSON, "multiline": True,
+                    "tooltip": (
+                        'Boxes as JSON: {"version": 1, "boxes": [{"x0": 0.1, "y0": 0.2, '
+                        '"x1": 0.5, "y1": 0.9, "label": "a red car"}]} with coordinates in 0..1 '
+                        f"(top-left origin); at most {MAX_BOXES} boxes. Normally written by the "
+                        "box canvas."
+                    ),
+                }),
+            },
+            "optional": {
+                "bounding_boxes": ("BOUNDING_BOX", {
+                    "tooltip": "Optional boxes from another node ([{x, y, width, height, metadata}] "
+                               "in canvas pixels); they are added in front of the drawn boxes.",
+                }),
+            },
+        }
+
+    def build(self, width, height, boxes_json, bounding_boxes=None):
+        layout = parse_layout_json(boxes_json, width, height)
+        if bounding_boxes is not None:
+            extra = bounding_boxes_to_boxes(bounding_boxes, width, height)
+            layout = Layout(width, height, layout.boxes + tuple(extra))
+        log.debug("LocRef Boxes: %d boxes on %dx%d", len(layout.boxes), width, height)
+        return (layout,)
+
+
+class LocRefReference:
+    DESCRIPTION = (
+        "Attach a reference image (and optionally a foreground mask) to one box of a layout. "
+        "Chain one per box. The reference decides what the object in that box looks like."
+    )
+    CATEGORY = "LocRef/layout"
+    RETURN_TYPES = (LAYOUT,)
+    RETURN_NAMES = ("layout",)
+    OUTPUT_TOOLTIPS = ("The same layout with the reference attached to the chosen box.",)
+    FUNCTION = "attach"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "layout": (LAYOUT, {"tooltip": "The layout to add a reference to."}),
+                "image": ("IMAGE", {"tooltip": "The reference image; the first of a batch is used."}),
+                "box_index": ("INT", {"default": 0, "min": 0, "max": MAX_BOXES - 1,
+                                      "tooltip": "Which box (0 = first drawn). Ignored when a "
+                                                 "label is given."}),
+                "label": ("STRING", {"default": "",
+                                     "tooltip": "Choose the box by its label instead "
+                                                "(case-insensitive). Leave empty to use the index."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Optional foreground mask of the reference (1 = keep); "
+                                             "the background is removed before pasting."}),
+                "invert_mask": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Invert the mask. Load Image's mask is 1 on "
+                                                       "transparent pixels, so turn this on for a "
+                                                       "cut-out PNG."}),
+            },
+        }
+
+    def attach(self, layout, image, box_index, label, mask=None, invert_mask=False):
+        if not isinstance(layout, Layout):
+            raise ValueError("layout input must come from a LocRef Boxes node")
+        index = find_box(layout, box_index, label)
+        if image.shape[0] > 1:
+            log.warning("LocRef Reference: a batch of %d images was given; using the first",
+                        image.shape[0])
+        ref_mask = None
+        if mask is not None:
+            ref_mask = mask_to_hw(mask)
+            ref_mask = 1.0 - ref_mask if invert_mask else ref_mask
+        reference = Reference(image_to_chw(image)[0].cpu(), ref_mask)
+        return (layout.with_reference(index, reference),)
+
+
+class LocRefLayoutPreview:
+    DESCRIPTION = (
+        "Draw a layout as an image: the composite of the references in their boxes, with every "
+        "box outlined in its own colour and labelled with its index and label."
+    )
+    CATEGORY = "LocRef/layout"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("preview",)
+    OUTPUT_TOOLTIPS = ("The preview at canvas size, for Preview Image or Save Image.",)
+    FUNCTION = "preview"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "layout": (LAYOUT, {"tooltip": "The layout to draw."}),
+            },
+            "optional": {
+                "show_labels": ("BOOLEAN", {"default": True,
+                                            "tooltip": "Write each box's index and label."}),
+                "fit": (["contain", "stretch"], {"default": "contain",
+                                                 "tooltip": "contain: keep each reference's aspect "
+                                                            "ratio, centred in its box; stretch: "
+                                                            "fill the box."}),
+            },
+        }
+
+    def preview(self, layout, show_labels=True, fit="contain"):
+        if not isinstance(layout, Layout):
+            raise ValueError("layout input must come from a LocRef Boxes node")
+        base = composite_image(layout, fit=fit)
+        return (chw_to_image(render_preview(layout, base, show_labels=show_labels)),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "LocRefBoxes": LocRefBoxes,
+    "LocRefReference": LocRefReference,
+    "LocRefLayoutPreview": LocRefLayoutPreview,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LocRefBoxes": "LocRef Boxes",
+    "LocRefReference": "LocRef Reference",
+    "LocRefLayoutPreview": "LocRef Layout Preview",
+}
