@@ -1,0 +1,106 @@
+"""LocRef attention math on plain tensors (arXiv 2411.15252, Sec. 3.3).
+
+At one cross-attention layer with queries q (B, Lq, C):
+  CIHS = softmax(q K_ci^T) V_ci                   every query attends to the composite's tokens
+  RIHS = instance-region attention                a query in box i attends only to RI_i's tokens
+  HS'  = HS * BM + (CIHS + RIHS) * FM             the paper's blend; FM = union of boxes
+
+Generalised here by two user weights: `strength` s scales the whole LocRef change and
+`text_in_boxes` t keeps part of the text attention inside boxes:
+  HS'  = HS * (1 - s (1 - t) FM) + s (CIHS + RIHS) FM
+so s = 0 is the unpatched layer and (s, t) = (1, 0) is the paper.
+
+Overlapping boxes: a query covered by several boxes attends jointly (one softmax) to the tokens
+of every instance that covers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, C) -> (B, heads, L, C // heads)."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) -> (B, L, heads * d)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def composite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        heads: int) -> torch.Tensor:
+    """CIHS: every query attends to the composite image's tokens. q (B, Lq, C), k/v (B, T, C)."""
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
+                                         split_heads(v, heads))  # (B, heads, Lq, d)
+    return merge_heads(out)  # (B, Lq, C)
+
+
+def instance_visibility(masks: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Which keys each query may see: (Lq, N * T) bool from box masks (N, h, w)."""
+    return masks.flatten(1).t().bool().repeat_interleave(tokens, dim=1)  # (Lq, N*T)
+
+
+def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     visible: torch.Tensor, heads: int) -> torch.Tensor:
+    """RIHS in one attention call for all instances.
+
+    q (B, Lq, C); k, v (B, N*T, C): every instance's tokens, concatenated; visible (Lq, N*T).
+    A query that sees no key (outside every box) gets zeros, never NaN.
+    """
+    seen = visible.any(dim=1)  # (Lq,)
+    # A fully masked row would softmax to NaN: let it see everything, then zero it.
+    mask = visible | ~seen[:, None]  # (Lq, N*T)
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
+                                         split_heads(v, heads), attn_mask=mask)
+    return merge_heads(out) * seen[None, :, None].to(q.dtype)  # (B, Lq, C)
+
+
+def region_attention_loop(q: torch.Tensor, ks: Sequence[torch.Tensor],
+                          vs: Sequence[torch.Tensor], masks: torch.Tensor,
+                          heads: int) -> torch.Tensor:
+    """Reference RIHS: one attention per instance, masked and summed (non-overlapping boxes)."""
+    out = torch.zeros_like(q)
+    for k, v, m in zip(ks, vs, masks):
+        out = out + composite_attention(q, k, v, heads) * m.flatten()[None, :, None].to(q.dtype)
+    return out
+
+
+def locref_blend(hs: torch.Tensor, cihs: torch.Tensor, rihs: torch.Tensor, fm: torch.Tensor,
+                 strength: float = 1.0, text_in_boxes: float = 0.0) -> torch.Tensor:
+    """HS' = HS * (1 - s (1 - t) FM) + s (CIHS + RIHS) FM, before the output projection."""
+    fm = fm.flatten()[None, :, None].to(hs.dtype)  # (1, Lq, 1)
+    return hs * (1 - strength * (1 - text_in_boxes) * fm) + strength * (cihs + rihs) * fm
+
+
+def locref_blend_projected(out: torch.Tensor, cihs: torch.Tensor, rihs: torch.Tensor,
+                           fm: torch.Tensor, to_out: Callable[[torch.Tensor], torch.Tensor],
+                           strength: float = 1.0, text_in_boxes: float = 0.0) -> torch.Tensor:
+    """The same blend after the layer's affine output projection: out = to_out(HS).
+
+    to_out(HS') = out * g + FM * (to_out(s X) - b (1 - s (1 - t))), with g = 1 - s (1 - t) FM,
+    X = CIHS + RIHS and b = to_out(0), because to_out is affine.
+    """
+    fm = fm.flatten()[None, :, None].to(out.dtype)  # (1, Lq, 1)
+    keep = 1 - strength * (1 - text_in_boxes)
+    projected = to_out(strength * (cihs + rihs))  # (B, Lq, C)
+    bias = to_out(torch.zeros_like(projected[:, :1]))  # (B, 1, C)
+    return out * (1 - (1 - keep) * fm) + fm * (projected - bias * keep)
+
+
+def select_rows(cond: torch.Tensor, uncond: torch.Tensor, cond_or_uncond: Sequence[int],
+                rows: int) -> torch.Tensor:
+    """Per-row context for a CFG batch: chunk j holds `rows` rows of kind cond_or_uncond[j].
+
+    cond, uncond: (T, C) or (1, T, C). Returns (len(cond_or_uncond) * rows, T, C). The chunk order
+    is whatever the host used (uncond first in a normal run); nothing here assumes it.
+    """
+    cond, uncond = cond.reshape(-1, cond.shape[-1]), uncond.reshape(-1, uncond.shape[-1])
+    chunks = [(uncond if kind == 1 else cond)[None].expand(rows, -1, -1) for kind in cond_or_uncond]
+    return torch.cat(chunks, dim=0)

@@ -1,0 +1,139 @@
+"""LocRef adapter files: the pack's own safetensors format, and IP-Adapter SD-1.5 files.
+
+LocRef format: the adapter's state dict, with metadata {"format": "locref", "format_version": "1",
+"config": <AdapterConfig JSON>}. IP-Adapter SD-1.5 (`ip-adapter_sd15.safetensors` and the same
+layout, e.g. `_light`): `image_proj.proj`, `image_proj.norm`, `ip_adapter.{1,3,..,31}.to_k_ip /
+to_v_ip`, numbered in diffusers order; mapped onto the 16 sites, shared by the CI and RI paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .adapter import AdapterConfig, LocRefAdapter, site_key
+from .grid import SD15_SITES
+
+FORMAT_NAME, FORMAT_VERSION = "locref", "1"
+SUPPORTED = ("a LocRef adapter (.safetensors written by this pack) or IP-Adapter SD-1.5 "
+             "(ip-adapter_sd15.safetensors, ip-adapter_sd15_light.safetensors)")
+
+# diffusers attention-processor numbers of the attn2 layers, in SD15_SITES order:
+# down blocks 1..11, mid 31, up blocks 13..29.
+IP_ADAPTER_IDS = (1, 3, 5, 7, 9, 11, 31, 13, 15, 17, 19, 21, 23, 25, 27, 29)
+SITE_OF_IP_ID = dict(zip(IP_ADAPTER_IDS, SD15_SITES))
+
+
+def save_adapter(adapter: LocRefAdapter, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write `adapter` in the LocRef format (config in the metadata)."""
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "config": adapter.cfg.to_json(), **(metadata or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    save_file(tensors, path, metadata=meta)
+
+
+def load_adapter(path: str) -> LocRefAdapter:
+    """Load a LocRef or IP-Adapter SD-1.5 file; raise ValueError naming the file otherwise."""
+    name = os.path.basename(path)
+    if not path.endswith((".safetensors", ".sft")):
+        raise ValueError(f"{name}: only .safetensors files are loaded (pickled .bin/.pt/.pth "
+                         f"files can run code). Supported: {SUPPORTED}.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{name}: not a readable safetensors file ({err})") from None
+    if meta.get("format") == FORMAT_NAME:
+        return _load_locref(name, meta, tensors)
+    if "image_proj.proj.weight" in tensors or any(k.startswith("ip_adapter.") for k in tensors):
+        return _load_ip_adapter(name, tensors)
+    raise ValueError(f"{name}: unrecognised adapter file ({len(tensors)} tensors, e.g. "
+                     f"{sorted(tensors)[:3]}). Supported: {SUPPORTED}.")
+
+
+def _load_locref(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> LocRefAdapter:
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{name}: LocRef format version {meta.get('format_version')!r}; this pack "
+                         f"reads version {FORMAT_VERSION}. Update the pack.")
+    try:
+        cfg = AdapterConfig.from_json(meta["config"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"{name}: bad or missing adapter config in the metadata ({err})") from None
+    adapter = LocRefAdapter(cfg)
+    _load_strict(name, adapter, tensors)
+    return adapter
+
+
+def _ip_variant_error(name: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    keys = set(tensors)
+    if any(k.startswith("image_proj.latents") or ".layers." in k for k in keys):
+        return "IP-Adapter Plus (Resampler projection)"
+    if "image_proj.proj.0.weight" in keys or "image_proj.proj.2.weight" in keys:
+        return "IP-Adapter Full Face / FaceID (MLP projection)"
+    if any("lora" in k for k in keys):
+        return "IP-Adapter FaceID (LoRA)"
+    ids = sorted(int(m.group(1)) for k in keys if (m := re.match(r"ip_adapter\.(\d+)\.to_k_ip", k)))
+    if ids != sorted(IP_ADAPTER_IDS):
+        return f"an IP-Adapter for another model ({len(ids)} attention layers; SD-1.5 has 16)"
+    if "image_proj.proj.weight" not in keys or "image_proj.norm.weight" not in keys:
+        return "an incomplete IP-Adapter file (no image_proj.proj / image_proj.norm)"
+    return None
+
+
+def _load_ip_adapter(name: str, tensors: dict[str, torch.Tensor]) -> LocRefAdapter:
+    variant = _ip_variant_error(name, tensors)
+    if variant:
+        raise ValueError(f"{name} looks like {variant}, which LocRef does not support. "
+                         f"Supported: {SUPPORTED}.")
+    proj = tensors["image_proj.proj.weight"]  # (T * 768, E)
+    context_dim = tensors["image_proj.norm.weight"].shape[0]
+    if context_dim != 768 or proj.shape[0] % context_dim:
+        raise ValueError(f"{name}: image projection {tuple(proj.shape)} with context width "
+                         f"{context_dim} is not SD-1.5's (T*768, E)")
+    cfg = AdapterConfig(embed_dim=proj.shape[1], tokens=proj.shape[0] // context_dim,
+                        context_dim=context_dim, hidden_dim=None, shared_kv=True)
+    mapped = {
+        "appearance.proj.weight": proj,
+        "appearance.proj.bias": tensors["image_proj.proj.bias"],
+        "appearance.norm.weight": tensors["image_proj.norm.weight"],
+        "appearance.norm.bias": tensors["image_proj.norm.bias"],
+    }
+    for ip_id, site in SITE_OF_IP_ID.items():
+        for src, dst in (("to_k_ip", "to_k"), ("to_v_ip", "to_v")):
+            mapped[f"kv_ri.{site_key(site)}.{dst}.weight"] = tensors[f"ip_adapter.{ip_id}.{src}.weight"]
+    adapter = LocRefAdapter(cfg)
+    _load_strict(name, adapter, mapped)
+    return adapter
+
+
+def _load_strict(name: str, adapter: LocRefAdapter, tensors: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(strict) with an error that names the file, the counts and the mismatches."""
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs expected {tuple(v.shape)}"
+              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with the wrong shape (e.g. {shapes[:2]})")
+        raise ValueError(f"{name}: does not match the adapter config "
+                         f"({len(expected)} tensors expected): " + "; ".join(parts))
+    adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+
+
+def describe(adapter: LocRefAdapter) -> str:
+    """One line for logs: config and parameter count."""
+    params = sum(p.numel() for p in adapter.parameters())
+    return f"{json.loads(adapter.cfg.to_json())} ({params / 1e6:.1f}M parameters)"
+
