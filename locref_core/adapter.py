@@ -16,7 +16,8 @@ from torch import nn
 
 from .grid import SD15_SITE_LEVEL, SD15_SITES
 
-SD15_SITE_CHANNELS = {site: (320, 640, 1280, 1280)[level] for site, level in SD15_SITE_LEVEL.items()}
+SD15_CHANNEL_MULT = (1, 2, 4, 4)  # UNet width per downsampling level, times model_channels
+SD15_SITE_CHANNELS = {site: 320 * SD15_CHANNEL_MULT[lvl] for site, lvl in SD15_SITE_LEVEL.items()}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class AdapterConfig:
     context_dim: int = 768  # SD-1.5 cross-attention context width
     hidden_dim: int | None = 1024  # the paper's two linear layers; None = one layer
     shared_kv: bool = False  # one K/V pair per site for both the CI and the RI path
+    model_channels: int = 320  # the UNet's base width (SD-1.5: 320; tests use narrow UNets)
     sites: tuple[tuple[str, int], ...] = SD15_SITES
 
     def __post_init__(self) -> None:
@@ -35,9 +37,13 @@ class AdapterConfig:
         unknown = [s for s in self.sites if s not in SD15_SITE_CHANNELS]
         if unknown:
             raise ValueError(f"unknown cross-attention sites {unknown}; SD-1.5 has {SD15_SITES}")
-        for name in ("embed_dim", "tokens", "context_dim"):
+        for name in ("embed_dim", "tokens", "context_dim", "model_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"adapter config {name} must be positive")
+
+    def site_channels(self, site: tuple[str, int]) -> int:
+        """Width of the UNet's hidden states at `site`."""
+        return self.model_channels * SD15_CHANNEL_MULT[SD15_SITE_LEVEL[site]]
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -102,9 +108,9 @@ class LocRefAdapter(nn.Module):
         self.cfg = cfg
         self.appearance = AppearanceProjection(cfg)
         self.kv_ri = nn.ModuleDict(
-            {site_key(s): SiteKV(cfg.context_dim, SD15_SITE_CHANNELS[s]) for s in cfg.sites})
+            {site_key(s): SiteKV(cfg.context_dim, cfg.site_channels(s)) for s in cfg.sites})
         self.kv_ci = None if cfg.shared_kv else nn.ModuleDict(
-            {site_key(s): SiteKV(cfg.context_dim, SD15_SITE_CHANNELS[s]) for s in cfg.sites})
+            {site_key(s): SiteKV(cfg.context_dim, cfg.site_channels(s)) for s in cfg.sites})
 
     def project(self, embeds: torch.Tensor) -> torch.Tensor:
         """Image embeddings (B, E) to context tokens (B, T, 768)."""

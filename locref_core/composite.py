@@ -60,3 +60,18 @@ def composite_image(layout: Layout, width: int | None = None, height: int | None
             alpha = resize_image(ref.mask[None], h, w)  # (1, h, w)
             region.copy_(region * (1 - alpha) + patch * alpha)
     return canvas  # (3, H, W)
+
+
+def square_reference(image: torch.Tensor, mask: torch.Tensor | None = None,
+                     background: float = NEUTRAL) -> torch.Tensor:
+    """A reference ready for the CLIP image encoder: background greyed by the mask (if any) and
+    padded, centred, to a square so no part of the object is cropped. (3, H, W) -> (3, S, S)."""
+    if mask is not None:
+        alpha = resize_image(mask[None], image.shape[-2], image.shape[-1])  # (1, H, W)
+        image = image * alpha + background * (1 - alpha)
+    _, h, w = image.shape
+    side = max(h, w)
+    out = torch.full((3, side, side), float(background), dtype=image.dtype)
+    y, x = (side - h) // 2, (side - w) // 2
+    out[:, y:y + h, x:x + w] = image
+    return out

@@ -1,7 +1,9 @@
 """ComfyUI nodes: thin wrappers around `locref_core`. The only code that may import the host."""
 
-from .layout_nodes import NODE_CLASS_MAPPINGS as _LAYOUT_NODES
-from .layout_nodes import NODE_DISPLAY_NAME_MAPPINGS as _LAYOUT_NAMES
+from . import layout_nodes, locref_nodes
 
-NODE_CLASS_MAPPINGS = {**_LAYOUT_NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {**_LAYOUT_NAMES}
+NODE_CLASS_MAPPINGS = {**layout_nodes.NODE_CLASS_MAPPINGS, **locref_nodes.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    **layout_nodes.NODE_DISPLAY_NAME_MAPPINGS,
+    **locref_nodes.NODE_DISPLAY_NAME_MAPPINGS,
+}

@@ -62,3 +62,15 @@ def test_preview_outlines_each_box_in_its_colour_at_its_pixels():
         assert colour_mask(image[:, y1 - 1:y1, mid_x:mid_x + 1], rgb).all()  # bottom edge
         assert not colour_mask(image[:, mid_y:mid_y + 1, x1 + 2:x1 + 3], rgb).any()  # just outside
     assert colour_mask(image[:, 2:10, 2:10], (NEUTRAL,) * 3).all()  # outside all boxes
+
+
+def test_square_reference_pads_and_greys_the_background():
+    from locref_core.composite import square_reference
+
+    mask = torch.zeros(40, 60)
+    mask[10:30, 20:40] = 1.0
+    out = square_reference(RED, mask)
+    assert out.shape == (3, 60, 60)
+    assert colour_mask(out[:, :10], (NEUTRAL,) * 3).all()  # padding rows
+    assert colour_mask(out[:, 25:35, 25:35], (1, 0, 0)).all()  # kept foreground
+    assert colour_mask(out[:, 12:18, 2:10], (NEUTRAL,) * 3).all()  # masked-out background

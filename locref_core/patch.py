@@ -1,0 +1,182 @@
+"""The LocRef cross-attention patch, as two callables for the host's list-based patch points.
+
+`attn2_patch` sees the normed hidden state n before the text cross-attention and keeps it;
+`attn2_output_patch` sees that layer's output, recomputes q = to_q(n) with the layer's own
+projection, adds CIHS + RIHS and blends with the box masks. List-based points compose with any
+other pack's patches (including an attn2 replace), in either order.
+
+Everything that does not change during sampling (reference tokens, per-site keys/values, masks)
+is computed once; a step only does the attention itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import LocRefAdapter
+from .attention import composite_attention, instance_visibility, locref_blend_projected
+from .attention import region_attention, select_rows
+from .grid import token_grid
+from .layout import Layout
+from .masks import box_masks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    strength: float = 1.0
+    text_in_boxes: float = 0.0
+    sigma_start: float = float("inf")  # active while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
+
+
+class LocRefState:
+    """Run constants shared by the two patch callables; cheap to 'copy' (it never is)."""
+
+    def __init__(self, adapter: LocRefAdapter, layout: Layout, ri_tokens: torch.Tensor,
+                 ci_tokens: torch.Tensor, settings: PatchSettings, unet: torch.nn.Module):
+        """ri_tokens (N, T, 768) for the N boxes that have a reference, in layout order;
+        ci_tokens (T, 768) for the composite image. `unet` is the host's diffusion model."""
+        self.layout = Layout(layout.width, layout.height,
+                             tuple(b for b in layout.boxes if b.reference is not None))
+        self.settings = settings
+        self.sites = tuple(adapter.cfg.sites)
+        self.tokens = adapter.cfg.tokens
+        self._unet = weakref.ref(unet)
+        with torch.no_grad():
+            null = adapter.null_tokens()[0]  # (T, 768)
+            n = ri_tokens.shape[0]
+            self._kv = {}  # site -> (k_ci, v_ci, k_ci0, v_ci0, k_ri, v_ri, k_ri0, v_ri0), (L, C)
+            for site in self.sites:
+                k_ci, v_ci = adapter.site_kv(site, ci_tokens, "ci")
+                k_ci0, v_ci0 = adapter.site_kv(site, null, "ci")
+                k_ri, v_ri = adapter.site_kv(site, ri_tokens.reshape(n * self.tokens, -1), "ri")
+                k_ri0, v_ri0 = adapter.site_kv(site, null.repeat(n, 1), "ri")
+                self._kv[site] = tuple(t.detach().float().cpu() for t in
+                                       (k_ci, v_ci, k_ci0, v_ci0, k_ri, v_ri, k_ri0, v_ri0))
+        self._stash: dict = {}
+        self._cache: dict = {}
+        self._check_widths(adapter)
+        self.fired: dict[tuple[str, int], int] = {}  # site -> calls that blended (for tests/logs)
+        self._warned_aspect = False
+
+    def __deepcopy__(self, memo):
+        return self  # immutable run constants; ComfyUI deep-copies model_options on every clone
+
+    def active(self, extra_options: dict) -> bool:
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        sigma = float(torch.as_tensor(sigmas).max())
+        return self.settings.sigma_end <= sigma <= self.settings.sigma_start
+
+    def attn2(self, extra_options: dict) -> torch.nn.Module:
+        """The host's cross-attention module of the layer these options describe."""
+        key = (tuple(extra_options["block"]), extra_options.get("block_index", 0))
+        module = self._cache.get(key)
+        if module is None:
+            unet = self._unet()
+            if unet is None:
+                raise RuntimeError("LocRef: the patched model no longer exists")
+            kind, index = key[0]
+            blocks = {"input": unet.input_blocks, "output": unet.output_blocks}
+            block = unet.middle_block if kind == "middle" else blocks[kind][index]
+            transformer = next(m for m in block if hasattr(m, "transformer_blocks"))
+            module = self._cache[key] = transformer.transformer_blocks[key[1]].attn2
+        return module
+
+    def _check_widths(self, adapter: LocRefAdapter) -> None:
+        for site in self.sites:
+            attn = self.attn2({"block": site, "block_index": 0})
+            want, have = adapter.cfg.site_channels(site), attn.to_q.out_features
+            if want != have:
+                raise ValueError(
+                    f"the adapter was made for a UNet {want} channels wide at {site} but this "
+                    f"model has {have}: LocRef adapters work with SD-1.5 models only")
+
+    def masks(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FM (h*w,), visibility (h*w, N*T)) for this grid, cached per grid and device."""
+        key = ("mask", h, w, device)
+        if key not in self._cache:
+            m = box_masks(self.layout, h, w)  # (N, h, w)
+            fm = m.amax(0) if len(m) else torch.zeros(h, w)
+            self._cache[key] = (fm.flatten().to(device), instance_visibility(m, self.tokens).to(device))
+            self._check_aspect(h, w)
+        return self._cache[key]
+
+    def kv(self, site: tuple[str, int], cond_or_uncond: Sequence[int], rows: int,
+           device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Per-row (k_ci, v_ci, k_ri, v_ri), each (B, L, C): null reference on uncond rows."""
+        key = ("kv", site, tuple(cond_or_uncond), rows, device, dtype)
+        if key not in self._cache:
+            k_ci, v_ci, k_ci0, v_ci0, k_ri, v_ri, k_ri0, v_ri0 = self._kv[site]
+            self._cache[key] = tuple(
+                select_rows(c, u, cond_or_uncond, rows).to(device, dtype)
+                for c, u in ((k_ci, k_ci0), (v_ci, v_ci0), (k_ri, k_ri0), (v_ri, v_ri0)))
+        return self._cache[key]
+
+    def _check_aspect(self, h: int, w: int) -> None:
+        canvas = self.layout.width / self.layout.height
+        if not self._warned_aspect and h > 4 and w > 4 and abs(w / h - canvas) / canvas > 0.08:
+            log.warning("LocRef: the latent is %dx%d (aspect %.2f) but the layout canvas is %dx%d "
+                        "(%.2f); boxes are stretched to fit. Match the Boxes size to the latent.",
+                        w * 8, h * 8, w / h, self.layout.width, self.layout.height, canvas)
+            self._warned_aspect = True
+
+
+class LocRefStash:
+    """attn2_patch: keep the normed hidden state for the output patch of the same layer."""
+
+    def __init__(self, state: LocRefState):
+        self.state = state
+
+    def __call__(self, n, context, value, extra_options):
+        if self.state.active(extra_options):
+            self.state._stash[_layer_key(extra_options)] = n
+        return n, context, value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class LocRefBlend:
+    """attn2_output_patch: add CIHS + RIHS inside the boxes (the paper's blend)."""
+
+    def __init__(self, state: LocRefState):
+        self.state = state
+
+    def __call__(self, out, extra_options):
+        st = self.state
+        n = st._stash.pop(_layer_key(extra_options), None)
+        site = tuple(extra_options["block"])
+        if n is None or site not in st._kv or not st.active(extra_options):
+            return out
+        attn = st.attn2(extra_options)
+        q = attn.to_q(n)  # (B, Lq, C)
+        h, w = token_grid(extra_options.get("activations_shape"), tokens=q.shape[1])
+        fm, visible = st.masks(h, w, q.device)
+        cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
+        if q.shape[0] % len(cond_or_uncond):
+            raise ValueError(f"LocRef: batch {q.shape[0]} does not split into {cond_or_uncond}")
+        rows = q.shape[0] // len(cond_or_uncond)
+        k_ci, v_ci, k_ri, v_ri = st.kv(site, cond_or_uncond, rows, q.device, q.dtype)
+        st.fired[site] = st.fired.get(site, 0) + 1
+        heads = extra_options.get("n_heads", attn.heads)
+        cihs = composite_attention(q, k_ci, v_ci, heads)  # (B, Lq, C)
+        rihs = region_attention(q, k_ri, v_ri, visible, heads)  # (B, Lq, C)
+        return locref_blend_projected(out, cihs, rihs, fm.to(out.dtype), attn.to_out,
+                                      st.settings.strength, st.settings.text_in_boxes)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _layer_key(extra_options: dict) -> tuple:
+    return (tuple(extra_options["block"]), extra_options.get("block_index", 0),
+            extra_options.get("transformer_index"))
