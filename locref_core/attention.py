@@ -79,19 +79,21 @@ def locref_blend(hs: torch.Tensor, cihs: torch.Tensor, rihs: torch.Tensor, fm: t
     return hs * (1 - strength * (1 - text_in_boxes) * fm) + strength * (cihs + rihs) * fm
 
 
-def locref_blend_projected(out: torch.Tensor, cihs: torch.Tensor, rihs: torch.Tensor,
-                           fm: torch.Tensor, to_out: Callable[[torch.Tensor], torch.Tensor],
-                           strength: float = 1.0, text_in_boxes: float = 0.0) -> torch.Tensor:
-    """The same blend after the layer's affine output projection: out = to_out(HS).
+def locref_blend_rows(out: torch.Tensor, cihs: torch.Tensor, rihs: torch.Tensor,
+                      rows: torch.Tensor, to_out: Callable[[torch.Tensor], torch.Tensor],
+                      strength: float = 1.0, text_in_boxes: float = 0.0) -> torch.Tensor:
+    """`locref_blend` after the layer's affine output projection, on the foreground rows only.
 
-    to_out(HS') = out * g + FM * (to_out(s X) - b (1 - s (1 - t))), with g = 1 - s (1 - t) FM,
-    X = CIHS + RIHS and b = to_out(0), because to_out is affine.
+    out = to_out(HS) (B, Lq, C); cihs, rihs (B, Lf, C) for the Lf query rows `rows` inside the
+    boxes (binary FM). Since to_out is affine with bias b = to_out(0), to_out(HS') is
+    out * keep + to_out(s X) - b * keep on those rows (keep = 1 - s (1 - t), X = CIHS + RIHS)
+    and out elsewhere, so nothing outside the boxes is computed at all.
     """
-    fm = fm.flatten()[None, :, None].to(out.dtype)  # (1, Lq, 1)
     keep = 1 - strength * (1 - text_in_boxes)
-    projected = to_out(strength * (cihs + rihs))  # (B, Lq, C)
+    projected = to_out(strength * (cihs + rihs))  # (B, Lf, C)
     bias = to_out(torch.zeros_like(projected[:, :1]))  # (B, 1, C)
-    return out * (1 - (1 - keep) * fm) + fm * (projected - bias * keep)
+    inside = out.index_select(1, rows) * keep + (projected - bias * keep)  # exact when s = 0
+    return out.index_copy(1, rows, inside.to(out.dtype))
 
 
 def select_rows(cond: torch.Tensor, uncond: torch.Tensor, cond_or_uncond: Sequence[int],

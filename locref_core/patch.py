@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import LocRefAdapter
-from .attention import composite_attention, instance_visibility, locref_blend_projected
+from .attention import composite_attention, instance_visibility, locref_blend_rows
 from .attention import region_attention, select_rows
 from .grid import token_grid
 from .layout import Layout
@@ -101,12 +101,13 @@ class LocRefState:
                     f"model has {have}: LocRef adapters work with SD-1.5 models only")
 
     def masks(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(FM (h*w,), visibility (h*w, N*T)) for this grid, cached per grid and device."""
+        """(foreground rows (Lf,), their visibility (Lf, N*T)) on this grid, cached."""
         key = ("mask", h, w, device)
         if key not in self._cache:
             m = box_masks(self.layout, h, w)  # (N, h, w)
-            fm = m.amax(0) if len(m) else torch.zeros(h, w)
-            self._cache[key] = (fm.flatten().to(device), instance_visibility(m, self.tokens).to(device))
+            rows = m.amax(0).flatten().nonzero().flatten()  # (Lf,) query rows inside any box
+            visible = instance_visibility(m, self.tokens)[rows]  # (Lf, N*T)
+            self._cache[key] = (rows.to(device), visible.to(device))
             self._check_aspect(h, w)
         return self._cache[key]
 
@@ -158,20 +159,20 @@ class LocRefBlend:
         if n is None or site not in st._kv or not st.active(extra_options):
             return out
         attn = st.attn2(extra_options)
-        q = attn.to_q(n)  # (B, Lq, C)
-        h, w = token_grid(extra_options.get("activations_shape"), tokens=q.shape[1])
-        fm, visible = st.masks(h, w, q.device)
+        h, w = token_grid(extra_options.get("activations_shape"), tokens=n.shape[1])
+        rows, visible = st.masks(h, w, n.device)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
-        if q.shape[0] % len(cond_or_uncond):
-            raise ValueError(f"LocRef: batch {q.shape[0]} does not split into {cond_or_uncond}")
-        rows = q.shape[0] // len(cond_or_uncond)
-        k_ci, v_ci, k_ri, v_ri = st.kv(site, cond_or_uncond, rows, q.device, q.dtype)
+        if n.shape[0] % len(cond_or_uncond):
+            raise ValueError(f"LocRef: batch {n.shape[0]} does not split into {cond_or_uncond}")
+        q = attn.to_q(n.index_select(1, rows))  # (B, Lf, C): only queries inside boxes
+        k_ci, v_ci, k_ri, v_ri = st.kv(site, cond_or_uncond, n.shape[0] // len(cond_or_uncond),
+                                       q.device, q.dtype)
         st.fired[site] = st.fired.get(site, 0) + 1
         heads = extra_options.get("n_heads", attn.heads)
-        cihs = composite_attention(q, k_ci, v_ci, heads)  # (B, Lq, C)
-        rihs = region_attention(q, k_ri, v_ri, visible, heads)  # (B, Lq, C)
-        return locref_blend_projected(out, cihs, rihs, fm.to(out.dtype), attn.to_out,
-                                      st.settings.strength, st.settings.text_in_boxes)
+        cihs = composite_attention(q, k_ci, v_ci, heads)  # (B, Lf, C)
+        rihs = region_attention(q, k_ri, v_ri, visible, heads)  # (B, Lf, C)
+        return locref_blend_rows(out, cihs, rihs, rows, attn.to_out,
+                                 st.settings.strength, st.settings.text_in_boxes)
 
     def __deepcopy__(self, memo):
         return self

@@ -5,7 +5,7 @@ from locref_core.attention import (
     composite_attention,
     instance_visibility,
     locref_blend,
-    locref_blend_projected,
+    locref_blend_rows,
     region_attention,
     region_attention_loop,
     select_rows,
@@ -94,12 +94,13 @@ def test_overlapping_boxes_attend_jointly():
 
 
 @pytest.mark.parametrize("s, t", [(1.0, 0.0), (0.6, 0.0), (1.0, 1.0), (0.7, 0.3), (1.5, 0.2)])
-def test_blend_after_output_projection_equals_blend_before_it(s, t):
-    masks, fm, q, ks, vs = setup((Box(0.2, 0.1, 0.8, 0.6),))
+def test_blend_on_foreground_rows_after_projection_equals_blend_before_it(s, t):
+    masks, fm, q, ks, vs = setup((Box(0.2, 0.1, 0.8, 0.6), Box(0.0, 0.7, 0.3, 1.0)))
     to_out = torch.nn.Linear(C, C).double()
     hs, cihs, rihs = rand(2, H * W, C), rand(2, H * W, C), fused(q, ks, vs, masks)
     expected = to_out(locref_blend(hs, cihs, rihs, fm, s, t))
-    got = locref_blend_projected(to_out(hs), cihs, rihs, fm, to_out, s, t)
+    rows = fm.flatten().nonzero().flatten()
+    got = locref_blend_rows(to_out(hs), cihs[:, rows], rihs[:, rows], rows, to_out, s, t)
     assert torch.allclose(got, expected)
 
 
