@@ -22,6 +22,15 @@ def resize_image(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return out[0].clamp(0.0, 1.0)
 
 
+def shrink_to(image: torch.Tensor, max_side: int) -> torch.Tensor:
+    """Downscale a (C, H, W) image so its longer side is at most `max_side` (aspect kept)."""
+    h, w = image.shape[-2:]
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    return resize_image(image, max(1, round(h * scale)), max(1, round(w * scale)))
+
+
 def placement(box: Box, ref_hw: tuple[int, int], width: int, height: int,
               fit: Fit) -> tuple[int, int, int, int]:
     """Where a reference of size ref_hw lands in `box`: pixel (x, y, w, h) on the canvas."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..locref_core.composite import composite_image
+from ..locref_core.composite import composite_image, shrink_to
 from ..locref_core.layout import MAX_BOXES, Layout, Reference, find_box
 from ..locref_core.layout_json import bounding_boxes_to_boxes, parse_layout_json
 from ..locref_core.preview import render_preview
@@ -13,6 +13,7 @@ from .convert import chw_to_image, image_to_chw, mask_to_hw
 log = logging.getLogger(__name__)
 
 LAYOUT = "LOCREF_LAYOUT"
+MAX_REFERENCE_SIDE = 2048  # plenty for CLIP (224 px) and any box; bounds memory for huge inputs
 DEFAULT_BOXES_JSON = '{"version": 1, "boxes": []}'
 
 
@@ -105,11 +106,16 @@ class LocRefReference:
         if image.shape[0] > 1:
             log.warning("LocRef Reference: a batch of %d images was given; using the first",
                         image.shape[0])
+        ref_image = image_to_chw(image[:1])[0].cpu()
+        if max(ref_image.shape[-2:]) > MAX_REFERENCE_SIDE:
+            log.info("LocRef Reference: reference %dx%d downscaled to at most %d px",
+                     ref_image.shape[2], ref_image.shape[1], MAX_REFERENCE_SIDE)
+            ref_image = shrink_to(ref_image, MAX_REFERENCE_SIDE)
         ref_mask = None
         if mask is not None:
-            ref_mask = mask_to_hw(mask)
+            ref_mask = shrink_to(mask_to_hw(mask).cpu()[None], MAX_REFERENCE_SIDE)[0]
             ref_mask = 1.0 - ref_mask if invert_mask else ref_mask
-        reference = Reference(image_to_chw(image)[0].cpu(), ref_mask)
+        reference = Reference(ref_image, ref_mask)
         return (layout.with_reference(index, reference),)
 
 

@@ -74,3 +74,12 @@ def test_square_reference_pads_and_greys_the_background():
     assert colour_mask(out[:, :10], (NEUTRAL,) * 3).all()  # padding rows
     assert colour_mask(out[:, 25:35, 25:35], (1, 0, 0)).all()  # kept foreground
     assert colour_mask(out[:, 12:18, 2:10], (NEUTRAL,) * 3).all()  # masked-out background
+
+
+def test_shrink_to_keeps_aspect_and_leaves_small_images_alone():
+    from locref_core.composite import shrink_to
+
+    assert shrink_to(RED, 100) is RED
+    big = torch.rand(3, 300, 4200)
+    out = shrink_to(big, 2048)
+    assert out.shape == (3, 146, 2048)
