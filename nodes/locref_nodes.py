@@ -87,7 +87,7 @@ class LocRefApply:
         "16 SD-1.5 cross-attention layers. Needs a layout with references, an adapter and the "
         "CLIP vision model the adapter was trained with (ViT-H for ip-adapter_sd15)."
     )
-    CATEGORY = "LocRef"
+    CATEGORY = "LocRef/generation"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("A patched copy of the model; the input model is unchanged.",)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def pack_node_ids() -> set[str]:
         text = path.read_text()
         if "NODE_CLASS_MAPPINGS = {" in text:
             block = text.split("NODE_CLASS_MAPPINGS = {", 1)[1].split("}", 1)[0]
-            ids |= {line.split('"')[1] for line in block.splitlines() if line.strip().startswith('"')}
+            ids |= set(re.findall(r'"(\w+)"\s*:', block))
     return ids
 
 
@@ -63,7 +64,8 @@ def test_pack_loads_without_import_failure(comfy_server):
 def test_object_info_lists_every_node_with_tooltips(comfy_server):
     info = get_object_info(comfy_server)
     ids = pack_node_ids()
-    assert {"LocRefBoxes", "LocRefReference", "LocRefLayoutPreview"} <= ids
+    assert {"LocRefBoxes", "LocRefReference", "LocRefLayoutPreview", "LocRefAdapterLoader",
+            "LocRefApply"} <= ids
     missing = ids - set(info)
     assert not missing, f"not registered: {missing}"
     for node_id in ids:

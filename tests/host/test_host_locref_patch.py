@@ -181,3 +181,33 @@ def test_core_grid_and_site_table_match_the_host(tiny_sd15, h, w):
         assert grid == (downsampled(h, level), downsampled(w, level))
         assert token_grid(tokens=r["tokens"], latent_hw=(h, w)) == grid
         assert token_grid(r["activations_shape"], tokens=r["tokens"]) == grid
+
+
+def test_fp16_unet(tiny_sd15):
+    """The patch runs in a half-precision UNet (as on GPUs) and stays close to fp32."""
+    from comfy_harness import build_tiny_sd15_model
+
+    half = build_tiny_sd15_model()
+    half.model.diffusion_model.to(torch.float16)
+    half.model.diffusion_model.dtype = torch.float16
+    state16, state32 = make_state(half), make_state(tiny_sd15)
+    out16 = run(patched(half, state16)).float()
+    out32 = run(patched(tiny_sd15, state32))
+    assert len(state16.fired) == 16 and torch.isfinite(out16).all()
+    assert {k[-1] for k in state16._cache if k[0] == "kv"} == {torch.float16}  # ran in fp16
+    assert (out16 - out32).abs().max() < 0.05 * out32.abs().max()
+
+
+def test_ten_clones_do_not_grow_memory(tiny_sd15):
+    import psutil
+
+    m = patched(tiny_sd15, make_state(tiny_sd15))
+    gc.collect()
+    rss = psutil.Process().memory_info().rss
+    clones = [m]
+    for _ in range(10):
+        clones.append(clones[-1].clone())
+    gc.collect()
+    grown = psutil.Process().memory_info().rss - rss
+    unet_bytes = sum(p.numel() * p.element_size() for p in tiny_sd15.model.parameters())
+    assert grown < unet_bytes, f"10 clones grew RSS by {grown} bytes (UNet is {unet_bytes})"
