@@ -133,12 +133,15 @@ def main() -> None:
     plain = statistics.median(times["plain"])
     log.info("\nSD-1.5 UNet, %dx%d, batch 2, CPU threads %d, torch %s, layout %s",
              args.size, args.size, torch.get_num_threads(), torch.__version__, args.layout)
-    log.info("| variant | box area | median s/call | ratio |\n| --- | --- | --- | --- |")
+    log.info("| variant | box area | median s/call | min..max s | ratio (median) | ratio (min) |")
+    log.info("| --- | --- | --- | --- | --- | --- |")
+    fastest_plain = min(times["plain"])
     for name, (_, state, coverage) in variants.items():
-        med = statistics.median(times[name])
+        med, lo, hi = statistics.median(times[name]), min(times[name]), max(times[name])
         if state is not None:
             assert len(state.fired) == 16, "the patch did not fire at all 16 sites"
-        log.info("| %s | %.0f%% | %.3f | %.3f |", name, 100 * coverage, med, med / plain)
+        log.info("| %s | %.0f%% | %.3f | %.3f..%.3f | %.3f | %.3f |", name, 100 * coverage, med,
+                 lo, hi, med / plain, lo / fastest_plain)
 
 
 if __name__ == "__main__":
