@@ -211,3 +211,57 @@ def test_ten_clones_do_not_grow_memory(tiny_sd15):
     grown = psutil.Process().memory_info().rss - rss
     unet_bytes = sum(p.numel() * p.element_size() for p in tiny_sd15.model.parameters())
     assert grown < unet_bytes, f"10 clones grew RSS by {grown} bytes (UNet is {unet_bytes})"
+
+
+def tiny_controlnet(seed: int = 5):
+    """The host's ControlNet class at the tiny UNet's width, random weights."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    from harness_models import reinit_parameters, sd15_unet_config
+
+    config = dict(sd15_unet_config(TINY_CHANNELS))
+    config.pop("out_channels")
+    config["hint_channels"] = 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = comfy.cldm.cldm.ControlNet(**config, device="cpu",
+                                           operations=comfy.ops.disable_weight_init)
+        reinit_parameters(model)
+    return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"))
+
+
+def run_with_control(model, controlnet, h=32, w=32):
+    """One UNet call with a ControlNet, the way comfy.samplers feeds it."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    g = torch.Generator().manual_seed(1)
+    x, ctx, sigma = torch.randn(1, 4, h, w, generator=g), torch.randn(1, 77, 768, generator=g), \
+        torch.full((1,), 5.0)
+    hint = torch.rand(1, 3, h * 8, w * 8, generator=g)
+    cn = controlnet.copy().set_cond_hint(hint, 1.0)
+    sampling = model.get_model_object("model_sampling")
+    cn.pre_run(model.model, lambda p: sampling.percent_to_sigma(p))
+    comfy.model_management.load_models_gpu([model] + cn.get_models())
+    options = comfy.patcher_extension.merge_nested_dicts(
+        {}, model.model_options.get("transformer_options", {}), copy_dict1=False)
+    options.update(cond_or_uncond=[0], uuids=[None], sigmas=sigma)
+    with torch.no_grad():
+        control = cn.get_control(x, sigma, {"c_crossattn": ctx}, 1, options)
+        out = model.model.apply_model(x, sigma, c_crossattn=ctx, control=control,
+                                      transformer_options=options)
+    cn.cleanup()
+    return out
+
+
+def test_composes_with_a_controlnet(tiny_sd15):
+    controlnet = tiny_controlnet()
+    state = make_state(tiny_sd15)
+    both = run_with_control(patched(tiny_sd15, state), controlnet)
+    control_only = run_with_control(tiny_sd15, controlnet)
+    assert len(state.fired) == 16  # LocRef fired in the UNet (never inside the ControlNet)
+    assert set(state.fired.values()) == {1}
+    assert not torch.allclose(control_only, run(tiny_sd15))  # the ControlNet has an effect
+    assert not torch.allclose(both, control_only)  # and LocRef still has one on top of it
+    assert not torch.allclose(both, run(patched(tiny_sd15, make_state(tiny_sd15))))
