@@ -1,0 +1,63 @@
+"""Factor adapter files: safetensors with the FactorConfig JSON in the metadata."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .adapter import FactorAdapter, FactorConfig
+
+FORMAT_NAME, FORMAT_VERSION = "fgdm-factor", "1"
+
+
+def save_factor(adapter: FactorAdapter, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write an FG-DM factor adapter (config in the metadata)."""
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "config": adapter.cfg.to_json(), **(metadata or {})}
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()},
+              path, metadata=meta)
+
+
+def load_factor(path: str) -> FactorAdapter:
+    """Load a factor adapter written by `save_factor` or the converter; strict, named errors."""
+    name = os.path.basename(path)
+    if not path.endswith((".safetensors", ".sft")):
+        raise ValueError(f"{name}: only .safetensors factor files are loaded; convert the official "
+                         "FG-DM checkpoint with `python -m locref_core.fgdm.convert_official`")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{name}: not a readable safetensors file ({err})") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{name}: not an FG-DM factor adapter (metadata format "
+                         f"{meta.get('format')!r}, expected {FORMAT_NAME!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{name}: factor format version {meta.get('format_version')!r}; this pack "
+                         f"reads {FORMAT_VERSION}")
+    try:
+        cfg = FactorConfig.from_json(meta["config"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"{name}: bad or missing factor config in the metadata ({err})") from None
+    adapter = FactorAdapter(cfg)
+    load_strict(name, adapter, tensors)
+    return adapter.eval()
+
+
+def load_strict(name: str, adapter: FactorAdapter, tensors: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(strict) with an error naming the file, counts and mismatches."""
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{name}: does not match the factor config ({len(expected)} tensors expected): "
+            f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}, {len(shapes)} with the wrong shape {shapes[:2]}")
+    adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)

@@ -1,0 +1,139 @@
+import pickle
+
+import pytest
+import torch
+
+from locref_core.fgdm.adapter import (
+    FactorAdapter,
+    FactorConfig,
+    control_for_unet,
+    merge_control,
+    sinusoidal_embedding,
+)
+from locref_core.fgdm.convert_official import convert, extract_adapter, read_checkpoint
+from locref_core.fgdm.weights import load_factor, save_factor
+
+SMALL = dict(channels=(32, 64, 128, 128), emb_channels=128)
+
+
+def randomised(cfg):
+    torch.manual_seed(0)
+    adapter = FactorAdapter(cfg).eval()
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.05)
+    return adapter
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (64, 96), (9, 13)])
+@pytest.mark.parametrize("timed", [True, False])
+def test_feature_shapes_follow_the_unet(h, w, timed):
+    adapter = randomised(FactorConfig(time_conditioned=timed, **SMALL))
+    emb = torch.randn(2, 128) if timed else None
+    feats = adapter(torch.randn(2, 4, h, w), emb)
+    sizes = [(h, w)]
+    for _ in range(3):
+        sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+    assert [tuple(f.shape) for f in feats] == [(2, c, *s) for c, s in zip(SMALL["channels"], sizes)]
+
+
+def test_features_depend_on_x_t_and_on_the_timestep():
+    adapter = randomised(FactorConfig(**SMALL))
+    x, emb = torch.randn(1, 4, 16, 16), torch.randn(1, 128)
+    base = adapter(x, emb)
+    other_x = adapter(torch.randn(1, 4, 16, 16), emb)
+    other_t = adapter(x, torch.randn(1, 128))
+    for a, b, c in zip(base, other_x, other_t):
+        assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    plain = randomised(FactorConfig(time_conditioned=False, **SMALL))
+    with pytest.raises(ValueError, match="timestep-conditioned"):
+        adapter(x)
+    assert torch.equal(plain(x)[0], plain(x, emb)[0])  # the plain variant ignores time
+
+
+def test_zero_adapter_gives_zero_features():
+    adapter = FactorAdapter(FactorConfig(**SMALL))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.zero_()
+    assert all((f == 0).all() for f in adapter(torch.randn(1, 4, 8, 8), torch.randn(1, 128)))
+
+
+def test_sinusoidal_embedding_matches_ldm():
+    t = torch.tensor([0.0, 999.0])
+    emb = sinusoidal_embedding(t, 8)
+    assert emb.shape == (2, 8)
+    assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    assert torch.isclose(emb[1, 0], torch.cos(torch.tensor(999.0)))
+
+
+def test_control_list_and_merge():
+    feats = [torch.ones(1) * (k + 1) for k in range(4)]
+    ours = control_for_unet(feats)
+    assert len(ours) == 12 and ours[11 - 2] is feats[0] and ours[11 - 11] is feats[3]
+    assert sum(f is not None for f in ours) == 4
+    merged = merge_control(None, ours, 0.5)
+    assert merged["input"][9].item() == 0.5
+    theirs = {"input": [torch.ones(1)] * 12, "output": ["skip"]}
+    merged = merge_control(theirs, ours, 1.0)
+    assert merged["input"][9].item() == 2.0 and merged["input"][0].item() == 5.0
+    assert merged["input"][1].item() == 1.0 and merged["output"] == ["skip"]
+    assert theirs["input"][9].item() == 1.0  # the caller's dict is not modified
+
+
+def test_save_load_round_trip(tmp_path):
+    adapter = randomised(FactorConfig(kind="depth", time_conditioned=False, **SMALL))
+    path = str(tmp_path / "depth.safetensors")
+    save_factor(adapter, path)
+    again = load_factor(path)
+    assert again.cfg == adapter.cfg
+    assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(),
+                                                 again.state_dict().values()))
+    with pytest.raises(ValueError, match="only .safetensors"):
+        load_factor(str(tmp_path / "x.pth"))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="kind 'pose'"):
+        FactorConfig(kind="pose")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        FactorConfig(in_channels=6)
+
+
+def lightning_checkpoint(adapter):
+    state = {f"model.diffusion_model.adapter.{k}": v for k, v in adapter.state_dict().items()}
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(2)
+    state["first_stage_model.decoder.conv_in.weight"] = torch.zeros(2)
+    return {"state_dict": state, "epoch": 3, "global_step": 1000,
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-5}]}]}
+
+
+@pytest.mark.parametrize("timed", [True, False])
+def test_converter_extracts_the_adapter(tmp_path, timed):
+    small = SMALL if timed else {"channels": SMALL["channels"]}  # emb width unused untimed
+    adapter = randomised(FactorConfig(time_conditioned=timed, in_channels=8, **small))
+    src, dst = tmp_path / "fgdm_seg.pth", tmp_path / "seg.safetensors"
+    torch.save(lightning_checkpoint(adapter), src)
+    cfg = convert(str(src), str(dst))
+    assert cfg == adapter.cfg
+    loaded = load_factor(str(dst))
+    x = torch.randn(1, 8, 8, 8)
+    emb = torch.randn(1, 128) if timed else None
+    assert torch.equal(loaded(x, emb)[3], adapter(x, emb)[3])
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_converter_refuses_pickles_that_need_more_than_weights(tmp_path):
+    src = tmp_path / "evil.pth"
+    with open(src, "wb") as f:
+        pickle.dump({"state_dict": {"x": Payload()}}, f, protocol=2)
+    with pytest.raises(ValueError, match="refused"):
+        read_checkpoint(str(src))
+    plain = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}, plain)
+    with pytest.raises(ValueError, match="no FG-DM adapter weights"):
+        extract_adapter(read_checkpoint(str(plain)), str(plain))
