@@ -14,18 +14,24 @@ from harness_locref import cached_clip_vision_h
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def pack():
-    """The repository loaded as a package, like ComfyUI's custom-node loader does."""
-    name = "locref_pack_under_test"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+PACK_NAME = "locref_pack_under_test"
+
+
+def load_pack():
+    """The repository loaded as a package, like ComfyUI's custom-node loader does (once)."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[PACK_NAME] = module
     spec.loader.exec_module(module)
-    yield module
-    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-        del sys.modules[key]
+    return module
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return load_pack()
 
 
 def layout(pack, boxes_json='{"version": 1, "boxes": [{"x0": 0, "y0": 0, "x1": 0.5, "y1": 1}]}'):
