@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
+import uuid
+from typing import Any
 
 from ..locref_core.composite import composite_image, shrink_to
 from ..locref_core.layout import MAX_BOXES, Layout, Reference, find_box
 from ..locref_core.layout_json import bounding_boxes_to_boxes, parse_layout_json
-from ..locref_core.preview import render_preview
+from ..locref_core.preview import render_preview, tensor_to_pil
 from .convert import chw_to_image, image_to_chw, mask_to_hw
 
 log = logging.getLogger(__name__)
 
 LAYOUT = "LOCREF_LAYOUT"
 MAX_REFERENCE_SIDE = 2048  # plenty for CLIP (224 px) and any box; bounds memory for huge inputs
+THUMB_SIDE = 128  # reference thumbnails sent to the box canvas after a run
 DEFAULT_BOXES_JSON = '{"version": 1, "boxes": []}'
 
 
@@ -150,7 +154,31 @@ class LocRefLayoutPreview:
         if not isinstance(layout, Layout):
             raise ValueError("layout input must come from a LocRef Boxes node")
         base = composite_image(layout, fit=fit)
-        return (chw_to_image(render_preview(layout, base, show_labels=show_labels)),)
+        preview = chw_to_image(render_preview(layout, base, show_labels=show_labels))
+        # `locref_thumbs` (one entry per box, None without a reference) is read by the box
+        # canvas in web/box_canvas.js, which draws each thumbnail inside its box.
+        return {"ui": {"locref_thumbs": save_thumbnails(layout)}, "result": (preview,)}
+
+
+def save_thumbnails(layout: Layout) -> list[dict[str, Any] | None]:
+    """Save each box's reference as a small PNG in the host's temp folder (for /view)."""
+    import folder_paths  # noqa: PLC0415 - the host's module; only present inside ComfyUI
+
+    records: list[dict[str, Any] | None] = []
+    folder = os.path.join(folder_paths.get_temp_directory(), "locref")
+    for i, box in enumerate(layout.boxes):
+        if box.reference is None:
+            records.append(None)
+            continue
+        image = tensor_to_pil(shrink_to(box.reference.image, THUMB_SIDE))
+        if box.reference.mask is not None:
+            mask = shrink_to(box.reference.mask[None], THUMB_SIDE)[0]
+            image.putalpha(tensor_to_pil(mask.expand(3, -1, -1)).convert("L").resize(image.size))
+        os.makedirs(folder, exist_ok=True)
+        name = f"thumb_{uuid.uuid4().hex[:12]}_{i}.png"
+        image.save(os.path.join(folder, name), compress_level=1)
+        records.append({"filename": name, "subfolder": "locref", "type": "temp"})
+    return records
 
 
 NODE_CLASS_MAPPINGS = {
