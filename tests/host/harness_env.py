@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 LOG = logging.getLogger(__name__)
@@ -97,3 +98,14 @@ def comfyui_version() -> str:
         if line.startswith("__version__"):
             return line.split("=", 1)[1].strip().strip("\"'")
     return "unknown"
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp)` next to `path`, then move tmp onto path (no half-written cache files)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -5,27 +5,16 @@ seg factor adapter (the pack's safetensors format) and a seg ControlNet in the o
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from harness_env import cache_dir, ensure_comfy_importable
+from harness_env import atomic_write, cache_dir, ensure_comfy_importable
 from harness_models import reinit_parameters, sd15_unet_config
 
 LOG = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 FACTOR_NAME = "fgdm_seg_random.safetensors"
 CONTROLNET_NAME = "control_v11p_sd15_seg_random.safetensors"
-
-
-def _atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def cached_factor(scale: float = 0.02) -> Path:
@@ -45,7 +34,7 @@ def cached_factor(scale: float = 0.02) -> Path:
         with torch.no_grad():
             for p in adapter.parameters():
                 p.normal_(0.0, scale)
-    return _atomic(path, lambda tmp: save_factor(adapter.half(), str(tmp)))
+    return atomic_write(path, lambda tmp: save_factor(adapter.half(), str(tmp)))
 
 
 def cached_seg_controlnet() -> Path:
@@ -70,7 +59,7 @@ def cached_seg_controlnet() -> Path:
         reinit_parameters(model)
     state = {f"control_model.{k}": v.to(torch.float16).contiguous()
              for k, v in model.state_dict().items()}
-    return _atomic(path, lambda tmp: save_file(state, str(tmp)))
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def install_fgdm_models(base_dir: Path) -> None:

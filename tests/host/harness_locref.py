@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import urllib.request
 from pathlib import Path
 
-from harness_env import cache_dir, comfyui_path, ensure_comfy_importable
+from harness_env import atomic_write, cache_dir, comfyui_path, ensure_comfy_importable
 from harness_models import reinit_parameters
 
 LOG = logging.getLogger(__name__)
@@ -24,13 +23,7 @@ IP_IDS_AND_WIDTHS = [(i, 320) for i in (1, 3, 25, 27, 29)] + [(i, 640) for i in 
 def _atomic_save(tensors: dict, path: Path, metadata: dict) -> Path:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def cached_clip_vision_h() -> Path:
