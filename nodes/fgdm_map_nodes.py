@@ -101,7 +101,8 @@ class FGDMSBPCSelect:
                 "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {
                     "default": "euler", "tooltip": "Use a non-ancestral sampler so that the "
                     "chosen seed reproduces its map when sampled alone."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal"}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {
+                    "default": "normal", "tooltip": "Noise schedule, as in KSampler."}),
                 "map_width": _size(256, "Width of the candidate maps (pixels)."),
                 "map_height": _size(256, "Height of the candidate maps (pixels)."),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
