@@ -26,7 +26,7 @@ from ..locref_core.fgdm.sbpc import (
     score_candidates,
 )
 from .convert import chw_to_image
-from .fgdm_nodes import WRAPPER_KEY
+from ..locref_core.fgdm.factor_patch import WRAPPER_KEY
 from .ui import temp_images
 
 log = logging.getLogger(__name__)

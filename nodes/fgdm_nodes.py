@@ -8,13 +8,12 @@ import os
 import comfy.patcher_extension
 import folder_paths
 
-from ..locref_core.fgdm.factor_patch import FactorWrapper
+from ..locref_core.fgdm.factor_patch import WRAPPER_KEY, FactorWrapper
 from ..locref_core.fgdm.weights import load_factor
 
 log = logging.getLogger(__name__)
 
 FACTOR = "FGDM_FACTOR"
-WRAPPER_KEY = "locref_fgdm_factor"
 
 
 def _register_folder(name: str) -> None:

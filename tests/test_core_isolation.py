@@ -20,6 +20,19 @@ def test_importing_core_does_not_import_the_host():
     assert out.stdout.strip() == ""
 
 
+def test_importing_the_trainers_does_not_import_the_host():
+    """The host is loaded only when a trainer runs (locref_core.train.host.load_host)."""
+    code = (
+        "import sys, locref_core.train, locref_core.train.losses, locref_core.train.common, "
+        "locref_core.train.host, locref_core.train.attention_maps, locref_core.train.fgdm\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {HOST_MODULES!r}]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
 def test_no_core_source_file_imports_the_host():
     offenders = []
     for path in sorted((ROOT / "locref_core").rglob("*.py")):

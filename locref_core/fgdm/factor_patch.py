@@ -13,6 +13,9 @@ import torch
 from .adapter import FactorAdapter, control_for_unet, merge_control, sinusoidal_embedding
 
 
+WRAPPER_KEY = "locref_fgdm_factor"  # key of the DIFFUSION_MODEL wrapper on a patched model
+
+
 class FactorWrapper:
     """WrappersMP.DIFFUSION_MODEL wrapper; immutable, so clones share it."""
 

@@ -1,0 +1,1 @@
+"""Training scripts: LocRef adapter and FG-DM factor adapters on one GPU or many (torchrun)."""

@@ -1,0 +1,358 @@
+"""Train an FG-DM condition-factor adapter: `python -m locref_core.train.fgdm --help`.
+
+Top to bottom: flags -> torchrun/DDP -> the host's SD-1.5 (frozen, weights in the autocast dtype)
+-> a FactorAdapter installed on the ModelPatcher as a diffusion-model wrapper, as the FGDM Apply
+Factor node installs it -> data (condition maps in palette RGB -> the host's VAE latents: the
+factor learns to *generate* the condition; captions -> the host's CLIP, 20% empty for CFG) ->
+loop (epsilon MSE + every N steps the attention-distillation KL against the same UNet without the
+adapter) -> checkpoints -> export to the pack's factor file (FGDM Factor Loader reads it).
+
+Sridhar & Vasconcelos, "Adapting Diffusion Models for Improved Prompt Compliance and Controllable
+Image Synthesis", Sec. 3; official defaults: distillation weight 0.1 every 10 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..fgdm.adapter import KINDS, FactorAdapter, FactorConfig, sinusoidal_embedding
+from ..fgdm.factor_patch import WRAPPER_KEY, FactorWrapper
+from ..fgdm.weights import load_factor, load_strict, save_factor
+from .attention_maps import AttentionRecorder
+from .common import (DistEnv, Progress, barrier, check_same_weights, init_distributed,
+                     load_checkpoint, read_checkpoint_weights, save_checkpoint, setup_logging,
+                     sharded_batches, shutdown_distributed, step_generator, wrap_ddp)
+from .host import (SD15Parts, build_tiny_sd15, diffuse, enable_grad_checkpointing, encode_images,
+                   encode_text, ensure_loaded, load_host, load_sd15, predict_eps)
+from .losses import attention_kl
+
+log = logging.getLogger(__name__)
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m locref_core.train.fgdm", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("host and base model")
+    g.add_argument("--comfyui", help="ComfyUI checkout (the folder with main.py); its SD-1.5 code "
+                   "is used as a library")
+    g.add_argument("--checkpoint", help="SD-1.5 checkpoint (.safetensors with UNet, CLIP, VAE)")
+    g.add_argument("--tiny-unet", action="store_true", help="tests only: random narrow SD-1.5 "
+                   "UNet (model_channels 32), 1-layer CLIP and small VAE from the host's classes")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when available (one GPU per torchrun rank)")
+    g = p.add_argument_group("data")
+    g.add_argument("--images", help="folder of training images")
+    g.add_argument("--conditions", help="folder of condition maps (label PNGs for seg, or "
+                   "depth / normal / sketch images), same stems as the images")
+    g.add_argument("--captions", help="COCO captions JSON (or the dataset's caption file)")
+    g.add_argument("--kind", default="seg", choices=KINDS, help="which condition the factor "
+                   "generates")
+    g.add_argument("--palette", default="coco183", help="palette seg maps are painted in (the "
+                   "factor's maps come out in it)")
+    g.add_argument("--size", type=int, default=512, help="training resolution in pixels "
+                   "(multiple of 64)")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--time-conditioned", action=argparse.BooleanOptionalAction, default=True,
+                   help="timestep-conditioned adapter (FG-DM's TimeAdapter); --no-time-"
+                   "conditioned for the official plain variant")
+    g.add_argument("--init", help="start from this factor .safetensors (e.g. the converted "
+                   "official seg factor) instead of random weights")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=10000, help="total optimizer steps")
+    g.add_argument("--batch-size", type=int, default=8, help="samples per rank and step")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (official: "
+                   "1e-6 x batch 160, LDM's scale_lr)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps "
+                   "(official: 10000)")
+    g.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradient norm "
+                   "(0: off)")
+    g.add_argument("--null-prob", type=float, default=0.2, help="fraction of samples trained "
+                   "with the empty prompt, for classifier-free guidance")
+    g.add_argument("--distill-weight", type=float, default=0.1, help="weight of the attention-"
+                   "distillation KL (0: off)")
+    g.add_argument("--distill-every", type=int, default=10, help="apply the distillation loss "
+                   "every N steps")
+    g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast dtype on GPU (auto: bf16 if supported, else fp16); CPU: fp32")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in "
+                   "backward (less memory, ~30%% slower)")
+    g.add_argument("--seed", type=int, default=0, help="seed for data order, noise, timesteps "
+                   "and dropout")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="fgdm_factor.safetensors", help="exported factor file "
+                   "(put it in models/fgdm)")
+    g.add_argument("--ckpt-dir", help="training checkpoints (default: <out>_checkpoints)")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many to keep (0: all)")
+    g.add_argument("--resume", help="checkpoint folder (or a --ckpt-dir: its newest) to continue")
+    g.add_argument("--export", metavar="CHECKPOINT", help="only convert this training "
+                   "checkpoint to --out and exit")
+    g.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    return p
+
+
+def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
+    """ValueErrors for flag combinations that cannot work, before anything is loaded."""
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out {args.out!r} must end in .safetensors (the factor file format)")
+    if args.export:
+        return
+    if not args.comfyui:
+        raise ValueError("--comfyui is required: the ComfyUI folder whose SD-1.5 code is used")
+    if not args.checkpoint and not args.tiny_unet:
+        raise ValueError("--checkpoint is required: an SD-1.5 .safetensors file")
+    if not have_dataset and not (args.images and args.conditions):
+        raise ValueError("--images and --conditions are required (folders of images and maps)")
+    if args.size % 64:
+        raise ValueError(f"--size {args.size} must be a multiple of 64 (UNet levels at /8../64)")
+    for name in ("steps", "batch_size", "distill_every", "ckpt_every", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if not 0.0 <= args.null_prob <= 1.0:
+        raise ValueError(f"--null-prob {args.null_prob} must be in [0, 1]")
+    if args.resume and args.init:
+        raise ValueError("--resume and --init both set: --resume continues a run, --init starts "
+                         "one; pass only one")
+
+
+class TrainableFactorWrapper(FactorWrapper):
+    """The node's FactorWrapper (same __call__: features from this call's x_t and the UNet's time
+    embedding, merged into control['input']) with `features` differentiable: the node's version
+    runs the adapter under no_grad on a copy in x's dtype; here the adapter (or its DDP wrapper)
+    runs on x cast to its own dtype, autocast picks the compute dtype."""
+
+    def __init__(self, adapter: FactorAdapter, forward_module: torch.nn.Module | None = None):
+        super().__init__(adapter)
+        adapter.train()
+        self.forward_module = forward_module if forward_module is not None else adapter
+
+    def features(self, unet: Any, x: torch.Tensor, timesteps: torch.Tensor) -> list[torch.Tensor]:
+        dtype = next(self.adapter.parameters()).dtype
+        emb = None
+        if self.adapter.cfg.time_conditioned:
+            t_emb = sinusoidal_embedding(timesteps, unet.model_channels).to(x.dtype)
+            emb = unet.time_embed(t_emb).to(dtype)  # (B, 4 * model_channels)
+        return self.forward_module(x.to(dtype), emb)
+
+
+def factor_config(args: argparse.Namespace, unet: torch.nn.Module) -> FactorConfig:
+    """The adapter's shape follows the host UNet (320/640/1280/1280 and 1280 for SD-1.5)."""
+    return FactorConfig(kind=args.kind, palette=args.palette, in_channels=4,
+                        time_conditioned=args.time_conditioned,
+                        channels=tuple(unet.model_channels * m for m in unet.channel_mult),
+                        emb_channels=unet.time_embed[-1].out_features)
+
+
+def autocast_dtype(flag: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        if flag in ("bf16", "fp16"):
+            raise ValueError(f"--mixed-precision {flag} needs a GPU; use auto or no on CPU")
+        return None
+    if flag == "no":
+        return None
+    if flag == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[flag]
+
+
+@dataclass
+class Run:
+    """Everything the step function needs."""
+
+    args: argparse.Namespace
+    env: DistEnv
+    host: SimpleNamespace
+    parts: SD15Parts
+    adapter: FactorAdapter
+    student: Any  # ModelPatcher clone with the factor wrapper
+    student_rec: Any  # ... and attention recording (distillation steps)
+    teacher_rec: Any  # the frozen UNet without the wrapper, recording
+    rec_s: AttentionRecorder
+    rec_t: AttentionRecorder
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+
+
+def setup(args: argparse.Namespace, env: DistEnv) -> Run:
+    host = load_host(args.comfyui, cpu=env.device.type == "cpu")
+    amp = autocast_dtype(args.mixed_precision, env.device)
+    parts = (build_tiny_sd15(host, seed=args.seed) if args.tiny_unet
+             else load_sd15(host, args.checkpoint, dtype=amp or torch.float32))
+    if args.grad_checkpointing:
+        log.info("gradient checkpointing on %d UNet blocks",
+                 enable_grad_checkpointing(host, parts.unet))
+    cfg = factor_config(args, parts.unet)
+    torch.manual_seed(args.seed)  # same initial adapter on every rank (DDP broadcasts anyway)
+    adapter = FactorAdapter(cfg)
+    if args.init:
+        init = load_factor(args.init)
+        if init.cfg != cfg:
+            raise ValueError(f"--init {args.init}: its config {init.cfg.to_json()} differs from "
+                             f"this run's {cfg.to_json()}; match --kind/--palette/--time-"
+                             "conditioned")
+        adapter.load_state_dict(init.state_dict())
+    adapter.to(env.device)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
+    args.start_step = 0
+    if args.resume:
+        state = load_checkpoint(args.resume, adapter, optimizer, cfg.to_json())
+        args.start_step = int(state["step"])
+        if state["extra"].get("scaler"):
+            scaler.load_state_dict(state["extra"]["scaler"])
+    wrapper = TrainableFactorWrapper(adapter, wrap_ddp(adapter, env))
+    student = parts.patcher.clone()
+    host.patcher_extension.add_wrapper_with_key(
+        host.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper,
+        student.model_options, is_model_options=True)
+    rec_s, rec_t = AttentionRecorder(), AttentionRecorder()
+    return Run(args, env, host, parts, adapter, student, rec_s.install(student.clone()),
+               rec_t.install(parts.patcher.clone()), rec_s, rec_t, optimizer, scaler, amp)
+
+
+def train_step(run: Run, step: int, batch: dict[str, Any]) -> dict[str, float]:
+    """One optimizer step on this rank's batch; returns the losses."""
+    args, dev = run.args, run.env.device
+    gen = step_generator(args.seed, step, run.env.rank)
+    cond = batch["condition"]  # (B, 3, S, S) palette RGB in [-1, 1]
+    b = cond.shape[0]
+    x0 = encode_images(run.parts, cond).to(dev)  # (B, 4, S/8, S/8): the factor's target latent
+    drop = (torch.rand(b, generator=gen) < args.null_prob).tolist()
+    captions = ["" if d else str(c) for d, c in zip(drop, batch["caption"])]
+    context = encode_text(run.parts.clip, captions).to(dev)  # (B, 77, 768), no grad
+    ms = run.parts.patcher.model.model_sampling
+    t = torch.randint(0, len(ms.sigmas), (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    ensure_loaded(run.host, run.parts)
+    x, sigma = diffuse(run.parts, x0, noise, t)  # x_t of the condition latent
+    distill = args.distill_weight > 0 and step % args.distill_every == 0
+    kl = torch.zeros((), device=dev)
+    amp = torch.autocast(dev.type, dtype=run.amp) if run.amp else contextlib.nullcontext()
+    with amp:
+        eps = predict_eps(run.host, run.student_rec if distill else run.student, x, sigma, context)
+        loss_eps = F.mse_loss(eps.float(), noise)
+        if distill:
+            s_self, g_self = run.rec_s.take("self")
+            s_cross, g_cross = run.rec_s.take("cross")
+            with torch.no_grad():
+                predict_eps(run.host, run.teacher_rec, x, sigma, context)
+            t_self, t_cross = run.rec_t.take("self")[0], run.rec_t.take("cross")[0]
+            # self maps all share the 1/2 grid; cross maps are resized to the full latent grid
+            kl = (attention_kl(t_self, s_self, grids=g_self)
+                  + attention_kl(t_cross, s_cross, grids=g_cross))
+    loss = loss_eps + args.distill_weight * kl
+    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.rec_s.clear()  # with --grad-checkpointing the recomputation in backward records again
+    if args.max_grad_norm > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.adapter.parameters(), args.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return {"loss": loss.item(), "eps": loss_eps.item(), "kl": kl.item()}
+
+
+def build_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ..data.factor_dataset import FactorDataset, collate_factor  # written alongside
+
+    dataset = FactorDataset(args.images, args.conditions, captions_json=args.captions,
+                            kind=args.kind, palette=args.palette, size=args.size)
+    return dataset, collate_factor
+
+
+def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
+          collate_fn: Any = None) -> dict[str, Any]:
+    """The training run; returns {"losses": per-step losses on this rank, "digest", "out"}."""
+    if dataset is None:
+        dataset, collate_fn = build_dataset(args)  # validates the data before any model loads
+    run = setup(args, env)
+    start = args.start_step
+    ckpt_dir = args.ckpt_dir or os.path.splitext(args.out)[0] + "_checkpoints"
+    batches, per_epoch = sharded_batches(dataset, args.batch_size, env, args.seed, collate_fn,
+                                         args.num_workers, start)
+    log.info("FG-DM %s factor: %d samples, %d steps/epoch x %d rank(s), steps %d..%d",
+             args.kind, len(dataset), per_epoch, env.world_size, start, args.steps)
+    progress = Progress(env, args.steps, start, args.log_every)
+    losses, last_kl = [], 0.0
+    for step in range(start, args.steps):
+        stats = train_step(run, step, next(batches))
+        losses.append(stats["loss"])
+        if args.distill_weight > 0 and step % args.distill_every == 0:
+            last_kl = stats["kl"]  # logged until the next distillation step
+        progress.update(step, stats["loss"], eps=stats["eps"], kl=last_kl)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            if env.is_main:
+                saved = {k: v for k, v in vars(args).items() if k != "start_step"}
+                save_checkpoint(ckpt_dir, step + 1, run.adapter, run.optimizer,
+                                run.adapter.cfg.to_json(), saved,
+                                {"scaler": run.scaler.state_dict()}, args.keep_checkpoints)
+            barrier(env)
+    if env.is_main:
+        save_factor(run.adapter, args.out, _export_meta(args.steps, args))
+        log.info("exported %s", args.out)
+    digest = check_same_weights(run.adapter, env)
+    return {"losses": losses, "digest": digest, "out": args.out,
+            "rank": env.rank, "steps": args.steps}
+
+
+def _export_meta(step: int | str, args: argparse.Namespace | None = None) -> dict[str, str]:
+    meta = {"trainer": "locref_core.train.fgdm", "trained_steps": str(step)}
+    if args is not None and args.checkpoint:
+        meta["base_model"] = os.path.basename(args.checkpoint)
+    return meta
+
+
+def export_checkpoint(ckpt: str, out: str) -> str:
+    """A training checkpoint -> the pack's factor file (no host needed)."""
+    tensors, meta = read_checkpoint_weights(ckpt)
+    try:
+        cfg = FactorConfig.from_json(meta["config"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"{ckpt}: not an FG-DM training checkpoint ({err})") from None
+    adapter = FactorAdapter(cfg)
+    load_strict(ckpt, adapter, tensors)
+    save_factor(adapter, out, _export_meta(meta.get("step", "?")))
+    log.info("exported %s (step %s) to %s", ckpt, meta.get("step"), out)
+    return out
+
+
+def main(argv: list[str] | None = None, dataset: Any = None,
+         collate_fn: Any = None) -> dict[str, Any]:
+    """CLI entry; `dataset`/`collate_fn` replace the folder dataset (tests)."""
+    args = build_parser().parse_args(argv)
+    check_args(args, dataset is not None)
+    if args.export:
+        logging.basicConfig(level=logging.INFO)
+        return {"out": export_checkpoint(args.export, args.out)}
+    env = init_distributed(args.device)
+    setup_logging(env)
+    try:
+        return train(args, env, dataset, collate_fn)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        logging.getLogger(__name__).error("%s", err)
+        sys.exit(2)
