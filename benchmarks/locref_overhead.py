@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from locref_core.adapter import AdapterConfig, LocRefAdapter  # noqa: E402
 from locref_core.layout import Box, Layout, Reference  # noqa: E402
 from locref_core.patch import LocRefBlend, LocRefStash, LocRefState, PatchSettings  # noqa: E402
+from locref_core.train.host import sd15_ldm_unet_config  # noqa: E402
 
 log = logging.getLogger("locref_overhead")
 
@@ -51,15 +52,7 @@ def import_host():
 
 def build_unet(comfy, convert_config):
     """The host's SD-1.5 BaseModel, fp32, small random weights, in a ModelPatcher."""
-    config = convert_config({
-        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-        "model_channels": 320, "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
-        "attention_resolutions": [4, 2, 1], "transformer_depth": 1,
-        "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8,
-        "num_head_channels": -1, "use_spatial_transformer": True, "legacy": False,
-        "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": torch.float32,
-    })
+    config = convert_config(sd15_ldm_unet_config(320, torch.float32))
     model_config = comfy.supported_models.SD15(config)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device=torch.device("cpu")).eval()

@@ -105,6 +105,17 @@ def load_sd15(host: SimpleNamespace, checkpoint_path: str,
     return SD15Parts(model, clip, vae)
 
 
+def sd15_ldm_unet_config(model_channels: int = 320, dtype: torch.dtype = torch.float32) -> dict:
+    """SD-1.5's UNet hyper-parameters in the LDM yaml's terms (the host's convert_config input)."""
+    return {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+            "model_channels": model_channels, "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
+            "attention_resolutions": [4, 2, 1], "transformer_depth": 1,
+            "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8,
+            "num_head_channels": -1, "use_spatial_transformer": True, "legacy": False,
+            "use_linear_in_transformer": False, "adm_in_channels": None,
+            "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": dtype}
+
+
 def build_tiny_sd15(host: SimpleNamespace, model_channels: int = 32, seed: int = 0) -> SD15Parts:
     """Random-weight SD-1.5-shaped parts from the host's own classes, small enough for CPU tests.
 
@@ -114,14 +125,7 @@ def build_tiny_sd15(host: SimpleNamespace, model_channels: int = 32, seed: int =
     """
     dev = host.model_management.get_torch_device()
     cpu = torch.device("cpu")
-    raw = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-           "model_channels": model_channels, "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
-           "attention_resolutions": [4, 2, 1], "transformer_depth": 1,
-           "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8,
-           "num_head_channels": -1, "use_spatial_transformer": True, "legacy": False,
-           "use_linear_in_transformer": False, "adm_in_channels": None,
-           "use_temporal_attention": False, "use_temporal_resblock": False,
-           "dtype": torch.float32}
+    raw = sd15_ldm_unet_config(model_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = host.supported_models.SD15(host.model_detection.convert_config(raw))

@@ -49,17 +49,10 @@ def sd15_unet_config(model_channels: int = 320, dtype: Any = None) -> dict[str, 
     import torch
     from comfy.model_detection import convert_config
 
-    raw = {
-        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-        "model_channels": model_channels, "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
-        "attention_resolutions": [4, 2, 1], "transformer_depth": 1,
-        "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8,
-        "num_head_channels": -1, "use_spatial_transformer": True, "legacy": False,
-        "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-        "dtype": dtype if dtype is not None else torch.float32,
-    }
-    return convert_config(raw)
+    from locref_core.train.host import sd15_ldm_unet_config
+
+    return convert_config(sd15_ldm_unet_config(model_channels,
+                                               torch.float32 if dtype is None else dtype))
 
 
 def reinit_parameters(module: Any) -> int:
