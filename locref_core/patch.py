@@ -22,7 +22,7 @@ from .adapter import LocRefAdapter
 from .attention import composite_attention, instance_visibility, locref_blend_rows
 from .attention import region_attention, select_rows
 from .grid import token_grid
-from .layout import Layout
+from .layout import Box, Layout
 from .masks import box_masks
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,25 @@ class LocRefState:
                 for c, u in ((k_ci, k_ci0), (v_ci, v_ci0), (k_ri, k_ri0), (v_ri, v_ri0)))
         return self._cache[key]
 
+    def blend(self, out: torch.Tensor, n: torch.Tensor, site: tuple[str, int],
+              extra_options: dict) -> torch.Tensor:
+        """CIHS + RIHS of this layer's queries, blended into `out` (B, Lq, C) inside the boxes."""
+        attn = self.attn2(extra_options)
+        h, w = token_grid(extra_options.get("activations_shape"), tokens=n.shape[1])
+        rows, visible = self.masks(h, w, n.device)
+        cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
+        if n.shape[0] % len(cond_or_uncond):
+            raise ValueError(f"LocRef: batch {n.shape[0]} does not split into {cond_or_uncond}")
+        q = attn.to_q(n.index_select(1, rows))  # (B, Lf, C): only queries inside boxes
+        k_ci, v_ci, k_ri, v_ri = self.kv(site, cond_or_uncond, n.shape[0] // len(cond_or_uncond),
+                                       q.device, q.dtype)
+        self.fired[site] = self.fired.get(site, 0) + 1
+        heads = extra_options.get("n_heads", attn.heads)
+        cihs = composite_attention(q, k_ci, v_ci, heads)  # (B, Lf, C)
+        rihs = region_attention(q, k_ri, v_ri, visible, heads)  # (B, Lf, C)
+        return locref_blend_rows(out, cihs, rihs, rows, attn.to_out,
+                                 self.settings.strength, self.settings.text_in_boxes)
+
     def _check_aspect(self, h: int, w: int) -> None:
         canvas = self.layout.width / self.layout.height
         if not self._warned_aspect and h > 4 and w > 4 and abs(w / h - canvas) / canvas > 0.08:
@@ -129,6 +148,82 @@ class LocRefState:
                         "(%.2f); boxes are stretched to fit. Match the Boxes size to the latent.",
                         w * 8, h * 8, w / h, self.layout.width, self.layout.height, canvas)
             self._warned_aspect = True
+
+
+class LocRefTrainState(LocRefState):
+    """The training counterpart of LocRefState for the same LocRefStash / LocRefBlend callables:
+    one layout per batch row and per-site keys/values that carry gradients, set every step by
+    `set_batch`. Each row runs the inference math (`LocRefState.blend`'s functions) on its own
+    boxes; the UNet itself stays batched, only this extra attention loops over rows (B is small,
+    the cost is the UNet's). Rows whose tokens are the null reference are CFG-dropout rows."""
+
+    def __init__(self, adapter: LocRefAdapter, unet: torch.nn.Module,
+                 settings: PatchSettings = PatchSettings()):
+        self.settings = settings
+        self.sites = tuple(adapter.cfg.sites)
+        self.tokens = adapter.cfg.tokens
+        self._unet = weakref.ref(unet)
+        self._stash, self._cache = {}, {}
+        self._check_widths(adapter)
+        self.fired = {}
+        self._batch_kv: dict = {}
+        self._boxes: list[list[tuple[float, float, float, float]]] = []
+
+    def set_batch(self, kv: dict, boxes: torch.Tensor, valid: torch.Tensor) -> None:
+        """kv: site -> (k_ci, v_ci (B, T, C), k_ri, v_ri (B, K*T, C)) with gradients; boxes
+        (B, K, 4) normalised x0, y0, x1, y1; valid (B, K) bool (slot k of row b is a box)."""
+        missing = [s for s in self.sites if s not in kv]
+        if missing:
+            raise ValueError(f"LocRef training: no keys/values for sites {missing}")
+        self._batch_kv = kv
+        self._boxes = [[tuple(bx) for bx, ok in zip(row.tolist(), v.tolist()) if ok]
+                       for row, v in zip(boxes, valid)]
+        self._valid = [v.nonzero().flatten() for v in valid]  # per row: slots with a box
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != "row"}
+        self._stash.clear()
+
+    def row_masks(self, b: int, h: int, w: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row b: (foreground rows (Lf,), visibility (Lf, N*T), token slots (N*T,) of its N
+        boxes in k_ri), cached for this batch."""
+        key = ("row", b, h, w, device)
+        if key not in self._cache:
+            boxes = tuple(Box(*bx) for bx in self._boxes[b])
+            m = box_masks(Layout(512, 512, boxes), h, w)  # (N, h, w); masks use box fractions
+            rows = m.amax(0).flatten().nonzero().flatten() if len(boxes) else \
+                torch.zeros(0, dtype=torch.long)  # (Lf,)
+            visible = instance_visibility(m, self.tokens)[rows]  # (Lf, N*T)
+            slots = (self._valid[b][:, None] * self.tokens
+                     + torch.arange(self.tokens)).flatten()  # (N*T,)
+            self._cache[key] = (rows.to(device), visible.to(device), slots.to(device))
+        return self._cache[key]
+
+    def blend(self, out: torch.Tensor, n: torch.Tensor, site: tuple[str, int],
+              extra_options: dict) -> torch.Tensor:
+        """Per row: CIHS + RIHS with that row's boxes and keys/values, blended into out."""
+        attn = self.attn2(extra_options)
+        h, w = token_grid(extra_options.get("activations_shape"), tokens=n.shape[1])
+        k_ci, v_ci, k_ri, v_ri = self._batch_kv[site]
+        if n.shape[0] != k_ci.shape[0]:
+            raise ValueError(f"LocRef training: the UNet batch has {n.shape[0]} rows but the "
+                             f"references {k_ci.shape[0]} (one UNet call per batch, no CFG)")
+        self.fired[site] = self.fired.get(site, 0) + 1
+        heads = extra_options.get("n_heads", attn.heads)
+        s, t = self.settings.strength, self.settings.text_in_boxes
+        rows_out = []
+        for b in range(n.shape[0]):
+            rows, visible, slots = self.row_masks(b, h, w, n.device)
+            if rows.numel() == 0:
+                rows_out.append(out[b:b + 1])
+                continue
+            q = attn.to_q(n[b:b + 1].index_select(1, rows))  # (1, Lf, C)
+            kc, vc = (x[b:b + 1].to(q.dtype) for x in (k_ci, v_ci))  # (1, T, C)
+            kr, vr = (x[b:b + 1].index_select(1, slots).to(q.dtype)
+                      for x in (k_ri, v_ri))  # (1, N*T, C)
+            cihs = composite_attention(q, kc, vc, heads)  # (1, Lf, C)
+            rihs = region_attention(q, kr, vr, visible, heads)  # (1, Lf, C)
+            rows_out.append(locref_blend_rows(out[b:b + 1], cihs, rihs, rows, attn.to_out, s, t))
+        return torch.cat(rows_out)  # (B, Lq, C)
 
 
 class LocRefStash:
@@ -156,23 +251,9 @@ class LocRefBlend:
         st = self.state
         n = st._stash.pop(_layer_key(extra_options), None)
         site = tuple(extra_options["block"])
-        if n is None or site not in st._kv or not st.active(extra_options):
+        if n is None or site not in st.sites or not st.active(extra_options):
             return out
-        attn = st.attn2(extra_options)
-        h, w = token_grid(extra_options.get("activations_shape"), tokens=n.shape[1])
-        rows, visible = st.masks(h, w, n.device)
-        cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
-        if n.shape[0] % len(cond_or_uncond):
-            raise ValueError(f"LocRef: batch {n.shape[0]} does not split into {cond_or_uncond}")
-        q = attn.to_q(n.index_select(1, rows))  # (B, Lf, C): only queries inside boxes
-        k_ci, v_ci, k_ri, v_ri = st.kv(site, cond_or_uncond, n.shape[0] // len(cond_or_uncond),
-                                       q.device, q.dtype)
-        st.fired[site] = st.fired.get(site, 0) + 1
-        heads = extra_options.get("n_heads", attn.heads)
-        cihs = composite_attention(q, k_ci, v_ci, heads)  # (B, Lf, C)
-        rihs = region_attention(q, k_ri, v_ri, visible, heads)  # (B, Lf, C)
-        return locref_blend_rows(out, cihs, rihs, rows, attn.to_out,
-                                 st.settings.strength, st.settings.text_in_boxes)
+        return st.blend(out, n, site, extra_options)
 
     def __deepcopy__(self, memo):
         return self
