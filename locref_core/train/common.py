@@ -292,3 +292,16 @@ def weights_digest(module: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def autocast_dtype(flag: str, device: torch.device) -> torch.dtype | None:
+    """--mixed-precision -> the autocast dtype (None: fp32); bf16/fp16 only on a GPU."""
+    if device.type != "cuda":
+        if flag in ("bf16", "fp16"):
+            raise ValueError(f"--mixed-precision {flag} needs a GPU; use auto or no on CPU")
+        return None
+    if flag == "no":
+        return None
+    if flag == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[flag]

@@ -29,9 +29,10 @@ from ..fgdm.adapter import KINDS, FactorAdapter, FactorConfig, sinusoidal_embedd
 from ..fgdm.factor_patch import WRAPPER_KEY, FactorWrapper
 from ..fgdm.weights import load_factor, load_strict, save_factor
 from .attention_maps import AttentionRecorder
-from .common import (DistEnv, Progress, barrier, check_same_weights, init_distributed,
-                     load_checkpoint, read_checkpoint_weights, save_checkpoint, setup_logging,
-                     sharded_batches, shutdown_distributed, step_generator, wrap_ddp)
+from .common import (DistEnv, Progress, autocast_dtype, barrier, check_same_weights,
+                     init_distributed, load_checkpoint, read_checkpoint_weights, save_checkpoint,
+                     setup_logging, sharded_batches, shutdown_distributed, step_generator,
+                     wrap_ddp)
 from .host import (SD15Parts, build_tiny_sd15, diffuse, enable_grad_checkpointing, encode_images,
                    encode_text, ensure_loaded, load_host, load_sd15, predict_eps)
 from .losses import attention_kl
@@ -154,18 +155,6 @@ def factor_config(args: argparse.Namespace, unet: torch.nn.Module) -> FactorConf
                         time_conditioned=args.time_conditioned,
                         channels=tuple(unet.model_channels * m for m in unet.channel_mult),
                         emb_channels=unet.time_embed[-1].out_features)
-
-
-def autocast_dtype(flag: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        if flag in ("bf16", "fp16"):
-            raise ValueError(f"--mixed-precision {flag} needs a GPU; use auto or no on CPU")
-        return None
-    if flag == "no":
-        return None
-    if flag == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[flag]
 
 
 @dataclass
