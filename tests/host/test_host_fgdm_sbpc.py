@@ -72,7 +72,10 @@ def test_chosen_seed_reproduces_its_map_when_sampled_alone(nodes, factored, vae)
     image, class_map, masks, recall, seed, grid, latent = out
     assert seed == expected.seed, (seed, expected)
     samples, alone_map = singles[seed - 100]
-    assert torch.allclose(latent["samples"], samples, atol=1e-4, rtol=1e-4)
+    # a batch of N and a batch of 1 round differently in the GEMMs: the error scales with the
+    # latents (random weights make them large: |x| ~ 150 here), measured 2.4e-6 of the maximum
+    scale = float(samples.abs().max())
+    torch.testing.assert_close(latent["samples"], samples, rtol=1e-4, atol=2e-5 * scale)
     from locref_core.fgdm.maps import resize_nearest
 
     agree = (class_map.ids == resize_nearest(alone_map, 80, 96)).mean()
