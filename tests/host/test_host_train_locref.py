@@ -41,8 +41,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return make_synthetic_coco(tmp_path_factory.mktemp("shapes"), n_images=8, size=64, seed=0)
 
 
-def argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["--comfyui", str(comfyui_path()), "--tiny-unet", "--device", "cpu",
+def argv(data: dict[str, Path], out: Path, *extra: str, models: tuple[str, ...] = ("--tiny-unet",)
+         ) -> list[str]:
+    return ["--comfyui", str(comfyui_path()), *models, "--device", "cpu",
             "--images", str(data["images"]), "--instances", str(data["instances"]),
             "--captions", str(data["captions"]), "--size", "64", "--ref-size", "32",
             "--batch-size", "2", "--num-workers", "0", "--lr", "1e-3", "--seed", "0",
@@ -169,6 +170,27 @@ def test_init_from_an_adapter_for_another_unet_width_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match="width 320, this one is 32"):
         locref.main(argv(data, tmp_path / "x.safetensors", "--steps", "1",
                          "--init-from", str(cached_ip_adapter())))
+
+
+def test_full_size_files_train_from_an_ip_adapter_file(sd15_checkpoint, data, tmp_path):
+    """The files users have (SD-1.5 checkpoint in the original layout, CLIP ViT-H/14 as
+    CLIPVisionLoader reads it, ip-adapter_sd15; random weights): one step at lr 0 from
+    --init-from the IP-Adapter file runs through the full-width UNet and exports exactly the
+    IP-Adapter's weights as a LocRef file that LocRef Adapter Loader's loader reads."""
+    from harness_locref import cached_clip_vision_h, cached_ip_adapter
+
+    out = tmp_path / "from_ip.safetensors"
+    models = ("--checkpoint", str(sd15_checkpoint), "--clip-vision", str(cached_clip_vision_h()))
+    result = locref.main(argv(data, out, "--steps", "1", "--lr", "0", "--batch-size", "1",
+                              "--init-from", str(cached_ip_adapter()), models=models))
+    assert len(result["losses"]) == 1 and torch.isfinite(torch.tensor(result["losses"])).all()
+    assert sorted(result["fired"]) == sorted(SD15_SITES)
+    exported, source = load_adapter(str(out)), load_adapter(str(cached_ip_adapter()))
+    assert exported.cfg == source.cfg and exported.cfg.shared_kv and exported.cfg.hidden_dim is None
+    theirs = source.state_dict()
+    # equal values (a -0.0 of the fp16 file may come back +0.0 from AdamW's lr-0 update)
+    assert all(torch.equal(t, theirs[k]) for k, t in exported.state_dict().items())
+
 
 def test_resume_continues_the_same_run(data, tmp_path):
     common = ("--ckpt-every", "3", "--ref-dropout", "0.5")
