@@ -75,6 +75,7 @@ class LocRefAdapterLoader:
         return (adapter,)
 
 
+@torch.no_grad()  # the server runs nodes in inference mode; scripts that call a node may not
 def encode(clip_vision, images: torch.Tensor, crop: bool) -> torch.Tensor:
     """CLIP image embeddings (B, E) of (B, 3, H, W) images in [0, 1]."""
     return clip_vision.encode_image(chw_to_image(images), crop=crop)["image_embeds"].float().cpu()

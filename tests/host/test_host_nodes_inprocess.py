@@ -93,3 +93,17 @@ def test_clip_vision_of_the_wrong_width_is_a_clear_error(pack, tiny_sd15):
     patches = model.model_options["transformer_options"]["patches"]
     assert len(patches["attn2_patch"]) == 1 and len(patches["attn2_output_patch"]) == 1
     assert "patches" not in tiny_sd15.model_options.get("transformer_options", {})
+
+
+def test_reference_embeddings_keep_no_autograd_graph(pack):
+    """Called from a script (no inference mode, unlike the server), the CLIP encode must not keep
+    a graph: with the host's fp16 ViT-H on a CPU each call would hold ~3.4 GB of fp32 weights."""
+    import comfy.clip_vision
+
+    clip_vision = comfy.clip_vision.load(str(cached_clip_vision_h()))
+    assert any(p.requires_grad for p in clip_vision.model.parameters())  # the host's default
+    assert torch.is_grad_enabled()
+    embeds = sys.modules[f"{PACK_NAME}.nodes.locref_nodes"].encode(
+        clip_vision, torch.rand(1, 3, 32, 32), crop=True)
+    assert embeds.shape == (1, 1024)
+    assert embeds.grad_fn is None and not embeds.requires_grad
