@@ -328,6 +328,8 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
     losses = []
     for step in range(start, args.steps):
         stats = train_step(run, step, next(batches))
+        if step == start:
+            _report_sites(run.state)
         losses.append(stats["loss"])
         progress.update(step, stats["loss"])
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
@@ -343,6 +345,17 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
     digest = check_same_weights(run.adapter, env)
     return {"losses": losses, "digest": digest, "out": args.out, "rank": env.rank,
             "steps": args.steps, "fired": dict(run.state.fired)}
+
+
+def _report_sites(state: LocRefTrainState) -> None:
+    """Log at how many cross-attention sites the patch ran in the first step (a site the host
+    never reports would silently get no training)."""
+    missing = [site for site in state.sites if site not in state.fired]
+    if missing:
+        log.warning("the LocRef patch did not run at %s: those sites learn nothing with this "
+                    "host version", missing)
+    log.info("the LocRef patch ran at %d of %d cross-attention sites",
+             len(state.sites) - len(missing), len(state.sites))
 
 
 def _export_meta(step: int | str, args: argparse.Namespace | None = None) -> dict[str, str]:
