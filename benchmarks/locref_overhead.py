@@ -33,8 +33,9 @@ from locref_core.train.host import sd15_ldm_unet_config  # noqa: E402
 log = logging.getLogger("locref_overhead")
 
 
-def import_host():
-    """Import ComfyUI from COMFYUI_PATH, on the CPU, with PyTorch attention."""
+def import_host(attention: str = "pytorch"):
+    """Import ComfyUI from COMFYUI_PATH, on the CPU. attention "pytorch": PyTorch SDPA (what
+    --use-pytorch-cross-attention gives); "host": the host's own CPU choice (sub-quadratic)."""
     root = os.environ.get("COMFYUI_PATH")
     if not root or not (Path(root) / "main.py").is_file():
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout (see README)")
@@ -42,11 +43,13 @@ def import_host():
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
+    comfy.cli_args.args.use_pytorch_cross_attention = attention == "pytorch"
+    import comfy.ldm.modules.attention
     import comfy.model_patcher
     import comfy.supported_models
     from comfy.model_detection import convert_config
 
+    log.info("host attention: %s", comfy.ldm.modules.attention.optimized_attention.__name__)
     return comfy, convert_config
 
 

@@ -88,9 +88,12 @@ def main() -> None:
                         help="--mode steps: SD's N images are timed as one chunk of this many "
                         "and scaled by N / chunk (10 images of 512² in one batch do not fit in "
                         "24 GB on a CPU, where the cost of a batch is linear in its size anyway)")
+    parser.add_argument("--attention", choices=("pytorch", "host"), default="pytorch",
+                        help="pytorch: PyTorch SDPA (--use-pytorch-cross-attention); host: "
+                        "the host's default on a CPU (sub-quadratic attention)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    comfy, convert_config = import_host()
+    comfy, convert_config = import_host(args.attention)
     torch.manual_seed(0)
     model, vae = build_unet(comfy, convert_config), build_vae(comfy)
     cond = torch.randn(1, 77, 768)
@@ -142,8 +145,9 @@ def main() -> None:
             rows.append((name, per_step, min(steps_s[name]), max(steps_s[name]), steps, t_decode,
                          totals[-1]))
         t_sbpc, t_sd = totals[0] + totals[1], totals[2]
-    log.info("\nSD-1.5 (host UNet + VAE, random weights), CPU threads %d, torch %s, mode %s",
-             torch.get_num_threads(), torch.__version__, args.mode)
+    log.info("\nSD-1.5 (host UNet + VAE, random weights), CPU threads %d, torch %s, mode %s, "
+             "attention %s", torch.get_num_threads(), torch.__version__, args.mode,
+             comfy.ldm.modules.attention.optimized_attention.__name__)
     if rows:
         log.info("| batch | s/step (median) | min..max | steps | decode s | total s |\n"
                  "| --- | --- | --- | --- | --- | --- |")
