@@ -29,16 +29,16 @@ from ..fgdm.adapter import KINDS, FactorAdapter, FactorConfig, sinusoidal_embedd
 from ..fgdm.factor_patch import WRAPPER_KEY, FactorWrapper
 from ..fgdm.weights import load_factor, load_strict, save_factor
 from .attention_maps import AttentionRecorder
-from .common import (DistEnv, Progress, autocast_dtype, barrier, check_same_weights,
-                     init_distributed, load_checkpoint, read_checkpoint_weights, save_checkpoint,
-                     setup_logging, sharded_batches, shutdown_distributed, step_generator,
-                     wrap_ddp)
+from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
+                     load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
+                     shutdown_distributed, step_generator, wrap_ddp)
 from .host import (SD15Parts, build_tiny_sd15, diffuse, enable_grad_checkpointing, encode_images,
                    encode_text, ensure_loaded, load_host, load_sd15, predict_eps)
+from .loop import (add_optimizer_flags, add_output_flags, add_precision_flags,
+                   checkpoint_if_due, optimizer_step)
 from .losses import attention_kl
 
 log = logging.getLogger(__name__)
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,37 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", help="start from this factor .safetensors (e.g. the converted "
                    "official seg factor) instead of random weights")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=10000, help="total optimizer steps")
-    g.add_argument("--batch-size", type=int, default=8, help="samples per rank and step")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (official: "
-                   "1e-6 x batch 160, LDM's scale_lr)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps "
-                   "(official: 10000)")
-    g.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradient norm "
-                   "(0: off)")
+    add_optimizer_flags(g, steps=10000, lr_help=" (official: 1e-6 x batch 160, LDM's scale_lr)",
+                        warmup_help=" (official: 10000)")
     g.add_argument("--null-prob", type=float, default=0.2, help="fraction of samples trained "
                    "with the empty prompt, for classifier-free guidance")
     g.add_argument("--distill-weight", type=float, default=0.1, help="weight of the attention-"
                    "distillation KL (0: off)")
     g.add_argument("--distill-every", type=int, default=10, help="apply the distillation loss "
                    "every N steps")
-    g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="autocast dtype on GPU (auto: bf16 if supported, else fp16); CPU: fp32")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in "
-                   "backward (less memory, ~30%% slower)")
+    add_precision_flags(g)
     g.add_argument("--seed", type=int, default=0, help="seed for data order, noise, timesteps "
                    "and dropout")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="fgdm_factor.safetensors", help="exported factor file "
-                   "(put it in models/fgdm)")
-    g.add_argument("--ckpt-dir", help="training checkpoints (default: <out>_checkpoints)")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many to keep (0: all)")
-    g.add_argument("--resume", help="checkpoint folder (or a --ckpt-dir: its newest) to continue")
-    g.add_argument("--export", metavar="CHECKPOINT", help="only convert this training "
-                   "checkpoint to --out and exit")
-    g.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    add_output_flags(p, "fgdm_factor.safetensors", "models/fgdm")
     return p
 
 
@@ -245,17 +226,8 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> dict[str, float]:
             kl = (attention_kl(t_self, s_self, grids=g_self)
                   + attention_kl(t_cross, s_cross, grids=g_cross))
     loss = loss_eps + args.distill_weight * kl
-    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    optimizer_step(loss, run.optimizer, run.scaler, run.adapter.parameters(), args, step)
     run.rec_s.clear()  # with --grad-checkpointing the recomputation in backward records again
-    if args.max_grad_norm > 0:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.adapter.parameters(), args.max_grad_norm)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
     return {"loss": loss.item(), "eps": loss_eps.item(), "kl": kl.item()}
 
 
@@ -274,7 +246,6 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
         dataset, collate_fn = build_dataset(args)  # validates the data before any model loads
     run = setup(args, env)
     start = args.start_step
-    ckpt_dir = args.ckpt_dir or os.path.splitext(args.out)[0] + "_checkpoints"
     batches, per_epoch = sharded_batches(dataset, args.batch_size, env, args.seed, collate_fn,
                                          args.num_workers, start)
     log.info("FG-DM %s factor: %d samples, %d steps/epoch x %d rank(s), steps %d..%d",
@@ -287,13 +258,8 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
         if args.distill_weight > 0 and step % args.distill_every == 0:
             last_kl = stats["kl"]  # logged until the next distillation step
         progress.update(step, stats["loss"], eps=stats["eps"], kl=last_kl)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            if env.is_main:
-                saved = {k: v for k, v in vars(args).items() if k != "start_step"}
-                save_checkpoint(ckpt_dir, step + 1, run.adapter, run.optimizer,
-                                run.adapter.cfg.to_json(), saved,
-                                {"scaler": run.scaler.state_dict()}, args.keep_checkpoints)
-            barrier(env)
+        checkpoint_if_due(env, args, step, run.adapter, run.adapter.cfg.to_json(),
+                          run.optimizer, run.scaler)
     if env.is_main:
         save_factor(run.adapter, args.out, _export_meta(args.steps, args))
         log.info("exported %s", args.out)

@@ -28,12 +28,13 @@ import torch
 from ..adapter import AdapterConfig, LocRefAdapter
 from ..patch import LocRefBlend, LocRefStash, LocRefTrainState
 from ..weights import load_adapter, save_adapter
-from .common import (DistEnv, Progress, autocast_dtype, barrier, check_same_weights,
-                     init_distributed, load_checkpoint, read_checkpoint_weights, save_checkpoint,
-                     setup_logging, sharded_batches, shutdown_distributed, step_generator,
-                     wrap_ddp)
+from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
+                     load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
+                     shutdown_distributed, step_generator, wrap_ddp)
 from .host import (SD15Parts, build_tiny_sd15, diffuse, enable_grad_checkpointing, encode_text,
                    encode_images, ensure_loaded, freeze, load_host, load_sd15, predict_eps, reinit)
+from .loop import (add_optimizer_flags, add_output_flags, add_precision_flags,
+                   checkpoint_if_due, optimizer_step)
 from .losses import weighted_eps_mse
 
 log = logging.getLogger(__name__)
@@ -80,34 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", help="start from this adapter file (a LocRef file or "
                    "ip-adapter_sd15.safetensors); its config replaces the three flags above")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=100000, help="total optimizer steps")
-    g.add_argument("--batch-size", type=int, default=8, help="samples per rank and step")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps")
-    g.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradient norm "
-                   "(0: off)")
+    add_optimizer_flags(g, steps=100000)
     g.add_argument("--w-fg", type=float, default=2.3, help="loss weight on instance-foreground "
                    "pixels (paper: 2.3)")
     g.add_argument("--w-bg", type=float, default=0.3, help="loss weight elsewhere (paper: 0.3)")
     g.add_argument("--ref-dropout", type=float, default=0.1, help="fraction of rows trained "
                    "with the null reference (what uncond rows get at inference), for CFG")
-    g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="autocast dtype on GPU (auto: bf16 if supported, else fp16); CPU: fp32")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in "
-                   "backward (less memory, ~30%% slower)")
+    add_precision_flags(g)
     g.add_argument("--seed", type=int, default=0, help="seed for data order, augmentation, "
                    "noise, timesteps and dropout")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="locref_adapter.safetensors", help="exported adapter file "
-                   "(put it in models/locref)")
-    g.add_argument("--ckpt-dir", help="training checkpoints (default: <out>_checkpoints)")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many to keep (0: all)")
-    g.add_argument("--resume", help="checkpoint folder (or a --ckpt-dir: its newest) to continue")
-    g.add_argument("--export", metavar="CHECKPOINT", help="only convert this training "
-                   "checkpoint to --out and exit")
-    g.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    add_output_flags(p, "locref_adapter.safetensors", "models/locref")
     return p
 
 
@@ -286,18 +269,9 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> dict[str, float]:
         run.state.set_batch(run.kv_module(ri_embeds, ci_embeds), batch["boxes"], batch["valid"])
         eps = predict_eps(run.host, run.student, x, sigma, context)
         loss = weighted_eps_mse(eps, noise, batch["fg_mask"], args.w_fg, args.w_bg)
-    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.optimizer.zero_grad(set_to_none=True)
     # backward may call the patch again (--grad-checkpointing recomputes blocks): the batch's
     # keys/values stay set until the next step's set_batch
-    run.scaler.scale(loss).backward()
-    if args.max_grad_norm > 0:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.adapter.parameters(), args.max_grad_norm)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    optimizer_step(loss, run.optimizer, run.scaler, run.adapter.parameters(), args, step)
     return {"loss": loss.item()}
 
 
@@ -319,7 +293,6 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
         dataset, collate_fn = build_dataset(args)  # validates the data before any model loads
     run = setup(args, env)
     start = args.start_step
-    ckpt_dir = args.ckpt_dir or os.path.splitext(args.out)[0] + "_checkpoints"
     batches, per_epoch = sharded_batches(dataset, args.batch_size, env, args.seed, collate_fn,
                                          args.num_workers, start)
     log.info("LocRef adapter: %d samples, %d steps/epoch x %d rank(s), steps %d..%d",
@@ -332,13 +305,8 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
             _report_sites(run.state)
         losses.append(stats["loss"])
         progress.update(step, stats["loss"])
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            if env.is_main:
-                saved = {k: v for k, v in vars(args).items() if k != "start_step"}
-                save_checkpoint(ckpt_dir, step + 1, run.adapter, run.optimizer,
-                                run.adapter.cfg.to_json(), saved,
-                                {"scaler": run.scaler.state_dict()}, args.keep_checkpoints)
-            barrier(env)
+        checkpoint_if_due(env, args, step, run.adapter, run.adapter.cfg.to_json(),
+                          run.optimizer, run.scaler)
     if env.is_main:
         save_adapter(run.adapter, args.out, _export_meta(args.steps, args))
         log.info("exported %s", args.out)

@@ -1,0 +1,84 @@
+"""The loop pieces both trainers share: flags, one optimizer step, the checkpoint cadence."""
+
+import argparse
+import os
+
+import pytest
+import torch
+
+from locref_core.train.common import DistEnv, list_checkpoints, load_checkpoint
+from locref_core.train.loop import (
+    add_optimizer_flags,
+    add_output_flags,
+    add_precision_flags,
+    checkpoint_if_due,
+    ckpt_dir,
+    optimizer_step,
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    g = p.add_argument_group("optimisation")
+    add_optimizer_flags(g, steps=7, lr_help=" (note)")
+    add_precision_flags(g)
+    add_output_flags(p, "thing.safetensors", "models/thing")
+    return p
+
+
+def test_flags_and_defaults():
+    args = parser().parse_args([])
+    assert (args.steps, args.batch_size, args.lr, args.warmup_steps) == (7, 8, 1e-4, 0)
+    assert (args.mixed_precision, args.grad_checkpointing) == ("auto", False)
+    assert (args.out, args.ckpt_every, args.keep_checkpoints) == ("thing.safetensors", 1000, 2)
+    assert ckpt_dir(args) == "thing_checkpoints"
+    assert ckpt_dir(parser().parse_args(["--ckpt-dir", "runs/a"])) == "runs/a"
+    assert "(note)" in parser().format_help()
+
+
+def step_once(args, step, grad):
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=123.0)  # the step sets the real lr
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer_step((w * grad).sum(), opt, scaler, [w], args, step)
+    return w.detach(), opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("step, lr", [(0, 0.025), (1, 0.05), (3, 0.1), (10, 0.1)])
+def test_linear_warmup(step, lr):
+    args = parser().parse_args(["--lr", "0.1", "--warmup-steps", "4"])
+    w, used = step_once(args, step, torch.tensor([1.0, -2.0]))
+    assert used == pytest.approx(lr)
+    assert torch.allclose(w, -lr * torch.tensor([1.0, -2.0]))
+
+
+def test_gradient_norm_is_clipped_only_when_asked():
+    grad = torch.tensor([3.0, 4.0])  # norm 5
+    w, _ = step_once(parser().parse_args(["--lr", "1", "--max-grad-norm", "1"]), 0, grad)
+    assert torch.allclose(w, -grad / 5, atol=1e-6)
+    w, _ = step_once(parser().parse_args(["--lr", "1"]), 0, grad)
+    assert torch.allclose(w, -grad)
+
+
+def test_checkpoints_every_n_steps_and_at_the_end(tmp_path):
+    args = parser().parse_args(["--steps", "5", "--ckpt-every", "2", "--keep-checkpoints", "0",
+                                "--ckpt-dir", str(tmp_path / "ck")])
+    args.start_step = 0  # set by the trainers; not saved with the flags
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(net.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for step in range(args.steps):
+        checkpoint_if_due(DistEnv(), args, step, net, '{"c": 1}', opt, scaler)
+    names = [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "ck"))]
+    assert names == ["step_00000002", "step_00000004", "step_00000005"]
+    saved = load_checkpoint(str(tmp_path / "ck"), net, opt, '{"c": 1}')
+    assert saved["step"] == 5 and "scaler" in saved["extra"]
+
+
+def test_only_rank_0_writes(tmp_path):
+    args = parser().parse_args(["--steps", "1", "--ckpt-dir", str(tmp_path / "ck")])
+    args.start_step = 0
+    net = torch.nn.Linear(2, 1)
+    checkpoint_if_due(DistEnv(rank=1, world_size=1), args, 0, net, "{}",
+                      torch.optim.AdamW(net.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+    assert not (tmp_path / "ck").exists()
