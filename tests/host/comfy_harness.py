@@ -14,6 +14,7 @@ Public API (import by name from tests in ``tests/host``)::
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import os
@@ -120,6 +121,16 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def die_with_parent() -> None:
+    """preexec_fn: on Linux the child gets SIGTERM when the test process dies, also by SIGKILL
+    (the OOM killer), which skips fixture teardown and would leave a server holding ~6 GB."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -180,7 +191,8 @@ class ComfyServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
                 cmd, cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=_child_env(), start_new_session=True)
+                stdin=subprocess.DEVNULL, env=_child_env(), start_new_session=True,
+                preexec_fn=die_with_parent)
         self._started_at = time.monotonic()
 
     def _wait_ready(self) -> None:

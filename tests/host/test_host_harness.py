@@ -169,6 +169,41 @@ def test_failed_startup_raises_with_the_log_tail() -> None:
     assert "unrecognized arguments" in server.log_text()
 
 
+def test_a_child_of_the_harness_dies_with_a_killed_test_process() -> None:
+    """A SIGKILLed pytest (the OOM killer) runs no teardown; the server must not outlive it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    here = str(Path(__file__).resolve().parent)
+    parent = subprocess.Popen([sys.executable, "-c", (
+        f"import subprocess, sys, time; sys.path.insert(0, {here!r})\n"
+        "from comfy_harness import die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+        "                         preexec_fn=die_with_parent, start_new_session=True)\n"
+        "print(child.pid, flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert alive()
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive():
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its SIGKILLed parent")
+
+
 def test_server_uses_this_pack_and_the_checkpoint(comfy_server: Any) -> None:
     custom = comfy_server.base_dir / "custom_nodes"
     assert [p.name for p in custom.iterdir()] == [PACK_DIR_NAME]
