@@ -79,6 +79,7 @@ def test_only_rank_0_writes(tmp_path):
     args = parser().parse_args(["--steps", "1", "--ckpt-dir", str(tmp_path / "ck")])
     args.start_step = 0
     net = torch.nn.Linear(2, 1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     checkpoint_if_due(DistEnv(rank=1, world_size=1), args, 0, net, "{}",
-                      torch.optim.AdamW(net.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+                      torch.optim.AdamW(net.parameters()), scaler)
     assert not (tmp_path / "ck").exists()
