@@ -23,9 +23,18 @@ from .attention import composite_attention, instance_visibility, locref_blend_ro
 from .attention import region_attention, select_rows
 from .grid import token_grid
 from .layout import Box, Layout
-from .masks import box_masks
+from .masks import box_masks, foreground_mask
 
 log = logging.getLogger(__name__)
+
+
+def foreground_queries(layout: Layout, h: int, w: int, tokens: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query rows inside any box (Lf,), which instance tokens each of them sees (Lf, N*T)) on an
+    h x w token grid; empty for a layout without boxes."""
+    m = box_masks(layout, h, w)  # (N, h, w)
+    rows = foreground_mask(m).flatten().nonzero().flatten()  # (Lf,)
+    return rows, instance_visibility(m, tokens)[rows]
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,7 @@ class LocRefState:
         ci_tokens (T, 768) for the composite image. `unet` is the host's diffusion model."""
         self.layout = Layout(layout.width, layout.height,
                              tuple(b for b in layout.boxes if b.reference is not None))
-        self.settings = settings
-        self.sites = tuple(adapter.cfg.sites)
-        self.tokens = adapter.cfg.tokens
-        self._unet = weakref.ref(unet)
+        self._bind(adapter, settings, unet)
         with torch.no_grad():
             null = adapter.null_tokens()[0]  # (T, 768)
             n = ri_tokens.shape[0]
@@ -60,11 +66,20 @@ class LocRefState:
                 k_ri0, v_ri0 = adapter.site_kv(site, null.repeat(n, 1), "ri")
                 self._kv[site] = tuple(t.detach().float().cpu() for t in
                                        (k_ci, v_ci, k_ci0, v_ci0, k_ri, v_ri, k_ri0, v_ri0))
+
+    def _bind(self, adapter: LocRefAdapter, settings: PatchSettings,
+              unet: torch.nn.Module) -> None:
+        """What inference and training states share: settings, sites, the host UNet (weakly),
+        the per-layer stash and caches; refuses an adapter made for another UNet width."""
+        self.settings = settings
+        self.sites = tuple(adapter.cfg.sites)
+        self.tokens = adapter.cfg.tokens
+        self._unet = weakref.ref(unet)
         self._stash: dict = {}
         self._cache: dict = {}
-        self._check_widths(adapter)
         self.fired: dict[tuple[str, int], int] = {}  # site -> calls that blended (for tests/logs)
         self._warned_aspect = False
+        self._check_widths(adapter)
 
     def __deepcopy__(self, memo):
         return self  # immutable run constants; ComfyUI deep-copies model_options on every clone
@@ -104,9 +119,7 @@ class LocRefState:
         """(foreground rows (Lf,), their visibility (Lf, N*T)) on this grid, cached."""
         key = ("mask", h, w, device)
         if key not in self._cache:
-            m = box_masks(self.layout, h, w)  # (N, h, w)
-            rows = m.amax(0).flatten().nonzero().flatten()  # (Lf,) query rows inside any box
-            visible = instance_visibility(m, self.tokens)[rows]  # (Lf, N*T)
+            rows, visible = foreground_queries(self.layout, h, w, self.tokens)
             self._cache[key] = (rows.to(device), visible.to(device))
             self._check_aspect(h, w)
         return self._cache[key]
@@ -159,13 +172,7 @@ class LocRefTrainState(LocRefState):
 
     def __init__(self, adapter: LocRefAdapter, unet: torch.nn.Module,
                  settings: PatchSettings = PatchSettings()):
-        self.settings = settings
-        self.sites = tuple(adapter.cfg.sites)
-        self.tokens = adapter.cfg.tokens
-        self._unet = weakref.ref(unet)
-        self._stash, self._cache = {}, {}
-        self._check_widths(adapter)
-        self.fired = {}
+        self._bind(adapter, settings, unet)
         self._batch_kv: dict = {}
         self._boxes: list[list[tuple[float, float, float, float]]] = []
 
@@ -189,10 +196,8 @@ class LocRefTrainState(LocRefState):
         key = ("row", b, h, w, device)
         if key not in self._cache:
             boxes = tuple(Box(*bx) for bx in self._boxes[b])
-            m = box_masks(Layout(512, 512, boxes), h, w)  # (N, h, w); masks use box fractions
-            rows = m.amax(0).flatten().nonzero().flatten() if len(boxes) else \
-                torch.zeros(0, dtype=torch.long)  # (Lf,)
-            visible = instance_visibility(m, self.tokens)[rows]  # (Lf, N*T)
+            # masks use box fractions only: the canvas size does not matter
+            rows, visible = foreground_queries(Layout(512, 512, boxes), h, w, self.tokens)
             slots = (self._valid[b][:, None] * self.tokens
                      + torch.arange(self.tokens)).flatten()  # (N*T,)
             self._cache[key] = (rows.to(device), visible.to(device), slots.to(device))

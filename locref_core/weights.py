@@ -66,7 +66,7 @@ def _load_locref(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> Loc
     except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{name}: bad or missing adapter config in the metadata ({err})") from None
     adapter = LocRefAdapter(cfg)
-    _load_strict(name, adapter, tensors)
+    load_strict(name, adapter, tensors)
     return adapter
 
 
@@ -108,11 +108,11 @@ def _load_ip_adapter(name: str, tensors: dict[str, torch.Tensor]) -> LocRefAdapt
         for src, dst in (("to_k_ip", "to_k"), ("to_v_ip", "to_v")):
             mapped[f"kv_ri.{site_key(site)}.{dst}.weight"] = tensors[f"ip_adapter.{ip_id}.{src}.weight"]
     adapter = LocRefAdapter(cfg)
-    _load_strict(name, adapter, mapped)
+    load_strict(name, adapter, mapped)
     return adapter
 
 
-def _load_strict(name: str, adapter: LocRefAdapter, tensors: dict[str, torch.Tensor]) -> None:
+def load_strict(name: str, adapter: LocRefAdapter, tensors: dict[str, torch.Tensor]) -> None:
     """load_state_dict(strict) with an error that names the file, the counts and the mismatches."""
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(tensors))

@@ -27,7 +27,7 @@ import torch
 
 from ..adapter import AdapterConfig, LocRefAdapter
 from ..patch import LocRefBlend, LocRefStash, LocRefTrainState
-from ..weights import load_adapter, save_adapter
+from ..weights import load_adapter, load_strict, save_adapter
 from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
                      load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
                      shutdown_distributed, step_generator, wrap_ddp)
@@ -343,10 +343,7 @@ def export_checkpoint(ckpt: str, out: str) -> str:
     except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{ckpt}: not a LocRef training checkpoint ({err})") from None
     adapter = LocRefAdapter(cfg)
-    try:
-        adapter.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{ckpt}: weights do not match config {cfg.to_json()} ({err})") from None
+    load_strict(ckpt, adapter, tensors)
     save_adapter(adapter, out, _export_meta(meta.get("step", "?")))
     log.info("exported %s (step %s) to %s", ckpt, meta.get("step"), out)
     return out
