@@ -24,6 +24,9 @@ def locref_server(comfy_server):
     install_locref_models(comfy_server.base_dir)
     upload_image(comfy_server, Image.new("RGB", (96, 64), (255, 0, 0)), "ref_red.png")
     upload_image(comfy_server, Image.new("RGB", (64, 96), (0, 0, 255)), "ref_blue.png")
+    # the layout-preview workflow (queued as a cheap flush below) loads example.png; upload it
+    # here so this module does not depend on test_host_layout_nodes having run first
+    upload_image(comfy_server, Image.new("RGB", (96, 64), (255, 0, 0)), "example.png")
     return comfy_server
 
 
