@@ -264,6 +264,13 @@ class LocRefBlend:
         return self
 
 
+def install(patcher, state: LocRefState) -> None:
+    """Put the two callables on a ModelPatcher (always a clone): LocRef Apply and the trainer
+    both call this, so what is trained is what runs."""
+    patcher.set_model_attn2_patch(LocRefStash(state))
+    patcher.set_model_attn2_output_patch(LocRefBlend(state))
+
+
 def _layer_key(extra_options: dict) -> tuple:
     return (tuple(extra_options["block"]), extra_options.get("block_index", 0),
             extra_options.get("transformer_index"))

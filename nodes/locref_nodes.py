@@ -12,7 +12,7 @@ import folder_paths
 
 from ..locref_core.composite import composite_image, square_reference
 from ..locref_core.layout import Layout
-from ..locref_core.patch import LocRefBlend, LocRefStash, LocRefState, PatchSettings
+from ..locref_core.patch import LocRefState, PatchSettings, install
 from ..locref_core.weights import describe, load_adapter
 from .convert import chw_to_image
 
@@ -132,8 +132,7 @@ class LocRefApply:
             return (m,)
         state = self.build_state(m, adapter, clip_vision, layout, with_refs,
                                  strength, text_in_boxes, start_percent, end_percent)
-        m.set_model_attn2_patch(LocRefStash(state))
-        m.set_model_attn2_output_patch(LocRefBlend(state))
+        install(m, state)
         return (m,)
 
     @staticmethod

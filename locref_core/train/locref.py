@@ -1,7 +1,7 @@
 """Train a LocRef adapter: `python -m locref_core.train.locref --help`.
 
 Top to bottom: flags -> torchrun/DDP -> the host's SD-1.5 and CLIP vision model (both frozen)
--> a LocRefAdapter installed on the ModelPatcher with the node's own callables (LocRefStash /
+-> a LocRefAdapter installed on the ModelPatcher by the node's own `patch.install` (LocRefStash /
 LocRefBlend around a LocRefTrainState: one layout per batch row, keys/values with gradients) ->
 data (COCO instances: references, composite, boxes, instance-foreground mask) -> loop (epsilon MSE
 weighted 2.3 on instance foreground, 0.3 elsewhere; 10% of rows with the null reference for CFG)
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..adapter import AdapterConfig, LocRefAdapter
-from ..patch import LocRefBlend, LocRefStash, LocRefTrainState
+from ..patch import LocRefTrainState, install
 from ..weights import load_adapter, load_strict, save_adapter
 from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
                      load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
@@ -220,8 +220,7 @@ def setup(args: argparse.Namespace, env: DistEnv) -> Run:
     # the same callables LocRef Apply installs, around a state with per-row layouts
     state = LocRefTrainState(adapter, parts.unet)
     student = parts.patcher.clone()
-    student.set_model_attn2_patch(LocRefStash(state))
-    student.set_model_attn2_output_patch(LocRefBlend(state))
+    install(student, state)
     return Run(args, env, host, parts, clip_vision, adapter, wrap_ddp(ReferenceKV(adapter), env),
                state, student, optimizer, scaler, amp)
 

@@ -12,7 +12,7 @@ from comfy_harness import apply_patched_model
 from locref_core.adapter import AdapterConfig, LocRefAdapter
 from locref_core.grid import SD15_SITES
 from locref_core.layout import Box, Layout, Reference
-from locref_core.patch import LocRefBlend, LocRefStash, LocRefState, PatchSettings
+from locref_core.patch import LocRefState, PatchSettings, install
 
 TINY_CHANNELS = 32  # the tiny_sd15 fixture's model_channels
 RED = torch.ones(3, 32, 32) * torch.tensor([1.0, 0, 0])[:, None, None]
@@ -37,8 +37,7 @@ def make_state(model, boxes=None, settings=PatchSettings(), seed=0):
 
 def patched(model, state):
     m = model.clone()
-    m.set_model_attn2_patch(LocRefStash(state))
-    m.set_model_attn2_output_patch(LocRefBlend(state))
+    install(m, state)
     return m
 
 

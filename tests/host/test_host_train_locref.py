@@ -20,13 +20,13 @@ import torch
 
 from comfy_harness import apply_patched_model
 from harness_env import REPO_ROOT, comfyui_path
+from test_host_locref_patch import patched
 from locref_core.adapter import AdapterConfig, LocRefAdapter
 from locref_core.data.coco import DataError
 from locref_core.data.synthetic import make_synthetic_coco
 from locref_core.grid import SD15_SITES
 from locref_core.layout import Box, Layout, Reference
-from locref_core.patch import (LocRefBlend, LocRefStash, LocRefState, LocRefTrainState,
-                               PatchSettings)
+from locref_core.patch import LocRefState, LocRefTrainState, PatchSettings
 from locref_core.train import locref
 from locref_core.train.common import weights_digest
 from locref_core.train.host import load_host, unet_denoised
@@ -57,13 +57,6 @@ def trained(data, tmp_path_factory) -> dict:
     return locref.main(argv(data, out, "--steps", "50", "--ckpt-every", "25"))
 
 
-def _patched(model, state):
-    m = model.clone()
-    m.set_model_attn2_patch(LocRefStash(state))
-    m.set_model_attn2_output_patch(LocRefBlend(state))
-    return m
-
-
 def test_training_state_equals_the_inference_state_row_by_row(tiny_sd15):
     """Two rows with different layouts in one training call give what two inference runs (one
     layout each) give; a row with zero embeddings gets the inference uncond (null) output; the
@@ -84,7 +77,7 @@ def test_training_state_equals_the_inference_state_row_by_row(tiny_sd15):
 
     state = LocRefTrainState(adapter, unet)
     state.set_batch(locref.ReferenceKV(adapter)(ri_embeds, ci_embeds), boxes, valid)
-    out = apply_patched_model(_patched(tiny_sd15, state), x, sigma, ctx)
+    out = apply_patched_model(patched(tiny_sd15, state), x, sigma, ctx)
     assert sorted(state.fired) == sorted(SD15_SITES)
     for b, row in enumerate(rows):
         layout = Layout(512, 512, tuple(Box(*boxes[b, k].tolist(), reference=red)
@@ -94,7 +87,7 @@ def test_training_state_equals_the_inference_state_row_by_row(tiny_sd15):
             ci = adapter.project(ci_embeds[b:b + 1])[0]
         inference = LocRefState(adapter, layout, ri, ci, PatchSettings(), unet)
         for kind in (0, 1):  # cond, and uncond (null reference)
-            want = apply_patched_model(_patched(tiny_sd15, inference), x[b:b + 1], sigma[:1],
+            want = apply_patched_model(patched(tiny_sd15, inference), x[b:b + 1], sigma[:1],
                                        ctx[b:b + 1], [kind])
             if kind == 0:
                 torch.testing.assert_close(out[b:b + 1].detach(), want, atol=2e-5, rtol=1e-4)
@@ -102,13 +95,13 @@ def test_training_state_equals_the_inference_state_row_by_row(tiny_sd15):
                 state.set_batch(locref.ReferenceKV(adapter)(torch.zeros(1, 2, 1024),
                                                             torch.zeros(1, 1024)),
                                 boxes[b:b + 1], valid[b:b + 1])
-                null = apply_patched_model(_patched(tiny_sd15, state), x[b:b + 1], sigma[:1],
+                null = apply_patched_model(patched(tiny_sd15, state), x[b:b + 1], sigma[:1],
                                            ctx[b:b + 1])
                 torch.testing.assert_close(null.detach(), want, atol=2e-5, rtol=1e-4)
 
     state.set_batch(locref.ReferenceKV(adapter)(ri_embeds, ci_embeds), boxes, valid)
     host = load_host(comfyui_path())
-    unet_denoised(host, _patched(tiny_sd15, state), x, sigma, ctx).square().mean().backward()
+    unet_denoised(host, patched(tiny_sd15, state), x, sigma, ctx).square().mean().backward()
     assert adapter.appearance.hidden.weight.grad.abs().sum() > 0
     for path in (adapter.kv_ri, adapter.kv_ci):
         assert all(kv.to_k.weight.grad.abs().sum() > 0 for kv in path.values())
