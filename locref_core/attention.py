@@ -12,6 +12,12 @@ so s = 0 is the unpatched layer and (s, t) = (1, 0) is the paper.
 
 Overlapping boxes: a query covered by several boxes attends jointly (one softmax) to the tokens
 of every instance that covers it.
+
+Regional text is the same instance-region attention with another token source: box i's prompt,
+projected by the layer's own to_k/to_v (RTHS). With region weight w, inside the text boxes
+  HS'  = HS * (1 - w FM_text) + w RTHS
+and with both sources, each scales the global text term by its own keep and adds its own term:
+  HS'  = HS * (1 - w FM_text) (1 - s (1 - t) FM_ref) + w RTHS + s (CIHS + RIHS) FM_ref
 """
 
 from __future__ import annotations
@@ -42,9 +48,12 @@ def composite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return merge_heads(out)  # (B, Lq, C)
 
 
-def instance_visibility(masks: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Which keys each query may see: (Lq, N * T) bool from box masks (N, h, w)."""
-    return masks.flatten(1).t().bool().repeat_interleave(tokens, dim=1)  # (Lq, N*T)
+def instance_visibility(masks: torch.Tensor, tokens: int | Sequence[int]) -> torch.Tensor:
+    """Which keys each query may see: (Lq, sum T_i) bool from box masks (N, h, w), where
+    instance i has `tokens` keys (one count for all, or one per instance)."""
+    if not isinstance(tokens, int):
+        tokens = torch.as_tensor(list(tokens), dtype=torch.long)
+    return masks.flatten(1).t().bool().repeat_interleave(tokens, dim=1)  # (Lq, sum T_i)
 
 
 def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -79,21 +88,29 @@ def locref_blend(hs: torch.Tensor, cihs: torch.Tensor, rihs: torch.Tensor, fm: t
     return hs * (1 - strength * (1 - text_in_boxes) * fm) + strength * (cihs + rihs) * fm
 
 
+def region_blend_rows(out: torch.Tensor, rows: torch.Tensor,
+                      to_out: Callable[[torch.Tensor], torch.Tensor],
+                      keep: torch.Tensor | float, add: torch.Tensor) -> torch.Tensor:
+    """HS' = HS * keep + add, applied after the layer's affine output projection, on `rows` only.
+
+    out = to_out(HS) (B, Lq, C); keep (B, Lf, 1) or a number; add (B, Lf, C) for the Lf query
+    rows `rows`. Since to_out is affine with bias b = to_out(0), to_out(HS') is
+    out * keep + (to_out(add) - b * keep) on those rows and out elsewhere, so nothing outside
+    the regions is computed. keep = 1 and add = 0 give `out` exactly.
+    """
+    projected = to_out(add)  # (B, Lf, C)
+    bias = to_out(torch.zeros_like(projected[:, :1]))  # (B, 1, C)
+    inside = out.index_select(1, rows) * keep + (projected - bias * keep)  # exact when unchanged
+    return out.index_copy(1, rows, inside.to(out.dtype))
+
+
 def locref_blend_rows(out: torch.Tensor, cihs: torch.Tensor, rihs: torch.Tensor,
                       rows: torch.Tensor, to_out: Callable[[torch.Tensor], torch.Tensor],
                       strength: float = 1.0, text_in_boxes: float = 0.0) -> torch.Tensor:
-    """`locref_blend` after the layer's affine output projection, on the foreground rows only.
-
-    out = to_out(HS) (B, Lq, C); cihs, rihs (B, Lf, C) for the Lf query rows `rows` inside the
-    boxes (binary FM). Since to_out is affine with bias b = to_out(0), to_out(HS') is
-    out * keep + to_out(s X) - b * keep on those rows (keep = 1 - s (1 - t), X = CIHS + RIHS)
-    and out elsewhere, so nothing outside the boxes is computed at all.
-    """
-    keep = 1 - strength * (1 - text_in_boxes)
-    projected = to_out(strength * (cihs + rihs))  # (B, Lf, C)
-    bias = to_out(torch.zeros_like(projected[:, :1]))  # (B, 1, C)
-    inside = out.index_select(1, rows) * keep + (projected - bias * keep)  # exact when s = 0
-    return out.index_copy(1, rows, inside.to(out.dtype))
+    """`locref_blend` after the output projection on the foreground rows `rows` (binary FM):
+    keep = 1 - s (1 - t), add = s (CIHS + RIHS); cihs, rihs (B, Lf, C)."""
+    return region_blend_rows(out, rows, to_out, 1 - strength * (1 - text_in_boxes),
+                             strength * (cihs + rihs))
 
 
 def select_rows(cond: torch.Tensor, uncond: torch.Tensor, cond_or_uncond: Sequence[int],

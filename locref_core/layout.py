@@ -38,7 +38,8 @@ class Reference:
 
 @dataclass(frozen=True)
 class Box:
-    """One instance: a normalised box, its label/prompt text and an optional reference."""
+    """One instance: a normalised box, its label/prompt text, an optional reference and an
+    optional region mask (the instance's shape; the box is then the mask's bounding box)."""
 
     x0: float
     y0: float
@@ -46,9 +47,13 @@ class Box:
     y1: float
     label: str = ""
     reference: Reference | None = None
+    region: torch.Tensor | None = None  # (H, W) float in [0, 1] over the whole canvas
 
     def __post_init__(self) -> None:
         # Internal invariant: parsers validate user input with friendly errors before this.
+        if self.region is not None and (not isinstance(self.region, torch.Tensor)
+                                        or self.region.ndim != 2):
+            raise ValueError("a box region must be an (H, W) mask tensor over the canvas")
         for name in ("x0", "y0", "x1", "y1"):
             value = getattr(self, name)
             if not math.isfinite(value) or not 0.0 <= value <= 1.0:

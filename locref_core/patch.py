@@ -2,11 +2,12 @@
 
 `attn2_patch` sees the normed hidden state n before the text cross-attention and keeps it;
 `attn2_output_patch` sees that layer's output, recomputes q = to_q(n) with the layer's own
-projection, adds CIHS + RIHS and blends with the box masks. List-based points compose with any
+projection for the queries inside the regions, and blends in each token source's attention
+(`regions.py`: references, and each box's own text) with the region masks. List-based points compose with any
 other pack's patches (including an attn2 replace), in either order.
 
-Everything that does not change during sampling (reference tokens, per-site keys/values, masks)
-is computed once; a step only does the attention itself.
+Everything that does not change during sampling (reference tokens, per-site keys/values of the
+references and of the box prompts, masks) is computed once; a step only does the attention.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from .adapter import LocRefAdapter
 from .attention import composite_attention, instance_visibility, locref_blend_rows
-from .attention import region_attention, select_rows
-from .grid import token_grid
+from .attention import region_attention, region_blend_rows
+from .grid import SD15_SITES, token_grid
 from .layout import Box, Layout
 from .masks import box_masks, foreground_mask
+from .regions import PatchSettings, ReferenceSource, TextSource
+
+__all__ = ["LocRefBlend", "LocRefStash", "LocRefState", "LocRefTrainState", "PatchSettings",
+           "foreground_queries", "install"]
 
 log = logging.getLogger(__name__)
 
@@ -37,49 +41,53 @@ def foreground_queries(layout: Layout, h: int, w: int, tokens: int
     return rows, instance_visibility(m, tokens)[rows]
 
 
-@dataclass(frozen=True)
-class PatchSettings:
-    strength: float = 1.0
-    text_in_boxes: float = 0.0
-    sigma_start: float = float("inf")  # active while sigma_end <= sigma <= sigma_start
-    sigma_end: float = 0.0
-
-
 class LocRefState:
-    """Run constants shared by the two patch callables; cheap to 'copy' (it never is)."""
+    """Run constants shared by the two patch callables; cheap to 'copy' (it never is).
 
-    def __init__(self, adapter: LocRefAdapter, layout: Layout, ri_tokens: torch.Tensor,
-                 ci_tokens: torch.Tensor, settings: PatchSettings, unet: torch.nn.Module):
+    One mechanism with two token sources: reference boxes (the adapter's K/V) and text boxes
+    (the layer's own K/V of each box's prompt). Each source scales the global text attention by
+    its keep and adds its own term, inside its boxes only; `blend` runs them in one place.
+    """
+
+    def __init__(self, adapter: LocRefAdapter | None, layout: Layout,
+                 ri_tokens: torch.Tensor | None, ci_tokens: torch.Tensor | None,
+                 settings: PatchSettings, unet: torch.nn.Module,
+                 text_tokens: Sequence[torch.Tensor | None] | None = None):
         """ri_tokens (N, T, 768) for the N boxes that have a reference, in layout order;
-        ci_tokens (T, 768) for the composite image. `unet` is the host's diffusion model."""
-        self.layout = Layout(layout.width, layout.height,
-                             tuple(b for b in layout.boxes if b.reference is not None))
-        self._bind(adapter, settings, unet)
-        with torch.no_grad():
-            null = adapter.null_tokens()[0]  # (T, 768)
-            n = ri_tokens.shape[0]
-            self._kv = {}  # site -> (k_ci, v_ci, k_ci0, v_ci0, k_ri, v_ri, k_ri0, v_ri0), (L, C)
-            for site in self.sites:
-                k_ci, v_ci = adapter.site_kv(site, ci_tokens, "ci")
-                k_ci0, v_ci0 = adapter.site_kv(site, null, "ci")
-                k_ri, v_ri = adapter.site_kv(site, ri_tokens.reshape(n * self.tokens, -1), "ri")
-                k_ri0, v_ri0 = adapter.site_kv(site, null.repeat(n, 1), "ri")
-                self._kv[site] = tuple(t.detach().float().cpu() for t in
-                                       (k_ci, v_ci, k_ci0, v_ci0, k_ri, v_ri, k_ri0, v_ri0))
+        ci_tokens (T, 768) for the composite image (all three None: no references).
+        text_tokens: per box of `layout`, its prompt's embedding (L, 768) or None (no text
+        region); used when settings.region_text > 0. `unet` is the host's diffusion model."""
+        self.layout = layout
+        self.sources: list = []
+        if adapter is not None and ri_tokens is not None and ri_tokens.shape[0]:
+            refs = Layout(layout.width, layout.height,
+                          tuple(b for b in layout.boxes if b.reference is not None))
+            self.sources.append(ReferenceSource(adapter, refs, ri_tokens, ci_tokens, settings))
+        texts = [(b, t) for b, t in zip(layout.boxes, text_tokens or ()) if t is not None]
+        if texts and settings.region_text > 0:
+            boxes = Layout(layout.width, layout.height, tuple(b for b, _ in texts))
+            self.sources.append(TextSource(boxes, [t for _, t in texts], settings.region_text))
+        if not self.sources:
+            raise ValueError("LocRef: no box has a reference or (with region_text > 0) text")
+        self._bind(adapter, settings, unet, text=len(texts) > 0)
+        self._kv = self.sources[0]._kv if isinstance(self.sources[0], ReferenceSource) else {}
+        for _, t in texts:
+            self._check_text_width(t)
 
-    def _bind(self, adapter: LocRefAdapter, settings: PatchSettings,
-              unet: torch.nn.Module) -> None:
+    def _bind(self, adapter: LocRefAdapter | None, settings: PatchSettings,
+              unet: torch.nn.Module, text: bool = False) -> None:
         """What inference and training states share: settings, sites, the host UNet (weakly),
         the per-layer stash and caches; refuses an adapter made for another UNet width."""
         self.settings = settings
-        self.sites = tuple(adapter.cfg.sites)
-        self.tokens = adapter.cfg.tokens
+        self.sites = SD15_SITES if text or adapter is None else tuple(adapter.cfg.sites)
+        self.tokens = adapter.cfg.tokens if adapter is not None else 0
         self._unet = weakref.ref(unet)
         self._stash: dict = {}
         self._cache: dict = {}
         self.fired: dict[tuple[str, int], int] = {}  # site -> calls that blended (for tests/logs)
         self._warned_aspect = False
-        self._check_widths(adapter)
+        if adapter is not None:
+            self._check_widths(adapter)
 
     def __deepcopy__(self, memo):
         return self  # immutable run constants; ComfyUI deep-copies model_options on every clone
@@ -107,7 +115,7 @@ class LocRefState:
         return module
 
     def _check_widths(self, adapter: LocRefAdapter) -> None:
-        for site in self.sites:
+        for site in adapter.cfg.sites:
             attn = self.attn2({"block": site, "block_index": 0})
             want, have = adapter.cfg.site_channels(site), attn.to_q.out_features
             if want != have:
@@ -115,44 +123,52 @@ class LocRefState:
                     f"the adapter was made for a UNet {want} channels wide at {site} but this "
                     f"model has {have}: LocRef adapters work with SD-1.5 models only")
 
-    def masks(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(foreground rows (Lf,), their visibility (Lf, N*T)) on this grid, cached."""
+    def _check_text_width(self, tokens: torch.Tensor) -> None:
+        attn = self.attn2({"block": self.sites[0], "block_index": 0})
+        want = attn.to_k.in_features
+        if tokens.ndim != 2 or tokens.shape[-1] != want:
+            raise ValueError(
+                f"a box's text embedding is {tuple(tokens.shape)} but this model's "
+                f"cross-attention takes {want}-wide text: connect the CLIP of the same "
+                "checkpoint (SD-1.5: 768) to LocRef Apply's clip input")
+
+    def masks(self, h: int, w: int, device: torch.device
+              ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(query rows inside any region (Lf,), per source: (which of its tokens each of those
+        rows sees (Lf, sum T_i), whether the row is in one of its boxes (Lf,))), cached."""
         key = ("mask", h, w, device)
         if key not in self._cache:
-            rows, visible = foreground_queries(self.layout, h, w, self.tokens)
-            self._cache[key] = (rows.to(device), visible.to(device))
+            cells = [box_masks(src.layout, h, w) for src in self.sources]  # (N_s, h, w) each
+            rows = foreground_mask(torch.cat(cells)).flatten().nonzero().flatten()  # (Lf,)
+            parts = []
+            for src, m in zip(self.sources, cells):
+                visible = instance_visibility(m, src.counts)[rows]  # (Lf, sum T_i)
+                parts.append((visible.to(device), visible.any(dim=1).to(device)))
+            self._cache[key] = (rows.to(device), parts)
             self._check_aspect(h, w)
-        return self._cache[key]
-
-    def kv(self, site: tuple[str, int], cond_or_uncond: Sequence[int], rows: int,
-           device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Per-row (k_ci, v_ci, k_ri, v_ri), each (B, L, C): null reference on uncond rows."""
-        key = ("kv", site, tuple(cond_or_uncond), rows, device, dtype)
-        if key not in self._cache:
-            k_ci, v_ci, k_ci0, v_ci0, k_ri, v_ri, k_ri0, v_ri0 = self._kv[site]
-            self._cache[key] = tuple(
-                select_rows(c, u, cond_or_uncond, rows).to(device, dtype)
-                for c, u in ((k_ci, k_ci0), (v_ci, v_ci0), (k_ri, k_ri0), (v_ri, v_ri0)))
         return self._cache[key]
 
     def blend(self, out: torch.Tensor, n: torch.Tensor, site: tuple[str, int],
               extra_options: dict) -> torch.Tensor:
-        """CIHS + RIHS of this layer's queries, blended into `out` (B, Lq, C) inside the boxes."""
+        """Every source's attention for this layer's queries inside its boxes, blended into
+        `out` (B, Lq, C): HS * prod(keep) + sum(add), computed on the region rows only."""
         attn = self.attn2(extra_options)
         h, w = token_grid(extra_options.get("activations_shape"), tokens=n.shape[1])
-        rows, visible = self.masks(h, w, n.device)
+        rows, parts = self.masks(h, w, n.device)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
         if n.shape[0] % len(cond_or_uncond):
             raise ValueError(f"LocRef: batch {n.shape[0]} does not split into {cond_or_uncond}")
-        q = attn.to_q(n.index_select(1, rows))  # (B, Lf, C): only queries inside boxes
-        k_ci, v_ci, k_ri, v_ri = self.kv(site, cond_or_uncond, n.shape[0] // len(cond_or_uncond),
-                                       q.device, q.dtype)
-        self.fired[site] = self.fired.get(site, 0) + 1
+        q = attn.to_q(n.index_select(1, rows))  # (B, Lf, C): only queries inside regions
         heads = extra_options.get("n_heads", attn.heads)
-        cihs = composite_attention(q, k_ci, v_ci, heads)  # (B, Lf, C)
-        rihs = region_attention(q, k_ri, v_ri, visible, heads)  # (B, Lf, C)
-        return locref_blend_rows(out, cihs, rihs, rows, attn.to_out,
-                                 self.settings.strength, self.settings.text_in_boxes)
+        keep, add = 1.0, None
+        for src, (visible, member) in zip(self.sources, parts):
+            part = src.contribute(q, site, attn, visible, member, cond_or_uncond, heads)
+            if part is not None:
+                keep, add = keep * part[0], part[1] if add is None else add + part[1]
+        if add is None:
+            return out
+        self.fired[site] = self.fired.get(site, 0) + 1
+        return region_blend_rows(out, rows, attn.to_out, keep, add)
 
     def _check_aspect(self, h: int, w: int) -> None:
         canvas = self.layout.width / self.layout.height

@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .composite import composite_image
 from .layout import Layout
+from .masks import region_cells
 
 # Distinct, saturated outline colours (RGB 0..255), cycled by box index.
 BOX_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -45,12 +46,12 @@ def render_preview(layout: Layout, background: torch.Tensor | None = None,
                    line_width: int = 0, show_labels: bool = True) -> torch.Tensor:
     """Preview (3, H, W) at canvas size: the composite (or `background`) with boxes on top.
 
-    Box i's outline is drawn in `box_colour(i)` just inside its pixel edges, back to front; the
-    label sits in a filled tag at the box's top-left corner, with its index.
+    Box i's outline is drawn in `box_colour(i)` just inside its pixel edges, back to front (a box
+    with a region mask also gets the region tinted in that colour); the label sits in a filled tag at the box's top-left corner, with its index.
     """
     W, H = layout.width, layout.height
     base = composite_image(layout) if background is None else background
-    image = tensor_to_pil(base)
+    image = tensor_to_pil(tint_regions(layout, base))
     draw = ImageDraw.Draw(image)
     lw = line_width or max(2, round(min(W, H) / 256))
     font = _font(max(10, round(min(W, H) / 40)))
@@ -64,6 +65,18 @@ def render_preview(layout: Layout, background: torch.Tensor | None = None,
             draw.rectangle((x0, y0, min(tx1 + 2, x1 - 1), min(ty1 + 2, y1 - 1)), fill=colour)
             draw.text((x0 + lw + 2, y0 + lw + 1), text, fill=_ink(colour), font=font)
     return pil_to_tensor(image)
+
+
+def tint_regions(layout: Layout, image: torch.Tensor, alpha: float = 0.35) -> torch.Tensor:
+    """The image (3, H, W) with each box's region mask (if it has one) tinted in its colour."""
+    out = image
+    for i, box in enumerate(layout.boxes):
+        if box.region is None:
+            continue
+        inside = region_cells(box.region, *image.shape[-2:])[None]  # (1, H, W)
+        colour = torch.tensor(box_colour(i), dtype=image.dtype)[:, None, None] / 255.0
+        out = out * (1 - alpha * inside) + colour * (alpha * inside)
+    return out
 
 
 def _ink(colour: tuple[int, int, int]) -> tuple[int, int, int]:
