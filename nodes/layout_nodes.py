@@ -10,6 +10,7 @@ from typing import Any
 from ..locref_core.composite import composite_image, shrink_to
 from ..locref_core.layout import MAX_BOXES, Layout, Reference, find_box
 from ..locref_core.layout_json import bounding_boxes_to_boxes, parse_layout_json
+from ..locref_core.masks import add_region_box, with_region
 from ..locref_core.preview import render_preview, tensor_to_pil
 from .convert import chw_to_image, image_to_chw, mask_to_hw
 
@@ -123,6 +124,64 @@ class LocRefReference:
         return (layout.with_reference(index, reference),)
 
 
+class LocRefRegionMask:
+    DESCRIPTION = (
+        "Give one box of a layout the shape of a MASK: its text and reference then act on the "
+        "mask's pixels instead of the whole rectangle, and the box becomes the mask's bounding "
+        "box (what the preview and the evaluation show). Or add the mask as a new box."
+    )
+    CATEGORY = "LocRef/layout"
+    RETURN_TYPES = (LAYOUT,)
+    RETURN_NAMES = ("layout",)
+    OUTPUT_TOOLTIPS = ("The same layout with the chosen (or new) box shaped by the mask.",)
+    FUNCTION = "shape"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "layout": (LAYOUT, {"tooltip": "The layout whose box gets a shape."}),
+                "mask": ("MASK", {"tooltip": "The region (1 = inside) over the whole canvas; "
+                                             "another size is resized to the canvas. The first "
+                                             "of a batch is used."}),
+                "box_index": ("INT", {"default": 0, "min": 0, "max": MAX_BOXES - 1,
+                                      "tooltip": "Which box (0 = first drawn). Ignored when a "
+                                                 "label is given or a new box is added."}),
+                "label": ("STRING", {"default": "",
+                                     "tooltip": "Choose the box by its label (case-insensitive); "
+                                                "with add_new_box, the new box's label (its "
+                                                "text)."}),
+            },
+            "optional": {
+                "add_new_box": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Add the mask as a new box, in front, "
+                                                       "labelled with label, instead of shaping "
+                                                       "an existing box."}),
+                "invert_mask": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Invert the mask first (Load Image's mask "
+                                                       "is 1 on transparent pixels)."}),
+            },
+        }
+
+    def shape(self, layout, mask, box_index, label, add_new_box=False, invert_mask=False):
+        if not isinstance(layout, Layout):
+            raise ValueError("layout input must come from a LocRef Boxes node")
+        region = mask_to_hw(mask).cpu()
+        region = 1.0 - region if invert_mask else region
+        if add_new_box:
+            if len(layout.boxes) >= MAX_BOXES:
+                raise ValueError(f"the layout already has {MAX_BOXES} boxes, the most supported; "
+                                 "shape an existing box instead of adding one")
+            shaped, stretched = add_region_box(layout, region, label.strip())
+        else:
+            shaped, stretched = with_region(layout, find_box(layout, box_index, label), region)
+        if stretched:
+            log.warning("LocRef Region Mask: the mask is %dx%d but the canvas is %dx%d; it was "
+                        "resized to the canvas (stretched). Make the mask at the canvas size.",
+                        region.shape[1], region.shape[0], layout.width, layout.height)
+        return (shaped,)
+
+
 class LocRefLayoutPreview:
     DESCRIPTION = (
         "Draw a layout as an image: the composite of the references in their boxes, with every "
@@ -184,10 +243,12 @@ def save_thumbnails(layout: Layout) -> list[dict[str, Any] | None]:
 NODE_CLASS_MAPPINGS = {
     "LocRefBoxes": LocRefBoxes,
     "LocRefReference": LocRefReference,
+    "LocRefRegionMask": LocRefRegionMask,
     "LocRefLayoutPreview": LocRefLayoutPreview,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LocRefBoxes": "LocRef Boxes",
     "LocRefReference": "LocRef Reference",
+    "LocRefRegionMask": "LocRef Region Mask",
     "LocRefLayoutPreview": "LocRef Layout Preview",
 }

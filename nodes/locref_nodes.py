@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 ADAPTER = "LOCREF_ADAPTER"
 IPADAPTER_PREFIX = "ipadapter/"
 WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+REGION_TEXT_DEFAULT = 0.8  # mostly the box's own text inside it, a little of the global prompt
 
 
 def _register_folder(name: str) -> None:
@@ -81,12 +82,44 @@ def encode(clip_vision, images: torch.Tensor, crop: bool) -> torch.Tensor:
     return clip_vision.encode_image(chw_to_image(images), crop=crop)["image_embeds"].float().cpu()
 
 
+def box_name(index: int, label: str) -> str:
+    text = label.strip()
+    return f"box {index} ({text[:40] + '...' if len(text) > 40 else text!r})" if text \
+        else f"box {index}"
+
+
+@torch.no_grad()
+def encode_box_texts(clip, layout: Layout) -> list[torch.Tensor | None]:
+    """Each box's label as the host's CLIP encodes a prompt: (77 * windows, 768), or None for an
+    empty label. Longer prompts use the host's own 77-token windows (logged, box named)."""
+    out: list[torch.Tensor | None] = []
+    seen: dict[str, torch.Tensor] = {}
+    for i, box in enumerate(layout.boxes):
+        text = box.label.strip()
+        if not text:
+            out.append(None)
+            continue
+        if text not in seen:
+            cond = clip.encode_from_tokens(clip.tokenize(text))  # (1, 77 * windows, C)
+            seen[text] = cond[0].float().cpu()
+            windows = max(1, seen[text].shape[0] // 77)
+            if windows > 1:
+                log.warning("LocRef Apply: the text of %s is longer than one 77-token window; "
+                            "it is encoded as %d windows (the host's long-prompt handling), "
+                            "which weakens each word. Shorten it for a sharper region.",
+                            box_name(i, box.label), windows)
+        out.append(seen[text])
+    return out
+
+
 class LocRefApply:
     DESCRIPTION = (
-        "Patch the model so that each box's reference decides what appears inside that box "
-        "(LocRef-Diffusion): instance-region cross-attention plus a composite-image path, at all "
-        "16 SD-1.5 cross-attention layers. Needs a layout with references, an adapter and the "
-        "CLIP vision model the adapter was trained with (ViT-H for ip-adapter_sd15)."
+        "Patch the model so that each box decides what appears inside it, at all 16 SD-1.5 "
+        "cross-attention layers. A box's text (its label on the canvas) steers its region with "
+        "nothing but the checkpoint's CLIP (training-free regional prompts); a box's reference "
+        "image decides the look (LocRef-Diffusion: instance-region cross-attention plus a "
+        "composite-image path), which needs an adapter and the CLIP vision model it was trained "
+        "with (ViT-H for ip-adapter_sd15). Text and reference on one box both act."
     )
     CATEGORY = "LocRef/generation"
     RETURN_TYPES = ("MODEL",)
@@ -99,64 +132,123 @@ class LocRefApply:
         pct = {"min": 0.0, "max": 1.0, "step": 0.01}
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD-1.5 model."}),
-            "adapter": (ADAPTER, {"tooltip": "From LocRef Adapter Loader."}),
-            "clip_vision": ("CLIP_VISION", {"tooltip": "Encodes the references (ViT-H/14 for "
-                                                       "IP-Adapter SD-1.5 files)."}),
-            "layout": ("LOCREF_LAYOUT", {"tooltip": "Boxes with references (LocRef Reference)."}),
+            "layout": ("LOCREF_LAYOUT", {"tooltip": "Boxes from LocRef Boxes, with labels (text "
+                                                    "regions) and/or references (LocRef "
+                                                    "Reference)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                   "tooltip": "How much of the LocRef change to apply; 0 = the "
-                                              "unpatched model, 1 = the paper."}),
+                                   "tooltip": "How much the references change the model; 0 = "
+                                              "references off, 1 = the paper."}),
             "text_in_boxes": ("FLOAT", {"default": 0.0, **pct,
-                                        "tooltip": "Text attention kept inside boxes: 0 = the paper "
-                                                   "(references only), 1 = text and references "
-                                                   "(IP-Adapter-like)."}),
+                                        "tooltip": "Global prompt kept inside reference boxes: "
+                                                   "0 = the paper (references only), 1 = text "
+                                                   "and references (IP-Adapter-like)."}),
             "start_percent": ("FLOAT", {"default": 0.0, **pct,
                                         "tooltip": "Start applying at this fraction of sampling."}),
             "end_percent": ("FLOAT", {"default": 1.0, **pct,
                                       "tooltip": "Stop applying at this fraction of sampling."}),
+        }, "optional": {
+            "adapter": (ADAPTER, {"tooltip": "From LocRef Adapter Loader; needed when a box has "
+                                             "a reference."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip": "Encodes the references (ViT-H/14 for "
+                                                       "IP-Adapter SD-1.5 files); needed when a "
+                                                       "box has a reference."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (the one your CLIPTextEncode "
+                                         "uses): encodes each box's label for its region."}),
+            "region_text": ("FLOAT", {"default": REGION_TEXT_DEFAULT, **pct,
+                                      "tooltip": "How much each box's own text replaces the "
+                                                 "global prompt inside the box: 0 = off, 1 = "
+                                                 "only the box's text there. Outside the boxes "
+                                                 "and in the negative prompt nothing changes."}),
         }}
 
-    def apply(self, model, adapter, clip_vision, layout, strength, text_in_boxes,
-              start_percent, end_percent):
+    def apply(self, model, adapter=None, clip_vision=None, layout=None, strength=1.0,
+              text_in_boxes=0.0, start_percent=0.0, end_percent=1.0, clip=None,
+              region_text=REGION_TEXT_DEFAULT):
+        # Positional order as before adapter and clip_vision became optional (scripts call it).
         if not isinstance(layout, Layout):
             raise ValueError("layout input must come from a LocRef Boxes / LocRef Reference node")
         if start_percent > end_percent:
             raise ValueError(f"start_percent {start_percent} is after end_percent {end_percent}; "
                              "swap them")
-        with_refs = [b for b in layout.boxes if b.reference is not None]
+        with_refs = [b for b in layout.boxes if b.reference is not None] if strength > 0 else []
+        if with_refs:
+            check_reference_inputs(layout, adapter, clip_vision)
+        texts = self.box_texts(layout, clip, region_text,
+                               any(b.reference is not None for b in layout.boxes))
         m = model.clone()
-        if not with_refs or strength == 0:
+        if not with_refs and texts is None:
             log.warning("LocRef Apply: %s; the model is returned unpatched",
-                        "strength is 0" if strength == 0 else
-                        "no box has a reference (attach one with LocRef Reference)")
+                        "strength is 0 and no box has text" if strength == 0 else
+                        "no box has a reference or a label (attach a reference with LocRef "
+                        "Reference, or type a label in a box)")
             return (m,)
-        state = self.build_state(m, adapter, clip_vision, layout, with_refs,
-                                 strength, text_in_boxes, start_percent, end_percent)
+        state = self.build_state(m, adapter, clip_vision, layout, with_refs, strength,
+                                 text_in_boxes, start_percent, end_percent, texts, region_text)
         install(m, state)
         return (m,)
 
     @staticmethod
+    def box_texts(layout, clip, region_text, has_refs) -> list | None:
+        """Per box its text embedding or None; None overall when no text region applies."""
+        if region_text <= 0 or not any(b.label.strip() for b in layout.boxes):
+            return None
+        if clip is None:
+            labelled = ", ".join(box_name(i, b.label) for i, b in enumerate(layout.boxes)
+                                 if b.label.strip())
+            if not has_refs:
+                raise ValueError(
+                    f"LocRef Apply: {labelled} have text, but no CLIP is connected to encode it. "
+                    "Connect the checkpoint's CLIP to the clip input, or set region_text to 0.")
+            log.warning("LocRef Apply: %s have text but no CLIP is connected; the references "
+                        "apply, the box texts do not (connect the checkpoint's CLIP to clip, or "
+                        "set region_text to 0 to silence this)", labelled)
+            return None
+        return encode_box_texts(clip, layout)
+
+    @staticmethod
     def build_state(m, adapter, clip_vision, layout, with_refs, strength, text_in_boxes,
-                    start_percent, end_percent) -> LocRefState:
-        refs = [square_reference(b.reference.image, b.reference.mask) for b in with_refs]
-        ri_embeds = torch.cat([encode(clip_vision, r[None], crop=True) for r in refs])
-        ci_embeds = encode(clip_vision, composite_image(layout)[None], crop=False)
-        if ri_embeds.shape[-1] != adapter.cfg.embed_dim:
-            raise ValueError(
-                f"the CLIP vision model gives {ri_embeds.shape[-1]}-wide image embeddings but the "
-                f"adapter expects {adapter.cfg.embed_dim}; load the CLIP vision model the adapter "
-                "was trained with (ViT-H/14, e.g. CLIP-ViT-H-14-laion2B-s32B-b79K, for "
-                "ip-adapter_sd15)")
-        with torch.no_grad():
-            ri_tokens = adapter.project(ri_embeds)  # (N, T, 768)
-            ci_tokens = adapter.project(ci_embeds)[0]  # (T, 768)
+                    start_percent, end_percent, texts=None,
+                    region_text=REGION_TEXT_DEFAULT) -> LocRefState:
+        ri_tokens = ci_tokens = None
+        if with_refs:
+            ri_tokens, ci_tokens = reference_tokens(adapter, clip_vision, layout, with_refs)
         sampling = m.get_model_object("model_sampling")
         settings = PatchSettings(strength, text_in_boxes,
                                  float(sampling.percent_to_sigma(start_percent)),
-                                 float(sampling.percent_to_sigma(end_percent)))
+                                 float(sampling.percent_to_sigma(end_percent)), region_text)
         comfy.model_management.throw_exception_if_processing_interrupted()
-        return LocRefState(adapter, layout, ri_tokens, ci_tokens, settings,
-                           m.get_model_object("diffusion_model"))
+        return LocRefState(adapter if with_refs else None, layout, ri_tokens, ci_tokens,
+                           settings, m.get_model_object("diffusion_model"), texts)
+
+
+def check_reference_inputs(layout: Layout, adapter, clip_vision) -> None:
+    """A box has a reference: the adapter and CLIP vision inputs must be connected."""
+    missing = [name for name, value in (("adapter", adapter), ("clip_vision", clip_vision))
+               if value is None]
+    if missing:
+        boxes = ", ".join(box_name(i, b.label) for i, b in enumerate(layout.boxes)
+                          if b.reference is not None)
+        raise ValueError(
+            f"LocRef Apply: {boxes} have a reference image, so {' and '.join(missing)} must be "
+            "connected (LocRef Adapter Loader for adapter, CLIP Vision Loader for clip_vision). "
+            "Connect them, or remove the LocRef Reference nodes to use box text only.")
+
+
+def reference_tokens(adapter, clip_vision, layout, with_refs) -> tuple[torch.Tensor, ...]:
+    """(RI tokens (N, T, 768), CI tokens (T, 768)) of the boxes with references."""
+    refs = [square_reference(b.reference.image, b.reference.mask) for b in with_refs]
+    ri_embeds = torch.cat([encode(clip_vision, r[None], crop=True) for r in refs])
+    ci_embeds = encode(clip_vision, composite_image(layout)[None], crop=False)
+    if ri_embeds.shape[-1] != adapter.cfg.embed_dim:
+        raise ValueError(
+            f"the CLIP vision model gives {ri_embeds.shape[-1]}-wide image embeddings but the "
+            f"adapter expects {adapter.cfg.embed_dim}; load the CLIP vision model the adapter "
+            "was trained with (ViT-H/14, e.g. CLIP-ViT-H-14-laion2B-s32B-b79K, for "
+            "ip-adapter_sd15)")
+    with torch.no_grad():
+        ri_tokens = adapter.project(ri_embeds)  # (N, T, 768)
+        ci_tokens = adapter.project(ci_embeds)[0]  # (T, 768)
+    return ri_tokens, ci_tokens
 
 
 NODE_CLASS_MAPPINGS = {"LocRefAdapterLoader": LocRefAdapterLoader, "LocRefApply": LocRefApply}
