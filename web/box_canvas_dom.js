@@ -25,6 +25,14 @@ const CSS = `
 .locref-box-canvas .locref-status.locref-error { color: #f77; opacity: 1; }
 `;
 
+/** The label field's tooltip: the text is a regional prompt, not only a name. */
+export const LABEL_TITLE = "This box's text: LocRef Apply makes it steer what is drawn inside the box "
+  + "(connect the checkpoint's CLIP to LocRef Apply). Also its label for references and the preview.";
+/** The label field's placeholder with no box selected (the field is disabled then). */
+export const LABEL_PLACEHOLDER_NONE = "select a box";
+/** The label field's placeholder for selected box `index`. */
+export const labelPlaceholder = (index) => `text for box ${index} (steers its region)`;
+
 function ensureStyle() {
   if (document.getElementById(STYLE_ID)) return;
   const style = document.createElement("style");
@@ -62,8 +70,8 @@ export function buildDom(canvas) {
   const root = el("div", { className: "locref-box-canvas" });
   const bar = el("div", { className: "locref-toolbar" }, root);
   const label = el("input", {
-    type: "text", className: "locref-label", placeholder: "select a box", disabled: true,
-    title: "Label (prompt text) of the selected box",
+    type: "text", className: "locref-label", placeholder: LABEL_PLACEHOLDER_NONE, disabled: true,
+    title: LABEL_TITLE,
   }, bar);
   label.addEventListener("input", () => canvas.setLabel(label.value));
   label.addEventListener("change", () => canvas.endLabelEdit());

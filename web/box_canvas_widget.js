@@ -6,7 +6,7 @@ import {
   resizeBox, serializeLayout, snapSteps,
 } from "./box_geometry.js";
 import { HANDLE_PX, cursorFor, renderCanvas } from "./box_canvas_view.js";
-import { buildDom } from "./box_canvas_dom.js";
+import { LABEL_PLACEHOLDER_NONE, buildDom, labelPlaceholder } from "./box_canvas_dom.js";
 
 const UNDO_LIMIT = 100;
 const NUDGE_PX = 1; // arrow-key step in layout pixels (the snap step when snapping is on)
@@ -362,7 +362,7 @@ export class BoxCanvas {
     const box = this.layout.boxes[this.selected];
     d.label.disabled = !box;
     if (document.activeElement !== d.label || !box) d.label.value = box?.label ?? "";
-    d.label.placeholder = box ? `label of box ${this.selected}` : "select a box";
+    d.label.placeholder = box ? labelPlaceholder(this.selected) : LABEL_PLACEHOLDER_NONE;
     for (const b of [d.del, d.forward, d.back]) b.disabled = !box;
     const n = this.layout.boxes.length;
     d.status.textContent = this.error

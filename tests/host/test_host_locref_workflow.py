@@ -1,5 +1,6 @@
-"""LocRef generation through a real ComfyUI server: the example workflow, isolation between runs,
-and awkward inputs that must give a result or a clear error, never a dead server."""
+"""LocRef generation through a real ComfyUI server: the example workflows (references, and
+regional prompts with nothing but the checkpoint), isolation between runs, and awkward inputs
+that must give a result or a clear error, never a dead server."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from harness_locref import free_cache, install_locref_models
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows" / "api" / "locref_generate.api.json"
 PREVIEW_WORKFLOW = ROOT / "workflows" / "api" / "locref_layout_preview.api.json"
+REGIONAL_WORKFLOW = ROOT / "workflows" / "api" / "locref_regional_prompts.api.json"
 SIZE, STEPS = 256, 2
 
 
@@ -141,3 +143,45 @@ def test_unknown_adapter_is_rejected_and_the_server_goes_on(locref_server, sd15_
     assert err.value.body["node_errors"]["3"]["errors"][0]["type"] == "value_not_in_list"
     entry = run(locref_server, locref_prompt(sd15_checkpoint_name, seed=41))
     assert entry["status"]["status_str"] == "success"
+
+
+def regional_prompt(sd15_checkpoint_name: str, seed: int, region_text: float | None = None,
+                    prefix: str = "LocRef/regional_test") -> dict:
+    """The regional-prompts example, pointed at the test checkpoint (its only file), small."""
+    prompt = json.loads(REGIONAL_WORKFLOW.read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = sd15_checkpoint_name
+    for node in ("2", "6"):
+        prompt[node]["inputs"].update(width=SIZE, height=SIZE)
+    prompt["7"]["inputs"].update(steps=STEPS, seed=seed)
+    prompt["9"]["inputs"]["filename_prefix"] = prefix
+    if region_text is not None:
+        prompt["3"]["inputs"]["region_text"] = region_text
+    return prompt
+
+
+def test_regional_prompts_workflow_needs_only_the_checkpoint(comfy_server, sd15_checkpoint_name):
+    prompt = regional_prompt(sd15_checkpoint_name, seed=51)
+    kinds = {node["class_type"] for node in prompt.values()}
+    assert not kinds & {"CLIPVisionLoader", "LocRefAdapterLoader", "LoadImage"}, kinds
+    entry = run(comfy_server, prompt)
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    image = saved(comfy_server, entry, "9")
+    assert image.shape == (SIZE, SIZE, 3) and image.std() > 0
+    layout = saved(comfy_server, entry, "11")  # Preview Image of the layout
+    assert layout.shape == (SIZE, SIZE, 3)
+
+
+def test_region_texts_change_the_image(comfy_server, sd15_checkpoint_name):
+    regional = run(comfy_server, regional_prompt(sd15_checkpoint_name, 52, prefix="LocRef/rt_on"))
+    off = run(comfy_server, regional_prompt(sd15_checkpoint_name, 52, region_text=0.0,
+                                            prefix="LocRef/rt_off"))
+    plain = regional_prompt(sd15_checkpoint_name, 52, prefix="LocRef/rt_plain")
+    plain["7"]["inputs"]["model"] = ["1", 0]  # KSampler on the checkpoint's model
+    for node in ("2", "3", "10", "11"):
+        del plain[node]
+    plain = run(comfy_server, plain)
+    for entry in (regional, off, plain):
+        assert entry["status"]["status_str"] == "success", errors_of(entry)
+    a, b, c = (saved(comfy_server, e, "9") for e in (regional, off, plain))
+    assert not np.array_equal(a, c), "the boxes' texts had no effect on the image"
+    assert np.array_equal(b, c), "region_text 0 (no references) must equal the plain model"

@@ -5,7 +5,10 @@ ComfyUI's own front end (Debian's chromium through npm's ``playwright-core``, th
 as ``test_host_browser.py``) with ``app.loadGraphData``, lets the page settle, takes a
 screenshot and asks the front end for the prompt it would queue (``app.graphToPrompt()``).
 That prompt must equal ``workflows/api/<name>.api.json``: the same node ids, class types and
-inputs (links as ``[node id, output slot]``, widget values equal; ``_meta`` ignored). Loading
+inputs (links as ``[node id, output slot]``, widget values equal; ``_meta`` ignored), except
+that an input the front end sends and the file lacks is accepted when it is an optional input
+whose value is the default ``/object_info`` declares for it: a widget added to a node after the
+file was written (the server runs an API prompt without it exactly as with the default). Loading
 must report no missing node types and leave no dialog open, the pack's front-end code must
 raise no errors, the front end must save back the ``widgets_values`` the file has, and no two
 nodes may overlap as drawn (after the front end grew them to their minimum size).
@@ -82,8 +85,33 @@ def _show_pair(ui: Any, api: Any) -> str:
     return f"UI {_show(ui)} vs API {_show(api)}"
 
 
-def prompt_differences(ui_output: dict[str, Any], api: dict[str, Any]) -> list[str]:
-    """Every difference between the front end's prompt and the API file, one line each."""
+Defaults = dict[str, dict[str, Any]]
+
+
+def optional_defaults(object_info: dict[str, Any]) -> Defaults:
+    """Per node type, its optional inputs that declare a default, with that default."""
+    found: Defaults = {}
+    for kind, info in object_info.items():
+        for name, spec in info.get("input", {}).get("optional", {}).items():
+            if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
+                found.setdefault(kind, {})[name] = spec[1]["default"]
+    return found
+
+
+def is_default(defaults: Defaults, kind: str, name: str, value: Any) -> bool:
+    """``value`` is what the server uses for optional input ``name`` of ``kind`` when the prompt
+    leaves it out (its declared default)."""
+    known = defaults.get(kind, {})
+    return name in known and _same(value, known[name])
+
+
+def prompt_differences(ui_output: dict[str, Any], api: dict[str, Any],
+                       defaults: Defaults | None = None) -> list[str]:
+    """Every difference between the front end's prompt and the API file, one line each.
+
+    An input in the prompt but not in the file is no difference when ``defaults`` says it is
+    an optional input at its declared default."""
+    defaults = defaults or {}
     diffs: list[str] = []
     for node_id in sorted(set(ui_output) | set(api), key=lambda k: (len(k), k)):
         if node_id not in ui_output:
@@ -104,8 +132,10 @@ def prompt_differences(ui_output: dict[str, Any], api: dict[str, Any]) -> list[s
                 diffs.append(f"node {node_id} ({kind}) input {name!r}: missing in the UI "
                              f"prompt, API {_show(w_in[name])}")
             elif name not in w_in:
+                if is_default(defaults, kind, name, g_in[name]):
+                    continue
                 diffs.append(f"node {node_id} ({kind}) input {name!r}: UI {_show(g_in[name])}, "
-                             "not in the API file")
+                             "not in the API file (and not an optional input at its default)")
             elif not _same(_norm_input(g_in[name]), _norm_input(w_in[name])):
                 diffs.append(f"node {node_id} ({kind}) input {name!r}: "
                              + _show_pair(g_in[name], w_in[name]))
@@ -113,11 +143,15 @@ def prompt_differences(ui_output: dict[str, Any], api: dict[str, Any]) -> list[s
 
 
 def widgets_values_differences(saved: dict[str, Any], ui_file: dict[str, Any],
-                               loaded: list[dict[str, Any]]) -> list[str]:
+                               loaded: list[dict[str, Any]],
+                               defaults: Defaults | None = None) -> list[str]:
     """Widget values the front end would save differently from the file, one line each.
 
     ``loaded`` are the nodes as the script saw them: their serialised widgets name the
-    positions of ``widgets_values``."""
+    positions of ``widgets_values``. A value saved after the file's last one is no difference
+    when ``defaults`` says its widget is an optional input at its declared default (a widget
+    the node gained after the file was written)."""
+    defaults = defaults or {}
     by_id = {n["id"]: n for n in saved["nodes"]}
     names = {n["id"]: [w["name"] for w in n["widgets"] if w["in_workflow"]] for n in loaded}
     diffs = []
@@ -137,9 +171,11 @@ def widgets_values_differences(saved: dict[str, Any], ui_file: dict[str, Any],
         for i in range(max(len(want), len(got))):
             if i < len(want) and i < len(got) and _same(got[i], want[i]):
                 continue
+            label = widget_names[i] if i < len(widget_names) else "?"
+            if i >= len(want) and is_default(defaults, node["type"], label, got[i]):
+                continue
             w = _show(want[i]) if i < len(want) else "nothing"
             g = _show(got[i]) if i < len(got) else "nothing"
-            label = widget_names[i] if i < len(widget_names) else "?"
             diffs.append(f"node {node['id']} ({node['type']}) widgets_values[{i}] ({label}): "
                          f"file {w}, saved back as {g}")
     return diffs
@@ -190,6 +226,14 @@ def front_end_result(request: pytest.FixtureRequest,
     return {w["name"]: w for w in result["workflows"]}
 
 
+@pytest.fixture(scope="module")
+def declared_defaults(front_end_result: dict[str, Any],
+                      request: pytest.FixtureRequest) -> Defaults:
+    """Optional inputs' defaults from the server's /object_info (after the browser ran)."""
+    server: comfy_harness.ComfyServer = request.getfixturevalue("comfy_server")
+    return optional_defaults(comfy_harness.get_object_info(server))
+
+
 def test_every_ui_workflow_has_an_api_twin() -> None:
     assert UI_FILES, f"no workflows in {WORKFLOW_DIR}"
     ui = {p.stem for p in UI_FILES}
@@ -197,10 +241,43 @@ def test_every_ui_workflow_has_an_api_twin() -> None:
     assert ui == api, f"UI only: {sorted(ui - api)}, API only: {sorted(api - ui)}"
 
 
+def test_an_input_missing_from_the_file_passes_only_at_its_optional_default() -> None:
+    info = {"N": {"input": {"required": {"a": ["FLOAT", {"default": 1.0}]},
+                            "optional": {"b": ["FLOAT", {"default": 0.8}], "c": ["MODEL", {}]}}}}
+    defaults = optional_defaults(info)
+    assert defaults == {"N": {"b": 0.8}}
+    api = {"1": {"class_type": "N", "inputs": {"a": 1.0}}}
+
+    def ui(**inputs: Any) -> dict[str, Any]:
+        return {"1": {"class_type": "N", "inputs": {"a": 1.0, **inputs}}}
+
+    assert prompt_differences(ui(b=0.8), api, defaults) == []
+    assert prompt_differences(ui(b=0.5), api, defaults), "another value than the default"
+    assert prompt_differences(ui(b=0.8), api), "no defaults given"
+    assert prompt_differences(ui(c=["2", 0]), api, defaults), "a link has no default"
+    assert prompt_differences(ui(z=0.8), api, defaults), "an input the node does not declare"
+    assert prompt_differences({"1": {"class_type": "N", "inputs": {}}}, api, defaults), (
+        "a required input missing from the front end's prompt")
+    assert prompt_differences(ui(), {"1": {"class_type": "N", "inputs": {"a": 1.0, "b": 0.8}}},
+                              defaults), "an input in the API file only"
+
+    loaded = [{"id": 1, "widgets": [{"name": "a", "in_workflow": True},
+                                    {"name": "b", "in_workflow": True}]}]
+    file = {"nodes": [{"id": 1, "type": "N", "widgets_values": [1.0]}]}
+
+    def saved(*values: Any) -> dict[str, Any]:
+        return {"nodes": [{"id": 1, "widgets_values": list(values)}]}
+
+    assert widgets_values_differences(saved(1.0, 0.8), file, loaded, defaults) == []
+    assert widgets_values_differences(saved(1.0, 0.5), file, loaded, defaults)
+    assert widgets_values_differences(saved(1.0, 0.8), file, loaded)
+    assert widgets_values_differences(saved(2.0, 0.8), file, loaded, defaults)
+
+
 @pytest.mark.server  # starts the server through front_end_result (when the browser is there)
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=[p.stem for p in UI_FILES])
 def test_front_end_prompt_equals_api_file(front_end_result: dict[str, Any],
-                                          ui_file: Path) -> None:
+                                          declared_defaults: Defaults, ui_file: Path) -> None:
     name = ui_file.stem
     got = front_end_result[name]
     ui = json.loads(ui_file.read_text())
@@ -220,13 +297,18 @@ def test_front_end_prompt_equals_api_file(front_end_result: dict[str, Any],
     if off_list:  # kept by the loader and sent as they are (checked with the prompt below)
         LOG.info("%s: combo values not in the server's lists: %s", name, off_list)
 
-    diffs = prompt_differences(_strip_meta(got["output"]), api)
+    extra = [f"node {k} ({v['class_type']}) {key}={v['inputs'][key]!r}"
+             for k, v in got["output"].items() if k in api
+             for key in v.get("inputs", {}) if key not in api[k]["inputs"]]
+    if extra:  # accepted below only at their declared defaults
+        LOG.info("%s: inputs not in the API file (each must be at its default): %s", name, extra)
+    diffs = prompt_differences(_strip_meta(got["output"]), api, declared_defaults)
     assert not diffs, (f"{name}: app.graphToPrompt() of {ui_file.name} differs from "
                        f"api/{name}.api.json:\n  " + "\n  ".join(diffs)
                        + ("\n(combo values not in the server's lists: " + "; ".join(off_list)
                           + ")" if off_list else ""))
 
-    saved = widgets_values_differences(got["serialized"], ui, got["nodes"])
+    saved = widgets_values_differences(got["serialized"], ui, got["nodes"], declared_defaults)
     assert not saved, (f"{name}: the front end saves other widgets_values than the file "
                        "has:\n  " + "\n  ".join(saved))
 

@@ -5,8 +5,9 @@
 // Opens the ComfyUI front end in Debian's chromium and builds Boxes -> Reference (box 0, image
 // from Load Image) -> Layout Preview -> Preview Image, plus a second Boxes node that must stay
 // untouched. Zooms and pans the editor, draws two boxes with real mouse drags, moves one,
-// resizes one, labels both through the label field, checks Ctrl+Z, queues the prompt like the
-// UI does and waits for the run; checks that the canvas shows the reference thumbnail in box 0.
+// resizes one, labels both through the label field (whose placeholder and tooltip must say
+// that the text steers the box), checks Ctrl+Z, queues the prompt like the UI does and waits
+// for the run; checks that the canvas shows the reference thumbnail in box 0.
 // Reloads the page and checks that the boxes are restored; changes the width widget and
 // checks the canvas aspect and the stored coordinates; types invalid JSON into the shown
 // boxes_json text, queues, checks the error dialog and that the canvas keeps the last valid
@@ -107,6 +108,15 @@ async function typeLabel(page, id, at, text) {
   await page.mouse.click(at.x, at.y); // select the box
   const label = await page.evaluateHandle((nodeId) =>
     window.comfyAPI.app.app.graph.getNodeById(nodeId).locrefBoxCanvas.dom.label, id);
+  // The field says that the text steers the box (LocRef Apply's regional prompts).
+  const { placeholder, title, selected } = await label.evaluate((el, nodeId) => ({
+    placeholder: el.placeholder, title: el.title,
+    selected: window.comfyAPI.app.app.graph.getNodeById(nodeId).locrefBoxCanvas.selected,
+  }), id);
+  check(placeholder === `text for box ${selected} (steers its region)`,
+    `the label field's placeholder names the box and its role: ${JSON.stringify(placeholder)}`);
+  check(title.includes("steer what is drawn inside the box") && title.includes("CLIP"),
+    `the label field's tooltip explains the regional text: ${JSON.stringify(title)}`);
   await label.click();
   await page.keyboard.type(text);
   await page.keyboard.press("Enter");
