@@ -2,7 +2,9 @@
 
 The host's full-size SD-1.5 UNet (random weights: speed does not depend on values), a 512x512
 latent batch of 2 (one CFG pair, uncond first), on the CPU. Median wall time of a UNet call
-without LocRef and with LocRef for 1, 4 and 16 instances; prints the ratios.
+without LocRef and with LocRef for 1, 4 and 16 reference instances, 4 text boxes (regional
+prompts: each box's own (77, 768) embedding, no adapter) and 4 boxes with text and a reference;
+prints the ratios to the plain call.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/locref_overhead.py [--reps 5] [--layout grid]
 
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from locref_core.adapter import AdapterConfig, LocRefAdapter  # noqa: E402
 from locref_core.layout import Box, Layout, Reference  # noqa: E402
-from locref_core.patch import LocRefBlend, LocRefStash, LocRefState, PatchSettings  # noqa: E402
+from locref_core.patch import LocRefState, PatchSettings, install  # noqa: E402
 from locref_core.train.host import sd15_ldm_unet_config  # noqa: E402
 
 log = logging.getLogger("locref_overhead")
@@ -66,9 +68,10 @@ def build_unet(comfy, convert_config):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def grid_layout(n: int, layout: str) -> Layout:
-    """n boxes: a sqrt(n) x sqrt(n) grid, each box 80% of its cell; or all full-canvas."""
-    ref = Reference(torch.rand(3, 64, 64))
+def grid_layout(n: int, layout: str, refs: bool = True) -> Layout:
+    """n boxes: a sqrt(n) x sqrt(n) grid, each box 80% of its cell; or all full-canvas. Each box
+    has a reference when refs, else none."""
+    ref = Reference(torch.rand(3, 64, 64)) if refs else None
     if layout == "full":
         return Layout(512, 512, tuple(Box(0, 0, 1, 1, f"{i}", ref) for i in range(n)))
     side = math.ceil(math.sqrt(n))
@@ -78,17 +81,22 @@ def grid_layout(n: int, layout: str) -> Layout:
     return Layout(512, 512, tuple(boxes))
 
 
-def patched(model, n: int, layout_kind: str):
-    adapter = LocRefAdapter(AdapterConfig()).eval()
-    layout = grid_layout(n, layout_kind)
-    with torch.no_grad():
-        ri = adapter.project(torch.randn(n, 1024))
-        ci = adapter.project(torch.randn(1, 1024))[0]
+def patched(model, n: int, layout_kind: str, refs: bool = True, text: bool = False):
+    """A clone with LocRef for n boxes, each with a reference (through a random adapter) when
+    refs and its own random prompt embedding (77, 768) when text; no adapter without refs."""
+    layout = grid_layout(n, layout_kind, refs)
+    adapter = ri = ci = None
+    if refs:
+        adapter = LocRefAdapter(AdapterConfig()).eval()
+        with torch.no_grad():
+            ri = adapter.project(torch.randn(n, 1024))
+            ci = adapter.project(torch.randn(1, 1024))[0]
+    texts = [torch.randn(77, 768) for _ in range(n)] if text else None
     state = LocRefState(adapter, layout, ri, ci, PatchSettings(),
-                        model.get_model_object("diffusion_model"))
+                        model.get_model_object("diffusion_model"), text_tokens=texts)
+    assert len(state.sources) == refs + text, "a token source is missing"
     m = model.clone()
-    m.set_model_attn2_patch(LocRefStash(state))
-    m.set_model_attn2_output_patch(LocRefBlend(state))
+    install(m, state)
     coverage = sum(min(1.0, b.area) for b in layout.boxes) if layout_kind == "grid" else 1.0
     return m, state, coverage
 
@@ -117,9 +125,13 @@ def main() -> None:
     variants = {"plain": (base, None, 0.0)}
     for n in (1, 4, 16):
         variants[f"{n} instances"] = patched(base, n, args.layout)
+    variants["4 text boxes"] = patched(base, 4, args.layout, refs=False, text=True)
+    variants["4 text+reference boxes"] = patched(base, 4, args.layout, text=True)
     times = {name: [] for name in variants}
-    for name, (model, _, _) in variants.items():
+    for name, (model, state, _) in variants.items():
         unet_call(model, x, sigma, ctx)  # warm-up
+        if state is not None:
+            assert len(state.fired) == 16, f"{name}: the patch fired at {len(state.fired)} sites"
     for rep in range(args.reps):  # interleaved, so drift affects every variant alike
         for name, (model, _, _) in variants.items():
             start = time.perf_counter()
@@ -132,10 +144,8 @@ def main() -> None:
     log.info("| variant | box area | median s/call | min..max s | ratio (median) | ratio (min) |")
     log.info("| --- | --- | --- | --- | --- | --- |")
     fastest_plain = min(times["plain"])
-    for name, (_, state, coverage) in variants.items():
+    for name, (_, _, coverage) in variants.items():
         med, lo, hi = statistics.median(times[name]), min(times[name]), max(times[name])
-        if state is not None:
-            assert len(state.fired) == 16, "the patch did not fire at all 16 sites"
         log.info("| %s | %.0f%% | %.3f | %.3f..%.3f | %.3f | %.3f |", name, 100 * coverage, med,
                  lo, hi, med / plain, lo / fastest_plain)
 
