@@ -132,17 +132,22 @@ def with_foreign(model, calls):
     return m
 
 
+def assert_composes_with_foreign(model, make, order, run_model):
+    """LocRef (a state from `make()`) and a foreign attn2 replace both act, in either order."""
+    state, calls = make(), []
+    if order == "locref_first":
+        m = with_foreign(patched(model, state), calls)
+    else:
+        m = patched(with_foreign(model, calls), state)
+    both = run_model(m)
+    assert len(calls) == 16 and len(state.fired) == 16
+    assert not torch.allclose(both, run_model(with_foreign(model, [])))
+    assert not torch.allclose(both, run_model(patched(model, make())))
+
+
 @pytest.mark.parametrize("order", ["locref_first", "foreign_first"])
 def test_composes_with_a_foreign_attn2_replace(tiny_sd15, order):
-    state, calls = make_state(tiny_sd15), []
-    if order == "locref_first":
-        m = with_foreign(patched(tiny_sd15, state), calls)
-    else:
-        m = patched(with_foreign(tiny_sd15, calls), state)
-    both = run(m)
-    assert len(calls) == 16 and len(state.fired) == 16
-    assert not torch.allclose(both, run(with_foreign(tiny_sd15, [])))
-    assert not torch.allclose(both, run(patched(tiny_sd15, make_state(tiny_sd15))))
+    assert_composes_with_foreign(tiny_sd15, lambda: make_state(tiny_sd15), order, run)
 
 
 def test_query_outside_boxes_is_unchanged_at_first_layer(tiny_sd15):

@@ -13,7 +13,7 @@ from locref_core.layout import Box, Layout, Reference
 from locref_core.masks import with_region
 from locref_core.patch import LocRefState, PatchSettings, install
 from test_host_locref_patch import RED, make_state, patched, run_with_control, tiny_controlnet
-from test_host_locref_patch import with_foreign
+from test_host_locref_patch import assert_composes_with_foreign
 
 G = torch.Generator().manual_seed(11)
 GLOBAL = torch.randn(1, 77, 768, generator=G)  # the global prompt's embedding
@@ -143,18 +143,10 @@ def text_state_with_reference(model, box, settings=None, seed=0):
                        model.get_model_object("diffusion_model"), [TEXT_A])
 
 
-@pytest.mark.parametrize("order", ["text_first", "foreign_first"])
+@pytest.mark.parametrize("order", ["locref_first", "foreign_first"])
 def test_text_regions_compose_with_a_foreign_attn2_replace(tiny_sd15, order):
-    calls = []
-    state = text_state(tiny_sd15, [Box(0, 0, 0.5, 1, "a")], [TEXT_A])
-    if order == "text_first":
-        m = with_foreign(patched(tiny_sd15, state), calls)
-    else:
-        m = patched(with_foreign(tiny_sd15, calls), state)
-    both = run(m)
-    assert len(calls) == 16 and len(state.fired) == 16
-    assert not torch.allclose(both, run(with_foreign(tiny_sd15, [])))
-    assert not torch.allclose(both, run(patched(tiny_sd15, state)))
+    assert_composes_with_foreign(
+        tiny_sd15, lambda: text_state(tiny_sd15, [Box(0, 0, 0.5, 1, "a")], [TEXT_A]), order, run)
 
 
 def test_text_regions_compose_with_a_controlnet(tiny_sd15):
