@@ -24,7 +24,8 @@ def test_importing_the_trainers_does_not_import_the_host():
     """The host is loaded only when a trainer runs (locref_core.train.host.load_host)."""
     code = (
         "import sys, locref_core.train, locref_core.train.losses, locref_core.train.common, "
-        "locref_core.train.host, locref_core.train.attention_maps, locref_core.train.fgdm\n"
+        "locref_core.train.host, locref_core.train.attention_maps, locref_core.train.fgdm, "
+        "locref_core.world.models, locref_core.world.base, locref_core.eval.shapes\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {HOST_MODULES!r}]\n"
         "print(','.join(bad))\n"
     )

@@ -32,8 +32,8 @@ from .attention_maps import AttentionRecorder
 from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
                      load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
                      shutdown_distributed, step_generator, wrap_ddp)
-from .host import (SD15Parts, build_tiny_sd15, diffuse, enable_grad_checkpointing, encode_images,
-                   encode_text, ensure_loaded, load_host, load_sd15, predict_eps)
+from .host import (SD15Parts, add_world_base_flag, diffuse, enable_grad_checkpointing,
+                   encode_images, encode_text, ensure_loaded, load_base, load_host, predict_eps)
 from .loop import (add_optimizer_flags, add_output_flags, add_precision_flags,
                    checkpoint_if_due, optimizer_step)
 from .losses import attention_kl
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", help="SD-1.5 checkpoint (.safetensors with UNet, CLIP, VAE)")
     g.add_argument("--tiny-unet", action="store_true", help="tests only: random narrow SD-1.5 "
                    "UNet (model_channels 32), 1-layer CLIP and small VAE from the host's classes")
+    add_world_base_flag(g)
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto: CUDA when available (one GPU per torchrun rank)")
     g = p.add_argument_group("data")
@@ -94,7 +95,7 @@ def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
         return
     if not args.comfyui:
         raise ValueError("--comfyui is required: the ComfyUI folder whose SD-1.5 code is used")
-    if not args.checkpoint and not args.tiny_unet:
+    if not (args.checkpoint or args.tiny_unet or args.world_base):
         raise ValueError("--checkpoint is required: an SD-1.5 .safetensors file")
     if not have_dataset and not (args.images and args.conditions):
         raise ValueError("--images and --conditions are required (folders of images and maps)")
@@ -160,8 +161,7 @@ class Run:
 def setup(args: argparse.Namespace, env: DistEnv) -> Run:
     host = load_host(args.comfyui, cpu=env.device.type == "cpu")
     amp = autocast_dtype(args.mixed_precision, env.device)
-    parts = (build_tiny_sd15(host, seed=args.seed) if args.tiny_unet
-             else load_sd15(host, args.checkpoint, dtype=amp or torch.float32))
+    parts = load_base(host, args, amp or torch.float32)
     if args.grad_checkpointing:
         log.info("gradient checkpointing on %d UNet blocks",
                  enable_grad_checkpointing(host, parts.unet))

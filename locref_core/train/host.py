@@ -23,6 +23,7 @@ HOST_MODULES = {
     "cli_args": "comfy.cli_args",
     "model_management": "comfy.model_management",
     "sd": "comfy.sd",
+    "sample": "comfy.sample",
     "model_patcher": "comfy.model_patcher",
     "patcher_extension": "comfy.patcher_extension",
     "supported_models": "comfy.supported_models",
@@ -105,6 +106,24 @@ def load_sd15(host: SimpleNamespace, checkpoint_path: str,
     return SD15Parts(model, clip, vae)
 
 
+def load_base(host: SimpleNamespace, args: Any, dtype: torch.dtype | None = None) -> SD15Parts:
+    """The frozen base a trainer adapts: --world-base (a shapes-world base, `world.models`),
+    --tiny-unet (random, tests) or --checkpoint (SD-1.5)."""
+    if getattr(args, "world_base", None):
+        from ..world.models import load_world  # noqa: PLC0415 - world builds on this module
+
+        return load_world(host, args.world_base)[0]
+    if args.tiny_unet:
+        return build_tiny_sd15(host, seed=args.seed)
+    return load_sd15(host, args.checkpoint, dtype=dtype)
+
+
+def add_world_base_flag(g: Any) -> None:
+    g.add_argument("--world-base", help="a shapes-world base model (benchmarks/shapes_world.py) "
+                   "instead of --checkpoint: the tiny text-to-image model trained on the "
+                   "synthetic shapes, frozen")
+
+
 def sd15_ldm_unet_config(model_channels: int = 320, dtype: torch.dtype = torch.float32) -> dict:
     """SD-1.5's UNet hyper-parameters in the LDM yaml's terms (the host's convert_config input)."""
     return {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
@@ -116,12 +135,14 @@ def sd15_ldm_unet_config(model_channels: int = 320, dtype: torch.dtype = torch.f
             "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": dtype}
 
 
-def build_tiny_sd15(host: SimpleNamespace, model_channels: int = 32, seed: int = 0) -> SD15Parts:
+def build_tiny_sd15(host: SimpleNamespace, model_channels: int = 32, seed: int = 0,
+                    unet_overrides: dict | None = None) -> SD15Parts:
     """Random-weight SD-1.5-shaped parts from the host's own classes, small enough for CPU tests.
 
     UNet: the SD15 config (context 768, 8 heads, channel_mult 1,2,4,4, attention at 4/2/1) at
-    `model_channels`; CLIP: the SD-1.5 text encoder with 1 layer (width 768 kept: the UNet's
-    context); VAE: the host's AutoencoderKL at ch=32, 1 res block (still /8, 4 latent channels).
+    `model_channels`, with `unet_overrides` of the LDM config keys; CLIP: the SD-1.5 text encoder
+    with 1 layer (width 768 kept: the UNet's context); VAE: the host's AutoencoderKL at ch=32,
+    1 res block (still /8, 4 latent channels).
     """
     dev = host.model_management.get_torch_device()
     cpu = torch.device("cpu")
@@ -129,6 +150,7 @@ def build_tiny_sd15(host: SimpleNamespace, model_channels: int = 32, seed: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = host.supported_models.SD15(host.model_detection.convert_config(raw))
+        config.unet_config.update(unet_overrides or {})  # over SD15's own extra config
         config.set_inference_dtype(torch.float32, None)
         model = config.get_model({}, device=cpu)
         reinit(model.diffusion_model)

@@ -31,8 +31,9 @@ from ..weights import load_adapter, load_strict, save_adapter
 from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
                      load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
                      shutdown_distributed, step_generator, wrap_ddp)
-from .host import (SD15Parts, build_tiny_sd15, diffuse, enable_grad_checkpointing, encode_text,
-                   encode_images, ensure_loaded, freeze, load_host, load_sd15, predict_eps, reinit)
+from .host import (SD15Parts, add_world_base_flag, diffuse, enable_grad_checkpointing,
+                   encode_images, encode_text, ensure_loaded, freeze, load_base, load_host,
+                   predict_eps, reinit)
 from .loop import (add_optimizer_flags, add_output_flags, add_precision_flags,
                    checkpoint_if_due, optimizer_step)
 from .losses import weighted_eps_mse
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tiny-unet", action="store_true", help="tests only: random narrow SD-1.5 "
                    "UNet (model_channels 32), 1-layer CLIP, small VAE and, without "
                    "--clip-vision, a 2-layer CLIP vision tower, all from the host's classes")
+    add_world_base_flag(g)
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto: CUDA when available (one GPU per torchrun rank)")
     g = p.add_argument_group("data")
@@ -102,7 +104,7 @@ def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
         return
     if not args.comfyui:
         raise ValueError("--comfyui is required: the ComfyUI folder whose SD-1.5 code is used")
-    if not args.tiny_unet and not (args.checkpoint and args.clip_vision):
+    if not (args.tiny_unet or args.world_base) and not (args.checkpoint and args.clip_vision):
         raise ValueError("--checkpoint (SD-1.5 .safetensors) and --clip-vision (CLIP vision "
                          ".safetensors, e.g. CLIP-ViT-H-14-laion2B-s32B-b79K) are required")
     if not have_dataset and not (args.images and args.instances):
@@ -190,8 +192,7 @@ class Run:
 def setup(args: argparse.Namespace, env: DistEnv) -> Run:
     host = load_host(args.comfyui, cpu=env.device.type == "cpu")
     amp = autocast_dtype(args.mixed_precision, env.device)
-    parts = (build_tiny_sd15(host, seed=args.seed) if args.tiny_unet
-             else load_sd15(host, args.checkpoint, dtype=amp or torch.float32))
+    parts = load_base(host, args, amp or torch.float32)
     clip_vision = load_clip_vision(host, args.clip_vision, args.seed)
     if args.grad_checkpointing:
         log.info("gradient checkpointing on %d UNet blocks",

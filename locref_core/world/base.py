@@ -1,0 +1,125 @@
+"""Training the world's base model, as SD-1.5 was made: first the autoencoder on images, then the
+UNet on its latents with the frozen text encoder (epsilon MSE, captions dropped for CFG). After
+this the base is frozen, and the pack's own trainers (LocRef, FG-DM) adapt it like SD-1.5.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..train.common import DistEnv, Progress
+from ..train.host import SD15Parts, diffuse, encode_text, ensure_loaded, freeze, predict_eps
+from .models import WorldConfig, set_latent_scale
+
+log = logging.getLogger(__name__)
+KL_WEIGHT = 1e-5  # keeps the latents near N(0, 1) without blurring flat colours
+
+
+def _env() -> DistEnv:
+    return DistEnv()  # one CPU process: Progress logs every line
+
+
+def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 16,
+              lr: float = 1e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None
+              ) -> list[float]:
+    """Fit the AutoencoderKL to images (N, 3, H, W) in [-1, 1]: L1 reconstruction of a sampled
+    latent plus a small KL. Returns the per-step L1; the autoencoder ends frozen."""
+    ae = parts.vae.first_stage_model
+    ae.requires_grad_(True).train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    progress, losses = Progress(_env(), steps, every=max(1, steps // 20)), []
+    for step in range(steps):
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        mean, logvar = ae.quant_conv(ae.encoder(x)).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.randn(mean.shape, generator=g) * (0.5 * logvar).exp()
+        l1 = (ae.decode(z) - x).abs().mean()
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+        opt.zero_grad(set_to_none=True)
+        (l1 + KL_WEIGHT * kl).backward()
+        opt.step()
+        losses.append(l1.item())
+        progress.update(step, losses[-1], kl=kl.item())
+        if on_step:
+            on_step(step, losses[-1])
+    freeze(ae)
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(parts: SD15Parts, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> the VAE's latent means (N, 4, H/4, W/4), unscaled."""
+    ae = parts.vae.first_stage_model
+    out = [ae.quant_conv(ae.encoder(images[i:i + batch])).chunk(2, dim=1)[0]
+           for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def fit_latent_scale(parts: SD15Parts, latents: torch.Tensor) -> float:
+    """1 / std of the latents (SD-1.5's 0.18215 was chosen the same way), set on the model."""
+    scale = float(1.0 / latents.std())
+    set_latent_scale(parts, scale)
+    return scale
+
+
+def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
+               captions: Sequence[Sequence[str]], steps: int, batch: int = 32,
+               lr: float = 3e-4, null_prob: float = 0.1, seed: int = 0,
+               on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Text-to-image training of the UNet on unscaled VAE latents (N, 4, h, w) and each image's
+    captions: epsilon MSE at uniform DDPM timesteps through the host's own sampling maths, a
+    random caption of the image, the empty caption for `null_prob` of the rows (CFG), random
+    horizontal flips. The UNet ends frozen."""
+    unet = parts.unet
+    unet.requires_grad_(True).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    process_in = parts.patcher.model.latent_format.process_in
+    n_t = len(parts.patcher.model.model_sampling.sigmas)
+    progress, losses = Progress(_env(), steps, every=max(1, steps // 20)), []
+    ensure_loaded(host, parts)
+    for step in range(steps):
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        x0 = process_in(latents[idx])
+        flip = torch.rand(batch, generator=g) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        texts = [captions[i][int(torch.randint(len(captions[i]), (1,), generator=g))]
+                 if torch.rand(1, generator=g).item() >= null_prob else "" for i in idx.tolist()]
+        context = encode_text(parts.clip, texts)
+        noise = torch.randn(x0.shape, generator=g)
+        x, sigma = diffuse(parts, x0, noise, torch.randint(0, n_t, (batch,), generator=g))
+        loss = (predict_eps(host, parts.patcher, x, sigma, context) - noise).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        progress.update(step, losses[-1])
+        if on_step:
+            on_step(step, losses[-1])
+    freeze(unet)
+    return losses
+
+
+@torch.no_grad()
+def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: Sequence[str],
+                  seeds: Sequence[int], cfg: WorldConfig, steps: int = 20, guidance: float = 4.0,
+                  sampler: str = "euler", negative: str = "") -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from `patcher` (the base or a patched clone) through the
+    host's own sampler (comfy.sample.sample, what KSampler calls), one seed per text."""
+    side = cfg.size // cfg.downscale
+    out = []
+    for text, seed in zip(texts, seeds):
+        pos = [[encode_text(parts.clip, [text]), {}]]
+        neg = [[encode_text(parts.clip, [negative]), {}]]
+        empty = torch.zeros(1, 4, side, side)
+        noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(int(seed)))
+        latent = host.sample.sample(patcher, noise, steps, guidance, sampler, "normal", pos, neg,
+                               empty, disable_pbar=True, seed=int(seed))
+        out.append(parts.vae.decode(latent).movedim(-1, 1))  # (1, 3, H, W) in [0, 1]
+    return torch.cat(out)

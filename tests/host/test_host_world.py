@@ -1,0 +1,102 @@
+"""The shapes world's base model in the host's classes: trains, saves, loads exactly, samples
+through the host's sampler, and the pack's two trainers adapt it (--world-base)."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness_env import comfyui_path
+from locref_core.data.synthetic import make_synthetic_coco
+from locref_core.train import fgdm, locref
+from locref_core.train.host import encode_text, load_host, predict_eps
+from locref_core.world import base
+from locref_core.world.models import WorldConfig, build_world, load_world, save_world
+
+
+@pytest.fixture(scope="module")
+def host():
+    return load_host(comfyui_path(), cpu=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_coco(tmp_path_factory.mktemp("world"), n_images=8, size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def world(host, data, tmp_path_factory):
+    """A base trained for a few steps and saved: (path, parts, config, losses)."""
+    files = sorted(glob.glob(str(data["images"] / "*.png")))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float()
+                          / 127.5 - 1 for f in files])
+    cfg = WorldConfig()
+    parts = build_world(host, cfg)
+    vae_losses = base.train_vae(parts, images, steps=4, batch=4)
+    latents = base.encode_latents(parts, images)
+    cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
+    captions = [["a red square"], ["a blue disc"]] * 4
+    unet_losses = base.train_unet(host, parts, latents, captions, steps=4, batch=4)
+    path = str(tmp_path_factory.mktemp("base") / "base.safetensors")
+    save_world(path, parts, cfg, {"test": "1"})
+    return path, parts, cfg, vae_losses + unet_losses, latents
+
+
+def test_base_trains_on_a_quarter_size_latent(world):
+    _, parts, cfg, losses, latents = world
+    assert all(np.isfinite(losses)) and len(losses) == 8
+    assert latents.shape == (8, 4, 16, 16) and cfg.downscale == 4
+    assert cfg.latent_scale == pytest.approx(1 / latents.std().item())
+    assert not any(p.requires_grad for p in parts.unet.parameters())  # frozen after training
+    assert not any(p.requires_grad for p in parts.vae.first_stage_model.parameters())
+
+
+def test_saved_base_loads_exactly(host, world):
+    path, parts, cfg, _, latents = world
+    loaded, loaded_cfg = load_world(host, path)
+    assert loaded_cfg == cfg
+    assert loaded.patcher.model.latent_format.scale_factor == pytest.approx(cfg.latent_scale)
+    x, sigma = torch.randn(2, 4, 16, 16), torch.full((2,), 3.0)
+    ctx = encode_text(parts.clip, ["a red square", ""])
+    assert torch.equal(encode_text(loaded.clip, ["a red square", ""]), ctx)
+    assert torch.equal(predict_eps(host, loaded.patcher, x, sigma, ctx),
+                       predict_eps(host, parts.patcher, x, sigma, ctx))
+    ae, ae2 = parts.vae.first_stage_model, loaded.vae.first_stage_model
+    assert torch.equal(ae.decode(latents[:2]), ae2.decode(latents[:2]))
+
+
+def test_sampling_through_the_host_sampler(host, world):
+    _, parts, cfg, _, _ = world
+    images = base.sample_images(host, parts.patcher, parts, ["a red square", "a blue disc"],
+                                [0, 1], cfg, steps=2)
+    assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    again = base.sample_images(host, parts.patcher, parts, ["a red square"], [0], cfg, steps=2)
+    assert torch.equal(again[0], images[0])  # a seed gives the same image
+
+
+def test_a_file_that_is_not_a_world_base_is_refused(host, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "something"})
+    with pytest.raises(ValueError, match="not a shapes-world base"):
+        load_world(host, str(path))
+
+
+def test_the_pack_trainers_adapt_the_world_base(world, data, tmp_path):
+    path = world[0]
+    common = ["--comfyui", str(comfyui_path()), "--world-base", path, "--device", "cpu",
+              "--images", str(data["images"]), "--captions", str(data["captions"]),
+              "--size", "64", "--batch-size", "2", "--num-workers", "0", "--steps", "2",
+              "--log-every", "1"]
+    out = locref.main(common + ["--instances", str(data["instances"]), "--ref-size", "32",
+                                "--out", str(tmp_path / "locref.safetensors")])
+    assert len(out["losses"]) == 2 and len(out["fired"]) == 16
+    out = fgdm.main(common + ["--conditions", str(data["labels"]), "--kind", "seg",
+                              "--out", str(tmp_path / "seg.safetensors")])
+    assert len(out["losses"]) == 2 and np.isfinite(out["losses"]).all()
