@@ -83,3 +83,18 @@ def test_only_rank_0_writes(tmp_path):
     checkpoint_if_due(DistEnv(rank=1, world_size=1), args, 0, net, "{}",
                       torch.optim.AdamW(net.parameters()), scaler)
     assert not (tmp_path / "ck").exists()
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch):
+    import sys
+
+    from locref_core.train.loop import TrainLog, check_tensorboard
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+        check_tensorboard(argparse.Namespace(tensorboard="runs/tb"))
+    check_tensorboard(argparse.Namespace(tensorboard=None))  # off: nothing to check
+    off = TrainLog(DistEnv(), argparse.Namespace(tensorboard=None, preview_every=1), "x")
+    assert off.writer is None and not off.preview_due(0)
+    off.scalars(1, {"loss": 1.0})  # no-ops without a writer
+    off.close()

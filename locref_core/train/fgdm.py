@@ -34,8 +34,9 @@ from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init
                      shutdown_distributed, step_generator, wrap_ddp)
 from .host import (SD15Parts, add_world_base_flag, diffuse, enable_grad_checkpointing,
                    encode_images, encode_text, ensure_loaded, load_base, load_host, predict_eps)
-from .loop import (add_optimizer_flags, add_output_flags, add_precision_flags,
-                   checkpoint_if_due, optimizer_step)
+from .loop import (TrainLog, add_optimizer_flags, add_output_flags, add_precision_flags,
+                   check_tensorboard, checkpoint_if_due, log_step, optimizer_step,
+                   preview_latents)
 from .losses import attention_kl
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
         raise ValueError(f"--out {args.out!r} must end in .safetensors (the factor file format)")
     if args.export:
         return
+    check_tensorboard(args)
     if not args.comfyui:
         raise ValueError("--comfyui is required: the ComfyUI folder whose SD-1.5 code is used")
     if not (args.checkpoint or args.tiny_unet or args.world_base):
@@ -195,8 +197,10 @@ def setup(args: argparse.Namespace, env: DistEnv) -> Run:
                rec_t.install(parts.patcher.clone()), rec_s, rec_t, optimizer, scaler, amp)
 
 
-def train_step(run: Run, step: int, batch: dict[str, Any]) -> dict[str, float]:
-    """One optimizer step on this rank's batch; returns the losses."""
+def train_step(run: Run, step: int, batch: dict[str, Any], preview: bool = False
+               ) -> dict[str, Any]:
+    """One optimizer step on this rank's batch; returns the losses (and with `preview`, the
+    first row's target and denoised condition latents)."""
     args, dev = run.args, run.env.device
     gen = step_generator(args.seed, step, run.env.rank)
     cond = batch["condition"]  # (B, 3, S, S) palette RGB in [-1, 1]
@@ -228,7 +232,10 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> dict[str, float]:
     loss = loss_eps + args.distill_weight * kl
     optimizer_step(loss, run.optimizer, run.scaler, run.adapter.parameters(), args, step)
     run.rec_s.clear()  # with --grad-checkpointing the recomputation in backward records again
-    return {"loss": loss.item(), "eps": loss_eps.item(), "kl": kl.item()}
+    stats: dict[str, Any] = {"loss": loss.item(), "eps": loss_eps.item(), "kl": kl.item()}
+    if preview:
+        stats["preview"] = preview_latents(x0, x, sigma, eps)
+    return stats
 
 
 def build_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -251,15 +258,18 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
     log.info("FG-DM %s factor: %d samples, %d steps/epoch x %d rank(s), steps %d..%d",
              args.kind, len(dataset), per_epoch, env.world_size, start, args.steps)
     progress = Progress(env, args.steps, start, args.log_every)
+    tb = TrainLog(env, args, f"fgdm_{args.kind}")
     losses, last_kl = [], 0.0
     for step in range(start, args.steps):
-        stats = train_step(run, step, next(batches))
+        stats = train_step(run, step, next(batches), tb.preview_due(step))
+        log_step(tb, run.parts, step, stats)
         losses.append(stats["loss"])
         if args.distill_weight > 0 and step % args.distill_every == 0:
             last_kl = stats["kl"]  # logged until the next distillation step
         progress.update(step, stats["loss"], eps=stats["eps"], kl=last_kl)
         checkpoint_if_due(env, args, step, run.adapter, run.adapter.cfg.to_json(),
                           run.optimizer, run.scaler)
+    tb.close()
     if env.is_main:
         save_factor(run.adapter, args.out, _export_meta(args.steps, args))
         log.info("exported %s", args.out)

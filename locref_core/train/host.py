@@ -218,6 +218,13 @@ def encode_images(parts: SD15Parts, images: torch.Tensor) -> torch.Tensor:
     return parts.patcher.model.latent_format.process_in(raw).float()
 
 
+@torch.no_grad()
+def decode_latents(parts: SD15Parts, latents: torch.Tensor) -> torch.Tensor:
+    """Sampler latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1] (VAEDecode's path)."""
+    raw = parts.patcher.model.latent_format.process_out(latents.detach().float().cpu())
+    return parts.vae.decode(raw).movedim(-1, 1).float()
+
+
 def diffuse(parts: SD15Parts, x0: torch.Tensor, noise: torch.Tensor,
             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DDPM forward process at integer timesteps t (B,), in the host's k-diffusion form:

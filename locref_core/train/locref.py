@@ -34,8 +34,9 @@ from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init
 from .host import (SD15Parts, add_world_base_flag, diffuse, enable_grad_checkpointing,
                    encode_images, encode_text, ensure_loaded, freeze, load_base, load_host,
                    predict_eps, reinit)
-from .loop import (add_optimizer_flags, add_output_flags, add_precision_flags,
-                   checkpoint_if_due, optimizer_step)
+from .loop import (TrainLog, add_optimizer_flags, add_output_flags, add_precision_flags,
+                   check_tensorboard, checkpoint_if_due, log_step, optimizer_step,
+                   preview_latents)
 from .losses import weighted_eps_mse
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
         raise ValueError(f"--out {args.out!r} must end in .safetensors (the LocRef file format)")
     if args.export:
         return
+    check_tensorboard(args)
     if not args.comfyui:
         raise ValueError("--comfyui is required: the ComfyUI folder whose SD-1.5 code is used")
     if not (args.tiny_unet or args.world_base) and not (args.checkpoint and args.clip_vision):
@@ -250,8 +252,10 @@ def encode_references(run: Run, batch: dict[str, Any], drop: torch.Tensor
     return ri.to(run.env.device), (ci * keep[:, None]).to(run.env.device)
 
 
-def train_step(run: Run, step: int, batch: dict[str, Any]) -> dict[str, float]:
-    """One optimizer step on this rank's batch; returns the loss."""
+def train_step(run: Run, step: int, batch: dict[str, Any], preview: bool = False
+               ) -> dict[str, Any]:
+    """One optimizer step on this rank's batch; returns the loss (and with `preview`, the first
+    row's target and denoised latents)."""
     args, dev = run.args, run.env.device
     gen = step_generator(args.seed, step, run.env.rank)
     b = batch["image"].shape[0]
@@ -272,7 +276,10 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> dict[str, float]:
     # backward may call the patch again (--grad-checkpointing recomputes blocks): the batch's
     # keys/values stay set until the next step's set_batch
     optimizer_step(loss, run.optimizer, run.scaler, run.adapter.parameters(), args, step)
-    return {"loss": loss.item()}
+    stats: dict[str, Any] = {"loss": loss.item()}
+    if preview:
+        stats["preview"] = preview_latents(x0, x, sigma, eps)
+    return stats
 
 
 def build_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -298,15 +305,18 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
     log.info("LocRef adapter: %d samples, %d steps/epoch x %d rank(s), steps %d..%d",
              len(dataset), per_epoch, env.world_size, start, args.steps)
     progress = Progress(env, args.steps, start, args.log_every)
+    tb = TrainLog(env, args, "locref")
     losses = []
     for step in range(start, args.steps):
-        stats = train_step(run, step, next(batches))
+        stats = train_step(run, step, next(batches), tb.preview_due(step))
         if step == start:
             _report_sites(run.state)
         losses.append(stats["loss"])
         progress.update(step, stats["loss"])
+        log_step(tb, run.parts, step, stats)
         checkpoint_if_due(env, args, step, run.adapter, run.adapter.cfg.to_json(),
                           run.optimizer, run.scaler)
+    tb.close()
     if env.is_main:
         save_adapter(run.adapter, args.out, _export_meta(args.steps, args))
         log.info("exported %s", args.out)

@@ -46,6 +46,69 @@ def add_output_flags(p: argparse.ArgumentParser, default_out: str, folder: str) 
     g.add_argument("--export", metavar="CHECKPOINT", help="only convert this training "
                    "checkpoint to --out and exit")
     g.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    g.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files to "
+                   "DIR: the losses every step and, every --preview-every steps, the first "
+                   "row's target and denoised prediction as images (needs `tensorboard`)")
+    g.add_argument("--preview-every", type=int, default=500, help="TensorBoard preview images "
+                   "every N steps (0: none)")
+
+
+def check_tensorboard(args: argparse.Namespace) -> None:
+    """--tensorboard needs the tensorboard package: say so before any model loads."""
+    if getattr(args, "tensorboard", None):
+        try:
+            import torch.utils.tensorboard  # noqa: F401, PLC0415 - optional dependency
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install "
+                             "tensorboard (or leave --tensorboard out)") from None
+
+
+class TrainLog:
+    """Rank 0's TensorBoard writer for --tensorboard; every call is a no-op without it."""
+
+    def __init__(self, env: DistEnv, args: argparse.Namespace, prefix: str):
+        self.writer, self.prefix = None, prefix
+        self.every = getattr(args, "preview_every", 0)
+        if env.is_main and getattr(args, "tensorboard", None):
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional
+
+            self.writer = SummaryWriter(args.tensorboard)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Scalars at `step` (1-based: after that many optimizer steps)."""
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{self.prefix}/{name}", value, step)
+
+    def preview_due(self, step: int) -> bool:
+        """After 0-based `step`: is it time for preview images?"""
+        return self.writer is not None and self.every > 0 and (step + 1) % self.every == 0
+
+    def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
+        """Images (B, 3, H, W) in [0, 1], one tag each."""
+        if self.writer is not None:
+            for name, value in images.items():
+                self.writer.add_images(f"{self.prefix}/{name}", value.clamp(0, 1), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def preview_latents(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """The first row's target latent and the model's denoised guess x - sigma * eps."""
+    denoised = x[:1] - sigma[:1].view(-1, 1, 1, 1) * eps[:1].float()
+    return {"target": x0[:1].detach(), "denoised": denoised.detach()}
+
+
+def log_step(tb: TrainLog, parts: Any, step: int, stats: dict[str, Any]) -> None:
+    """The step's scalars, and its preview latents decoded through the base's VAE."""
+    tb.scalars(step + 1, {k: v for k, v in stats.items() if isinstance(v, float)})
+    if "preview" in stats and tb.writer is not None:
+        from .host import decode_latents  # noqa: PLC0415 - torch-only module, kept lazy
+
+        tb.images(step + 1, {k: decode_latents(parts, v) for k, v in stats["preview"].items()})
 
 
 def ckpt_dir(args: argparse.Namespace) -> str:

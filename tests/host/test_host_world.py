@@ -95,8 +95,29 @@ def test_the_pack_trainers_adapt_the_world_base(world, data, tmp_path):
               "--size", "64", "--batch-size", "2", "--num-workers", "0", "--steps", "2",
               "--log-every", "1"]
     out = locref.main(common + ["--instances", str(data["instances"]), "--ref-size", "32",
-                                "--out", str(tmp_path / "locref.safetensors")])
+                                "--out", str(tmp_path / "locref.safetensors"),
+                                "--tensorboard", str(tmp_path / "tb_locref"),
+                                "--preview-every", "2"])
     assert len(out["losses"]) == 2 and len(out["fired"]) == 16
+    events = read_events(tmp_path / "tb_locref")
+    assert events["scalars"]["locref/loss"] == pytest.approx(out["losses"])
+    assert events["images"] == {"locref/target": [2], "locref/denoised": [2]}
     out = fgdm.main(common + ["--conditions", str(data["labels"]), "--kind", "seg",
-                              "--out", str(tmp_path / "seg.safetensors")])
+                              "--out", str(tmp_path / "seg.safetensors"),
+                              "--tensorboard", str(tmp_path / "tb_fgdm")])
     assert len(out["losses"]) == 2 and np.isfinite(out["losses"]).all()
+    events = read_events(tmp_path / "tb_fgdm")
+    assert events["scalars"]["fgdm_seg/loss"] == pytest.approx(out["losses"])
+    assert set(events["scalars"]) == {"fgdm_seg/loss", "fgdm_seg/eps", "fgdm_seg/kl"}
+    assert events["images"] == {}  # --preview-every 500: none in 2 steps
+
+
+def read_events(folder):
+    """TensorBoard's own reader: scalar values per tag, image steps per tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {"scalars": {t: [e.value for e in acc.Scalars(t)] for t in tags["scalars"]},
+            "images": {t: [e.step for e in acc.Images(t)] for t in tags["images"]}}
