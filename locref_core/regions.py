@@ -26,6 +26,9 @@ class PatchSettings:
     sigma_start: float = float("inf")  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
     region_text: float = 1.0  # w: each box's own text inside it (0 = off, 1 = replaces the prompt)
+    # the paper's ablations (benchmarks/shapes_world.py), not node inputs:
+    instance_masks: bool = True  # False: a query in any box sees every box's reference
+    composite: bool = True  # False: no composite-image (CIHS) term
 
 
 class ReferenceSource:
@@ -72,8 +75,12 @@ class ReferenceSource:
                                          q.device, q.dtype)
         s, t = self.settings.strength, self.settings.text_in_boxes
         fm = member[None, :, None].to(q.dtype)  # (1, Lf, 1)
-        cihs = composite_attention(q, k_ci, v_ci, heads) * fm  # (B, Lf, C)
+        if not self.settings.instance_masks:  # ablation: every reference visible in every box
+            visible = member[:, None].expand_as(visible)
         rihs = region_attention(q, k_ri, v_ri, visible, heads)  # (B, Lf, C)
+        if not self.settings.composite:  # ablation: no composite-image path
+            return 1 - s * (1 - t) * fm, s * rihs
+        cihs = composite_attention(q, k_ci, v_ci, heads) * fm  # (B, Lf, C)
         return 1 - s * (1 - t) * fm, s * (cihs + rihs)
 
 

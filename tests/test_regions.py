@@ -197,3 +197,30 @@ def test_preview_tints_a_region_and_outlines_its_bounding_box():
     assert torch.allclose(image[:, 30, 20], 0.35 * red, atol=1 / 255)  # tinted inside
     assert not image[:, 24, 32].any()  # the hole
     assert torch.allclose(image[:, 8, 30], red, atol=1 / 255)  # outline on the bounding box
+
+
+def reference_source(**settings):
+    from locref_core.adapter import AdapterConfig, LocRefAdapter
+    from locref_core.regions import PatchSettings, ReferenceSource
+
+    torch.manual_seed(0)
+    adapter = LocRefAdapter(AdapterConfig(embed_dim=8, hidden_dim=None, context_dim=16,
+                                          model_channels=C // 1, sites=(("input", 1),)))
+    boxes = (Box(0, 0, 0.5, 1, "a"), Box(0.5, 0, 1, 1, "b"))
+    with torch.no_grad():
+        ri, ci = adapter.project(torch.randn(2, 8)), adapter.project(torch.randn(1, 8))[0]
+    return ReferenceSource(adapter, Layout(512, 512, boxes), ri, ci, PatchSettings(**settings))
+
+
+def test_ablations_switch_off_the_instance_masks_and_the_composite():
+    q = torch.randn(1, H * W, C, generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for name, kw in (("paper", {}), ("no_masks", {"instance_masks": False}),
+                     ("no_composite", {"composite": False})):
+        src = reference_source(**kw)
+        masks = box_masks(src.layout, H, W)
+        visible = instance_visibility(masks, src.counts)
+        outs[name] = src.contribute(q, ("input", 1), None, visible, visible.any(1), (0,), 1)[1]
+    left = box_masks(Layout(512, 512, (Box(0, 0, 0.5, 1),)), H, W)[0].flatten().bool()
+    assert not torch.allclose(outs["no_masks"][0, left], outs["paper"][0, left])
+    assert not torch.allclose(outs["no_composite"], outs["paper"])

@@ -1,0 +1,114 @@
+"""Scoring generated shapes-world images against held-out layouts: placement (box AP with the
+world's detector), appearance (does each box hold its reference's colour and shape), leakage (a
+box holding another box's reference) and object recall of the caption, each with a bootstrap
+95 % interval over layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.synthetic import COLOURS, SHAPE_CLASSES
+from ..eval.boxes import ImageBoxes, box_ap
+from ..eval.shapes import appearance_scores, detect_shapes, to_image_boxes
+
+OBJECT = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPE_CLASSES)})\b")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One held-out layout: its caption, boxes (normalised xyxy), each box's (colour, shape) and
+    reference image (3, R, R) in [0, 1], cut from the held-out image."""
+
+    caption: str
+    boxes: tuple[tuple[float, float, float, float], ...]
+    objects: tuple[tuple[str, str], ...]
+    references: tuple[torch.Tensor, ...]
+
+    def label(self, i: int) -> str:
+        return f"{self.objects[i][0]} {self.objects[i][1]}"
+
+
+def load_heldout(paths: dict[str, Path], ref_size: int = 32) -> list[HeldOut]:
+    """Layouts of a `make_synthetic_coco` set: the first caption names the objects in box order."""
+    inst = json.loads(Path(paths["instances"]).read_text())
+    caps = json.loads(Path(paths["captions"]).read_text())["annotations"]
+    first: dict[int, str] = {}
+    for c in caps:
+        first.setdefault(c["image_id"], c["caption"])
+    anns: dict[int, list[dict]] = {}
+    for a in inst["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    items = []
+    for im in inst["images"]:
+        w, h = im["width"], im["height"]
+        pixels = np.asarray(Image.open(Path(paths["images"]) / im["file_name"]).convert("RGB"))
+        objects = tuple(OBJECT.findall(first[im["id"]]))
+        boxes, refs = [], []
+        for a in anns.get(im["id"], []):
+            x, y, bw, bh = a["bbox"]
+            boxes.append((x / w, y / h, (x + bw) / w, (y + bh) / h))
+            refs.append(_reference(pixels, a["bbox"], ref_size))
+        if len(objects) != len(boxes):
+            raise ValueError(f"image {im['file_name']}: caption {first[im['id']]!r} names "
+                             f"{len(objects)} objects but it has {len(boxes)} boxes")
+        items.append(HeldOut(first[im["id"]], tuple(boxes), objects, tuple(refs)))
+    return items
+
+
+def _reference(pixels: np.ndarray, bbox: Sequence[float], size: int) -> torch.Tensor:
+    """The object's box, padded to a square with its own background, resized: (3, S, S)."""
+    x, y, bw, bh = (int(round(v)) for v in bbox)
+    side = max(bw, bh) + 2
+    cx, cy = x + bw // 2, y + bh // 2
+    h, w, _ = pixels.shape
+    x0, y0 = min(max(cx - side // 2, 0), max(w - side, 0)), min(max(cy - side // 2, 0),
+                                                                 max(h - side, 0))
+    crop = Image.fromarray(pixels[y0:y0 + side, x0:x0 + side]).resize((size, size),
+                                                                      Image.NEAREST)
+    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def score_image(image: torch.Tensor, item: HeldOut) -> dict[str, Any]:
+    """One generated image (3, H, W) in [0, 1] against its layout."""
+    detections = detect_shapes(image)
+    found = {(d.colour, d.shape) for d in detections}
+    looks = appearance_scores(image, item.boxes, item.objects)
+    return {"detections": to_image_boxes(detections),
+            "truth": ImageBoxes(np.array(item.boxes, dtype=np.float64).reshape(-1, 4),
+                                tuple(item.label(i) for i in range(len(item.boxes)))),
+            "recalled": sum(o in found for o in item.objects), "objects": len(item.objects),
+            "match": sum(a.match for a in looks), "leak": sum(a.leak for a in looks),
+            "boxes": len(looks)}
+
+
+def summary(scores: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """AP, AP50 (box_ap, labels colour + shape), appearance match, leakage, recall."""
+    ap = box_ap({i: s["truth"] for i, s in enumerate(scores)},
+                {i: s["detections"] for i, s in enumerate(scores)})
+    total = lambda key: sum(s[key] for s in scores)  # noqa: E731
+    return {"AP": ap["AP"], "AP50": ap["AP50"],
+            "appearance": total("match") / max(1, total("boxes")),
+            "leakage": total("leak") / max(1, total("boxes")),
+            "recall": total("recalled") / max(1, total("objects"))}
+
+
+def bootstrap(scores: Sequence[dict[str, Any]], rounds: int = 200, seed: int = 0
+              ) -> dict[str, tuple[float, float, float]]:
+    """Each metric of `summary` with its 95 % percentile interval over layouts resampled with
+    replacement: name -> (value, low, high)."""
+    point = summary(scores)
+    rng = np.random.default_rng(seed)
+    draws = [summary([scores[i] for i in rng.integers(0, len(scores), len(scores))])
+             for _ in range(rounds)]
+    return {k: (v, float(np.percentile([d[k] for d in draws], 2.5)),
+                float(np.percentile([d[k] for d in draws], 97.5))) for k, v in point.items()}

@@ -1,0 +1,64 @@
+"""Scoring shapes-world images against held-out layouts (no host: the world's own images)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from locref_core.data.synthetic import make_synthetic_coco
+from locref_core.world.evaluate import bootstrap, load_heldout, score_image, summary
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    paths = make_synthetic_coco(tmp_path_factory.mktemp("heldout"), n_images=12, size=64,
+                                seed=5, max_objects=3)
+    files = sorted(paths["images"].glob("*.png"))
+    images = [torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255
+              for f in files]
+    return load_heldout(paths, ref_size=32), images
+
+
+def test_layouts_objects_and_references(heldout):
+    items, _ = heldout
+    assert len(items) == 12
+    for item in items:
+        assert len(item.boxes) == len(item.objects) == len(item.references) >= 1
+        assert all(0 <= v <= 1 for box in item.boxes for v in box)
+        assert all(r.shape == (3, 32, 32) for r in item.references)
+        assert item.caption.startswith(f"a{'n' if item.objects[0][0][0] in 'aeiou' else ''} "
+                                       f"{item.label(0)}")
+
+
+def test_the_world_images_themselves_score_perfectly(heldout):
+    items, images = heldout
+    result = summary([score_image(im, it) for im, it in zip(images, items)])
+    assert result["AP50"] == 1.0 and result["appearance"] == 1.0
+    assert result["recall"] == 1.0 and result["leakage"] == 0.0
+
+
+def test_swapped_objects_leak_and_empty_images_recall_nothing(heldout):
+    items, images = heldout
+    i = next(k for k, it in enumerate(items) if len(it.boxes) >= 2)
+    item, image = items[i], images[i].clone()
+    (a0, b0, a1, b1), (c0, d0, c1, d1) = ((round(v * 64) for v in box) for box in item.boxes[:2])
+    first, second = image[:, b0:b1, a0:a1].clone(), image[:, d0:d1, c0:c1].clone()
+    bg = image[:, 0, 0][:, None, None]
+    image[:, b0:b1, a0:a1], image[:, d0:d1, c0:c1] = bg, bg
+    # paste each object into the other's box (resized): both boxes now hold the other reference
+    resize = lambda t, h, w: torch.nn.functional.interpolate(t[None], (h, w), mode="nearest")[0]  # noqa: E731
+    image[:, b0:b1, a0:a1] = resize(second, b1 - b0, a1 - a0)
+    image[:, d0:d1, c0:c1] = resize(first, d1 - d0, c1 - c0)
+    scored = score_image(image, item)
+    assert item.objects[0] != item.objects[1]  # the world gives each object its own colour
+    assert scored["leak"] >= 2 and scored["match"] <= len(item.boxes) - 2
+    blank = score_image(torch.full_like(images[i], 0.9), item)
+    assert blank["recalled"] == 0 and blank["match"] == 0
+
+
+def test_bootstrap_interval_contains_the_value(heldout):
+    items, images = heldout
+    scores = [score_image(im, it) for im, it in zip(images, items)]
+    scores[0] = score_image(torch.full_like(images[0], 0.9), items[0])  # one failure
+    for name, (value, low, high) in bootstrap(scores, rounds=50).items():
+        assert low <= value <= high or np.isclose(value, high), name
