@@ -204,9 +204,9 @@ def write_table(run, images) -> str:
     for name, imgs in images.items():
         stats = bootstrap([score_image(im, it) for im, it in zip(imgs, items)],
                           rounds=run["preset"]["bootstrap"], seed=run["seed"])
-        cell = lambda k: f"{stats[k][0]:.3f} [{stats[k][1]:.3f}, {stats[k][2]:.3f}]"  # noqa: E731
-        lines.append(f"| {name} | " + " | ".join(cell(k) for k in ("AP", "AP50", "appearance",
-                                                                   "leakage", "recall")) + " |")
+        cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in
+                 (stats[k] for k in ("AP", "AP50", "appearance", "leakage", "recall"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (run["dir"] / "table.md").write_text(table + "\n")
     return table
