@@ -88,6 +88,11 @@ def box_name(index: int, label: str) -> str:
         else f"box {index}"
 
 
+def boxes_have(names: list[str]) -> str:
+    """'box 0 ('a') has' / 'box 0 ('a'), box 1 ('b') have': error messages that read right."""
+    return ", ".join(names) + (" has" if len(names) == 1 else " have")
+
+
 @torch.no_grad()
 def encode_box_texts(clip, layout: Layout) -> list[torch.Tensor | None]:
     """Each box's label as the host's CLIP encodes a prompt: (77 * windows, 768), or None for an
@@ -193,13 +198,13 @@ class LocRefApply:
         if region_text <= 0 or not any(b.label.strip() for b in layout.boxes):
             return None
         if clip is None:
-            labelled = ", ".join(box_name(i, b.label) for i, b in enumerate(layout.boxes)
-                                 if b.label.strip())
+            labelled = boxes_have([box_name(i, b.label) for i, b in enumerate(layout.boxes)
+                                   if b.label.strip()])
             if not has_refs:
                 raise ValueError(
-                    f"LocRef Apply: {labelled} have text, but no CLIP is connected to encode it. "
+                    f"LocRef Apply: {labelled} text, but no CLIP is connected to encode it. "
                     "Connect the checkpoint's CLIP to the clip input, or set region_text to 0.")
-            log.warning("LocRef Apply: %s have text but no CLIP is connected; the references "
+            log.warning("LocRef Apply: %s text but no CLIP is connected; the references "
                         "apply, the box texts do not (connect the checkpoint's CLIP to clip, or "
                         "set region_text to 0 to silence this)", labelled)
             return None
@@ -226,10 +231,10 @@ def check_reference_inputs(layout: Layout, adapter, clip_vision) -> None:
     missing = [name for name, value in (("adapter", adapter), ("clip_vision", clip_vision))
                if value is None]
     if missing:
-        boxes = ", ".join(box_name(i, b.label) for i, b in enumerate(layout.boxes)
-                          if b.reference is not None)
+        boxes = boxes_have([box_name(i, b.label) for i, b in enumerate(layout.boxes)
+                            if b.reference is not None])
         raise ValueError(
-            f"LocRef Apply: {boxes} have a reference image, so {' and '.join(missing)} must be "
+            f"LocRef Apply: {boxes} a reference image, so {' and '.join(missing)} must be "
             "connected (LocRef Adapter Loader for adapter, CLIP Vision Loader for clip_vision). "
             "Connect them, or remove the LocRef Reference nodes to use box text only.")
 

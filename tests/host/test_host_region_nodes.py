@@ -99,7 +99,7 @@ def test_long_emoji_and_non_latin_labels(pack, tiny_sd15, clip, caplog):
 
 def test_text_without_clip_is_an_error_or_with_references_a_warning(pack, tiny_sd15, caplog):
     layout = boxes(pack, ((0, 0, 0.5, 1), "a red car"))
-    with pytest.raises(ValueError, match=r"box 0 \('a red car'\) have text.*clip input.*"
+    with pytest.raises(ValueError, match=r"box 0 \('a red car'\) has text.*clip input.*"
                                          r"region_text to 0"):
         apply(pack, tiny_sd15, layout)
     assert apply(pack, tiny_sd15, layout, region_text=0.0).model_options == \
@@ -110,7 +110,7 @@ def test_a_reference_without_adapter_or_clip_vision_names_both(pack, tiny_sd15, 
     node = pack.NODE_CLASS_MAPPINGS["LocRefReference"]()
     [layout] = node.attach(boxes(pack, ((0, 0, 0.5, 1), "a dog")), RED.permute(1, 2, 0)[None],
                            0, "")
-    with pytest.raises(ValueError, match=r"box 0 \('a dog'\) have a reference image, so adapter "
+    with pytest.raises(ValueError, match=r"box 0 \('a dog'\) has a reference image, so adapter "
                                          r"and clip_vision must be connected"):
         apply(pack, tiny_sd15, layout, clip=clip)
 
@@ -130,7 +130,7 @@ def test_old_workflows_with_references_and_labels_but_no_clip_still_run(pack, ti
     with caplog.at_level(logging.WARNING):  # positional, as scripts called it before
         [model] = pack.NODE_CLASS_MAPPINGS["LocRefApply"]().apply(
             tiny_sd15, adapter, clip_vision, layout, 1.0, 0.0, 0.0, 1.0)
-    assert "have text but no CLIP is connected" in caplog.text
+    assert "has text but no CLIP is connected" in caplog.text
     assert [s.__class__.__name__ for s in state_of(model).sources] == ["ReferenceSource"]
 
 
