@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from locref_core.data.locref_dataset import load_rgb  # noqa: E402
 from locref_core.data.synthetic import make_synthetic_coco  # noqa: E402
 from locref_core.eval.shapes import detect_shapes  # noqa: E402
 from locref_core.layout import Box, Layout, Reference  # noqa: E402
@@ -89,8 +90,7 @@ def stage_data(run: dict) -> dict:
 
 def read_images(folder: Path) -> torch.Tensor:
     files = sorted(glob.glob(str(folder / "*.png")))
-    return torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
-                        .float() / 127.5 - 1 for f in files])  # (N, 3, 64, 64) in [-1, 1]
+    return torch.stack([load_rgb(f) * 2 - 1 for f in files])  # (N, 3, 64, 64) in [-1, 1]
 
 
 def stage_base(run: dict, host, data: dict):
@@ -146,7 +146,7 @@ def layout_of(item, with_refs: bool = True) -> Layout:
                                 for i, box in enumerate(item.boxes)))
 
 
-def locref_state(run, nodes, parts, adapter, clip_vision, item, **settings) -> LocRefState:
+def locref_state(nodes, parts, adapter, clip_vision, item, **settings) -> LocRefState:
     """The state LocRef Apply builds (its own reference encoding), with ablation settings."""
     layout = layout_of(item)
     ri, ci = nodes.reference_tokens(adapter, clip_vision, layout, list(layout.boxes))
@@ -167,7 +167,7 @@ def configurations(run, host, parts, locref_path):
     nodes = load_pack()
     adapter = load_adapter(locref_path).eval()
     clip_vision = locref_trainer.load_clip_vision(host, None, run["seed"])  # the trainer's tower
-    ref = lambda **kw: lambda item: locref_state(run, nodes, parts, adapter, clip_vision, item,  # noqa: E731
+    ref = lambda **kw: lambda item: locref_state(nodes, parts, adapter, clip_vision, item,  # noqa: E731
                                                  **kw)
     return {"base, caption only": None,
             "LocRef, trained adapter": ref(),

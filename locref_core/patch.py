@@ -3,8 +3,8 @@
 `attn2_patch` sees the normed hidden state n before the text cross-attention and keeps it;
 `attn2_output_patch` sees that layer's output, recomputes q = to_q(n) with the layer's own
 projection for the queries inside the regions, and blends in each token source's attention
-(`regions.py`: references, and each box's own text) with the region masks. List-based points compose with any
-other pack's patches (including an attn2 replace), in either order.
+(`regions.py`: references, and each box's own text) with the region masks. List-based points
+compose with any other pack's patches (including an attn2 replace), in either order.
 
 Everything that does not change during sampling (reference tokens, per-site keys/values of the
 references and of the box prompts, masks) is computed once; a step only does the attention.

@@ -20,10 +20,6 @@ log = logging.getLogger(__name__)
 KL_WEIGHT = 1e-5  # keeps the latents near N(0, 1) without blurring flat colours
 
 
-def _env() -> DistEnv:
-    return DistEnv()  # one CPU process: Progress logs every line
-
-
 def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 16,
               lr: float = 1e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None
               ) -> list[float]:
@@ -33,7 +29,7 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
     ae.requires_grad_(True).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    progress, losses = Progress(_env(), steps, every=max(1, steps // 20)), []
+    progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
     for step in range(steps):
         x = images[torch.randint(0, len(images), (batch,), generator=g)]
         mean, logvar = ae.quant_conv(ae.encoder(x)).chunk(2, dim=1)
@@ -82,7 +78,7 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
     g = torch.Generator().manual_seed(seed)
     process_in = parts.patcher.model.latent_format.process_in
     n_t = len(parts.patcher.model.model_sampling.sigmas)
-    progress, losses = Progress(_env(), steps, every=max(1, steps // 20)), []
+    progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
     ensure_loaded(host, parts)
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
@@ -113,10 +109,10 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
     """Images (B, 3, H, W) in [0, 1] from `patcher` (the base or a patched clone) through the
     host's own sampler (comfy.sample.sample, what KSampler calls), one seed per text."""
     side = cfg.size // cfg.downscale
+    neg = [[encode_text(parts.clip, [negative]), {}]]  # the same for every image
     out = []
     for text, seed in zip(texts, seeds):
         pos = [[encode_text(parts.clip, [text]), {}]]
-        neg = [[encode_text(parts.clip, [negative]), {}]]
         empty = torch.zeros(1, 4, side, side)
         noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(int(seed)))
         latent = host.sample.sample(patcher, noise, steps, guidance, sampler, "normal", pos, neg,

@@ -9,9 +9,9 @@ import glob
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from harness_env import comfyui_path
+from locref_core.data.locref_dataset import load_rgb
 from locref_core.data.synthetic import make_synthetic_coco
 from locref_core.train import fgdm, locref
 from locref_core.train.host import encode_text, load_host, predict_eps
@@ -33,8 +33,7 @@ def data(tmp_path_factory):
 def world(host, data, tmp_path_factory):
     """A base trained for a few steps and saved: (path, parts, config, losses)."""
     files = sorted(glob.glob(str(data["images"] / "*.png")))
-    images = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float()
-                          / 127.5 - 1 for f in files])
+    images = torch.stack([load_rgb(f) * 2 - 1 for f in files])  # (N, 3, 64, 64) in [-1, 1]
     cfg = WorldConfig()
     parts = build_world(host, cfg)
     vae_losses = base.train_vae(parts, images, steps=4, batch=4)
