@@ -133,16 +133,17 @@ class FGDMSBPCSelect:
                map_width, map_height, seed, objects, palette, output_width, output_height,
                prompt_text="", min_area=DEFAULT_MIN_AREA, color_cutoff=DEFAULT_CUTOFF):
         n = check_candidates(n)
-        if map_width % 8 or map_height % 8:
-            raise ValueError(f"map size {map_width}x{map_height} must be a multiple of 8 (the "
-                             "VAE's factor); e.g. 256x256")
+        ratio = int(vae.spacial_compression_encode())  # 8 for SD-1.5's VAE
+        if map_width % ratio or map_height % ratio:
+            raise ValueError(f"map size {map_width}x{map_height} must be a multiple of {ratio} "
+                             "(the VAE's factor); e.g. 256x256")
         pal = get_palette((factor_palette(model) or "coco183") if palette == "auto" else palette)
         required = required_classes(pal, objects, prompt_text)  # bad names fail before sampling
         if any(s in sampler_name for s in STOCHASTIC_SAMPLERS):
             log.warning("SBPC: sampler %s adds noise while sampling; the chosen seed will not "
                         "reproduce its map exactly when sampled alone", sampler_name)
 
-        latent = torch.zeros(n, 4, map_height // 8, map_width // 8)
+        latent = torch.zeros(n, 4, map_height // ratio, map_width // ratio)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         # Each candidate gets its own seed's noise, as if it were sampled alone.
         noise = torch.cat([comfy.sample.prepare_noise(latent[i : i + 1], candidate_seed(seed, i))

@@ -31,6 +31,11 @@ HOST_MODULES = {
     "autoencoder": "comfy.ldm.models.autoencoder",
     "openaimodel": "comfy.ldm.modules.diffusionmodules.openaimodel",
     "attention": "comfy.ldm.modules.attention",
+    "ops": "comfy.ops",
+    "utils": "comfy.utils",
+    "cldm": "comfy.cldm.cldm",
+    "controlnet": "comfy.controlnet",
+    "folder_paths": "folder_paths",
 }
 TOKENS = 77  # one CLIP window: SD-1.5's context length
 
@@ -235,7 +240,8 @@ def diffuse(parts: SD15Parts, x0: torch.Tensor, noise: torch.Tensor,
 
 
 def unet_denoised(host: SimpleNamespace, patcher: Any, x: torch.Tensor, sigma: torch.Tensor,
-                  context: torch.Tensor, cond_or_uncond: list[int] | None = None) -> torch.Tensor:
+                  context: torch.Tensor, cond_or_uncond: list[int] | None = None,
+                  control: dict | None = None) -> torch.Tensor:
     """One UNet call as the sampler makes it (comfy.samplers._calc_cond_batch), with gradients.
 
     The patcher's transformer_options (wrappers, attn patches, replace patches) are merged into a
@@ -248,7 +254,8 @@ def unet_denoised(host: SimpleNamespace, patcher: Any, x: torch.Tensor, sigma: t
         {}, patcher.model_options.get("transformer_options", {}), copy_dict1=False)
     options.update(cond_or_uncond=list(cond_or_uncond), uuids=[None] * len(cond_or_uncond),
                    sigmas=sigma)
-    return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+    return patcher.model.apply_model(x, sigma, c_crossattn=context, control=control,
+                                     transformer_options=options)
 
 
 def ensure_loaded(host: SimpleNamespace, parts: SD15Parts) -> None:
@@ -259,9 +266,10 @@ def ensure_loaded(host: SimpleNamespace, parts: SD15Parts) -> None:
 
 
 def predict_eps(host: SimpleNamespace, patcher: Any, x: torch.Tensor, sigma: torch.Tensor,
-                context: torch.Tensor) -> torch.Tensor:
-    """The UNet's epsilon prediction (B, 4, h, w): (x - denoised) / sigma (eps parameterisation)."""
-    denoised = unet_denoised(host, patcher, x, sigma, context)
+                context: torch.Tensor, control: dict | None = None) -> torch.Tensor:
+    """The UNet's epsilon prediction (B, 4, h, w): (x - denoised) / sigma (eps parameterisation);
+    `control`: ControlNet residuals as the sampler passes them."""
+    denoised = unet_denoised(host, patcher, x, sigma, context, control=control)
     return (x - denoised) / sigma.view(-1, 1, 1, 1)
 
 

@@ -1,0 +1,143 @@
+"""The world's segmentation ControlNet: FG-DM's image factor (map -> image) is, in the pack's
+workflows, an SD-1.5 seg ControlNet; the world has none to download, so one is trained here as
+scaffolding, like the base. It is the host's own ControlNet class (`comfy.cldm.cldm.ControlNet`)
+at the base UNet's config, initialised as ControlNet is (the UNet's encoder copied, zero
+convolutions, a zeroed last hint layer), trained on (palette map, caption) -> image latents with
+the base frozen, and used through the host's `comfy.controlnet.ControlNet` wrapper exactly as
+ControlNetApplyAdvanced wires it.
+
+The hint goes in as ControlNet expects it: the map upscaled (nearest) to 8 x the latent side, so
+the hint block's three stride-2 layers land on the latent grid (a /4 world VAE: 64 px maps, a
+16 x 16 latent, a 128 px hint).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..train.common import DistEnv, Progress
+from ..train.host import (SD15Parts, diffuse, encode_text, ensure_loaded, freeze, predict_eps,
+                          reinit)
+
+log = logging.getLogger(__name__)
+FORMAT = "locref-shapes-world-seg-controlnet"
+HINT_RATIO = 8  # comfy.controlnet.ControlNet's compression_ratio: hint side = 8 x latent side
+HINT_UPSCALE = "nearest-exact"  # ControlBase.upscale_algorithm
+
+
+def build_controlnet(host: SimpleNamespace, parts: SD15Parts, seed: int = 0) -> torch.nn.Module:
+    """A ControlNet of the base UNet's config, initialised from the base UNet (ControlNet's
+    recipe): encoder and middle block copied, every zero convolution and the hint block's last
+    layer zero, the rest of the hint block random."""
+    config = dict(parts.patcher.model.model_config.unet_config)
+    config.pop("out_channels", None)
+    config["hint_channels"] = 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        model = host.cldm.ControlNet(**config, device="cpu",
+                                     operations=host.ops.disable_weight_init)
+        reinit(model)
+    unet = parts.unet.state_dict()
+    own = model.state_dict()
+    copied = {k: v for k, v in unet.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(copied, strict=False)
+    with torch.no_grad():
+        for module in (*model.zero_convs, model.middle_block_out, model.input_hint_block[-1]):
+            for p in module.parameters():
+                p.zero_()
+    log.info("seg ControlNet: %d tensors copied from the base UNet, %d new", len(copied),
+             len(own) - len(copied))
+    return model.float()
+
+
+def hint_for(host: SimpleNamespace, maps: torch.Tensor, latent_side: int) -> torch.Tensor:
+    """Maps (B, 3, H, W) in [0, 1] -> the hint the wrapper makes: (B, 3, 8 s, 8 s)."""
+    side = latent_side * HINT_RATIO
+    return host.utils.common_upscale(maps, side, side, HINT_UPSCALE, "center")
+
+
+def control_of(parts: SD15Parts, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor,
+               hint: torch.Tensor, context: torch.Tensor) -> dict[str, list]:
+    """The residuals ControlNet.get_control hands the UNet (strength 1, no earlier ControlNet)."""
+    ms = parts.patcher.model.model_sampling
+    out = model(x=ms.calculate_input(sigma, x), hint=hint, timesteps=ms.timestep(sigma),
+                context=context)
+    return {"input": [], "middle": list(out["middle"]), "output": list(out["output"])}
+
+
+def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Module,
+                     latents: torch.Tensor, maps: torch.Tensor,
+                     captions: Sequence[Sequence[str]], steps: int, batch: int = 16,
+                     lr: float = 1e-4, null_prob: float = 0.5, seed: int = 0,
+                     on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Epsilon MSE of the frozen base with the ControlNet's residuals, on unscaled image latents
+    (N, 4, h, w), their maps (N, 3, H, W) in [0, 1] and captions; half the captions are dropped
+    (ControlNet's recipe: the map alone must carry the layout). Trains only `model`."""
+    model.requires_grad_(True).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    process_in = parts.patcher.model.latent_format.process_in
+    n_t = len(parts.patcher.model.model_sampling.sigmas)
+    progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
+    ensure_loaded(host, parts)
+    for step in range(steps):
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        x0 = process_in(latents[idx])
+        hint = hint_for(host, maps[idx], x0.shape[-1])
+        texts = [captions[i][int(torch.randint(len(captions[i]), (1,), generator=g))]
+                 if torch.rand(1, generator=g).item() >= null_prob else "" for i in idx.tolist()]
+        context = encode_text(parts.clip, texts)
+        noise = torch.randn(x0.shape, generator=g)
+        x, sigma = diffuse(parts, x0, noise, torch.randint(0, n_t, (batch,), generator=g))
+        control = control_of(parts, model, x, sigma, hint, context)
+        loss = (predict_eps(host, parts.patcher, x, sigma, context, control=control)
+                - noise).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        progress.update(step, losses[-1])
+        if on_step:
+            on_step(step, losses[-1])
+    freeze(model)
+    return losses
+
+
+def save_controlnet(path: str, model: torch.nn.Module, meta: dict[str, str]) -> None:
+    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, path, metadata={"format": FORMAT, **meta})
+
+
+def load_controlnet(host: SimpleNamespace, parts: SD15Parts, path: str) -> torch.nn.Module:
+    """A ControlNet saved by `save_controlnet` for this base, frozen; strict."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a shapes-world seg ControlNet (format "
+                         f"{meta.get('format')!r})")
+    model = build_controlnet(host, parts)
+    model.load_state_dict(load_file(path), strict=True)
+    return freeze(model)
+
+
+def wrap(host: SimpleNamespace, model: torch.nn.Module) -> Any:
+    """The host's CONTROL_NET object (what ControlNetLoader returns) around `model`."""
+    return host.controlnet.ControlNet(model, compression_ratio=HINT_RATIO,
+                                      load_device=host.model_management.get_torch_device())
+
+
+def with_control(control_net: Any, positive: list, negative: list, maps: torch.Tensor,
+                 strength: float = 1.0) -> tuple[list, list]:
+    """Positive and negative conditioning with the ControlNet attached as ControlNetApplyAdvanced
+    attaches it: one copy holding the hint, shared by both; maps (1, H, W, 3) in [0, 1]."""
+    c_net = control_net.copy().set_cond_hint(maps.movedim(-1, 1), strength, (0.0, 1.0))
+    attach = lambda cond: [[t[0], {**t[1], "control": c_net, "control_apply_to_uncond": False}]  # noqa: E731
+                           for t in cond]
+    return attach(positive), attach(negative)

@@ -1,0 +1,139 @@
+"""The shapes world's FG-DM parts: the seg ControlNet in the host's class (ControlNet's
+initialisation, training with the base frozen, exact save/load, sampling through the host's
+sampler as ControlNetApplyAdvanced wires it) and the pack's SBPC node on a /4 VAE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness_env import comfyui_path
+from locref_core.train.host import encode_text, load_host, predict_eps
+from locref_core.world import base
+from locref_core.world import controlnet as wcn
+from locref_core.world.models import WorldConfig, build_world
+
+CAPTIONS = [["a red square"], ["a blue disc and a green triangle"]]
+
+
+@pytest.fixture(scope="module")
+def host():
+    return load_host(comfyui_path(), cpu=True)
+
+
+@pytest.fixture(scope="module")
+def world(host):
+    cfg = WorldConfig()
+    return build_world(host, cfg), cfg
+
+
+def maps_and_latents(n=2):
+    g = torch.Generator().manual_seed(0)
+    maps = torch.zeros(n, 3, 64, 64)
+    maps[:, 0] = 0.8  # a background colour, one square per map in another
+    for i in range(n):
+        x = 8 + 20 * i
+        maps[i, :, 10:30, x:x + 20] = torch.tensor([0.1, 0.9, 0.2])[:, None, None]
+    return maps, torch.randn(n, 4, 16, 16, generator=g)
+
+
+def test_a_new_controlnet_copies_the_encoder_and_changes_nothing(host, world):
+    parts, _ = world
+    model = wcn.build_controlnet(host, parts, seed=0)
+    unet = parts.unet.state_dict()
+    own = model.state_dict()
+    assert torch.equal(own["input_blocks.1.0.in_layers.2.weight"],
+                       unet["input_blocks.1.0.in_layers.2.weight"])
+    assert torch.equal(own["middle_block.0.in_layers.2.weight"],
+                       unet["middle_block.0.in_layers.2.weight"])
+    maps, x = maps_and_latents()
+    sigma = torch.full((2,), 2.0)
+    ctx = encode_text(parts.clip, ["a red square", ""])
+    hint = wcn.hint_for(host, maps, 16)
+    assert hint.shape == (2, 3, 128, 128)
+    with torch.no_grad():
+        control = wcn.control_of(parts, model, x, sigma, hint, ctx)
+        assert len(control["output"]) == 12 and len(control["middle"]) == 1
+        assert all(float(c.abs().max()) == 0.0 for c in control["output"] + control["middle"])
+        assert torch.equal(predict_eps(host, parts.patcher, x, sigma, ctx, control=control),
+                           predict_eps(host, parts.patcher, x, sigma, ctx))
+
+
+@pytest.fixture(scope="module")
+def trained(host, world, tmp_path_factory):
+    parts, _ = world
+    model = wcn.build_controlnet(host, parts, seed=0)
+    before_unet = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    maps, latents = maps_and_latents()
+    losses = wcn.train_controlnet(host, parts, model, latents, maps, CAPTIONS, steps=3, batch=2,
+                                  lr=1e-3, null_prob=0.0)
+    path = str(tmp_path_factory.mktemp("cn") / "seg_controlnet.safetensors")
+    wcn.save_controlnet(path, model, {"test": "1"})
+    return model, path, losses, before, before_unet
+
+
+def test_training_moves_only_the_controlnet(world, trained):
+    parts, _ = world
+    model, _, losses, before, before_unet = trained
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("zero_convs.") for k in changed)
+    assert all(torch.equal(v, before_unet[k]) for k, v in parts.unet.state_dict().items())
+    assert not any(p.requires_grad for p in model.parameters())  # frozen after training
+
+
+def test_saved_controlnet_loads_exactly_and_other_files_are_refused(host, world, trained,
+                                                                    tmp_path):
+    from safetensors.torch import save_file
+
+    parts, _ = world
+    model, path, *_ = trained
+    loaded = wcn.load_controlnet(host, parts, path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other), metadata={"format": "something"})
+    with pytest.raises(ValueError, match="not a shapes-world seg ControlNet"):
+        wcn.load_controlnet(host, parts, str(other))
+
+
+def test_sampling_with_the_controlnet_follows_its_map(host, world, trained):
+    parts, cfg = world
+    control_net = wcn.wrap(host, trained[0])
+    maps, _ = maps_and_latents()
+    hints = [m.permute(1, 2, 0)[None] for m in maps]  # (1, H, W, 3) as IMAGE
+    kw = {"steps": 2, "control_net": control_net}
+    a = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                           maps=[hints[0]], **kw)
+    again = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                               maps=[hints[0]], **kw)
+    other_map = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                                   maps=[hints[1]], **kw)
+    plain = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg, steps=2)
+    assert a.shape == (1, 3, 64, 64) and torch.equal(a, again)
+    assert not torch.equal(a, other_map) and not torch.equal(a, plain)
+
+
+def test_sbpc_node_samples_latents_at_the_vae_own_factor(host, world):
+    """SBPC on a /4 VAE: 64 px maps are 16 x 16 latents (it used to assume SD's /8)."""
+    from locref_core.fgdm.adapter import FactorAdapter, FactorConfig
+    from test_host_nodes_inprocess import load_pack
+
+    parts, _ = world
+    unet = parts.unet
+    factor = FactorAdapter(FactorConfig(
+        kind="seg", palette="coco183", in_channels=4, time_conditioned=True,
+        channels=tuple(unet.model_channels * m for m in unet.channel_mult),
+        emb_channels=unet.time_embed[-1].out_features))
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    model = nodes["FGDMApplyFactor"]().apply(parts.patcher, factor, 1.0)[0]
+    pos = [[encode_text(parts.clip, ["a tv"]), {}]]
+    neg = [[encode_text(parts.clip, [""]), {}]]
+    out = nodes["FGDMSBPCSelect"]().select(model, pos, neg, parts.vae, 2, 1, 2.0, "euler",
+                                          "normal", 64, 64, 0, "tv", "coco183", 64, 64)
+    image, _, _, recall, seed, _, latent = out["result"]
+    assert latent["samples"].shape == (1, 4, 16, 16)
+    assert image.shape == (1, 64, 64, 3) and 0.0 <= recall <= 1.0 and seed in (0, 1)
+    with pytest.raises(ValueError, match="must be a multiple of 4"):
+        nodes["FGDMSBPCSelect"]().select(model, pos, neg, parts.vae, 1, 1, 2.0, "euler",
+                                         "normal", 66, 64, 0, "tv", "coco183", 64, 64)
