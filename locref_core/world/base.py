@@ -1,6 +1,11 @@
-"""Training the world's base model, as SD-1.5 was made: first the autoencoder on images, then the
-UNet on its latents with the frozen text encoder (epsilon MSE, captions dropped for CFG). After
-this the base is frozen, and the pack's own trainers (LocRef, FG-DM) adapt it like SD-1.5.
+"""Training the world's base model, as SD-1.5 was made: first the autoencoder (on images and on
+segmentation maps painted in their palette: SD's VAE has seen all kinds of pictures, this one
+would otherwise reconstruct no map FG-DM makes), then the UNet on its latents with captions
+dropped for CFG, the UNet's weights averaged over the steps (EMA, as diffusion trainers keep
+them). The text encoder stays random and frozen: SD-1.5's was pre-trained elsewhere (CLIP) and
+frozen too; this one cannot be trained in place (the host's CLIP layers add their residuals in
+place, which autograd refuses once the encoder's own weights need gradients). After this the base
+is frozen, and the pack's own trainers (LocRef, FG-DM) adapt it like SD-1.5.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from typing import Any
 import torch
 
 from ..train.common import DistEnv, Progress
-from ..train.host import SD15Parts, diffuse, encode_text, ensure_loaded, freeze, predict_eps
+from ..train.host import (SD15Parts, diffuse, encode_text, ensure_loaded, freeze,
+                          predict_eps)
 from .models import WorldConfig, set_latent_scale
 
 log = logging.getLogger(__name__)
@@ -21,17 +27,21 @@ KL_WEIGHT = 1e-5  # keeps the latents near N(0, 1) without blurring flat colours
 
 
 def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 16,
-              lr: float = 1e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None
-              ) -> list[float]:
-    """Fit the AutoencoderKL to images (N, 3, H, W) in [-1, 1]: L1 reconstruction of a sampled
-    latent plus a small KL. Returns the per-step L1; the autoencoder ends frozen."""
+              lr: float = 1e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
+              maps: torch.Tensor | None = None) -> list[float]:
+    """Fit the AutoencoderKL to images (N, 3, H, W) in [-1, 1] and, when given, maps (M, 3, H, W)
+    in [-1, 1] (a quarter of every batch): L1 reconstruction of a sampled latent plus a small KL.
+    Returns the per-step L1; the autoencoder ends frozen."""
     ae = parts.vae.first_stage_model
     ae.requires_grad_(True).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
+    n_maps = 0 if maps is None else batch // 4
     for step in range(steps):
-        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        x = images[torch.randint(0, len(images), (batch - n_maps,), generator=g)]
+        if n_maps:
+            x = torch.cat([x, maps[torch.randint(0, len(maps), (n_maps,), generator=g)]])
         mean, logvar = ae.quant_conv(ae.encoder(x)).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         z = mean + torch.randn(mean.shape, generator=g) * (0.5 * logvar).exp()
@@ -64,17 +74,39 @@ def fit_latent_scale(parts: SD15Parts, latents: torch.Tensor) -> float:
     return scale
 
 
+class EMA:
+    """Exponential moving average of parameters (decay ramps up as (1 + n) / (10 + n))."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float):
+        self.params, self.decay, self.n = list(params), decay, 0
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
 def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
                captions: Sequence[Sequence[str]], steps: int, batch: int = 32,
                lr: float = 3e-4, null_prob: float = 0.1, seed: int = 0,
-               on_step: Callable[[int, float], None] | None = None) -> list[float]:
+               on_step: Callable[[int, float], None] | None = None, ema: float = 0.999
+               ) -> list[float]:
     """Text-to-image training of the UNet on unscaled VAE latents (N, 4, h, w) and each image's
     captions: epsilon MSE at uniform DDPM timesteps through the host's own sampling maths, a
     random caption of the image, the empty caption for `null_prob` of the rows (CFG), random
-    horizontal flips. The UNet ends frozen."""
+    horizontal flips. The UNet ends with its weights' EMA (`ema` 0: the last step's), frozen."""
     unet = parts.unet
     unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    average = EMA(list(unet.parameters()), ema) if ema else None
     g = torch.Generator().manual_seed(seed)
     process_in = parts.patcher.model.latent_format.process_in
     n_t = len(parts.patcher.model.model_sampling.sigmas)
@@ -94,10 +126,14 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if average:
+            average.update()
         losses.append(loss.item())
         progress.update(step, losses[-1])
         if on_step:
             on_step(step, losses[-1])
+    if average:
+        average.copy_to_params()
     freeze(unet)
     return losses
 
@@ -105,17 +141,24 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
 @torch.no_grad()
 def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: Sequence[str],
                   seeds: Sequence[int], cfg: WorldConfig, steps: int = 20, guidance: float = 4.0,
-                  sampler: str = "euler", negative: str = "") -> torch.Tensor:
+                  sampler: str = "euler", negative: str = "", control_net: Any = None,
+                  maps: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from `patcher` (the base or a patched clone) through the
-    host's own sampler (comfy.sample.sample, what KSampler calls), one seed per text."""
+    host's own sampler (comfy.sample.sample, what KSampler calls), one seed per text; with a
+    `control_net` (the host's CONTROL_NET) each image gets its map (1, H, W, 3) in [0, 1] as the
+    hint, attached as ControlNetApplyAdvanced does."""
+    from .controlnet import with_control
+
     side = cfg.size // cfg.downscale
     neg = [[encode_text(parts.clip, [negative]), {}]]  # the same for every image
     out = []
-    for text, seed in zip(texts, seeds):
-        pos = [[encode_text(parts.clip, [text]), {}]]
+    for i, (text, seed) in enumerate(zip(texts, seeds)):
+        pos, negative_cond = [[encode_text(parts.clip, [text]), {}]], neg
+        if control_net is not None:
+            pos, negative_cond = with_control(control_net, pos, neg, maps[i])
         empty = torch.zeros(1, 4, side, side)
         noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(int(seed)))
-        latent = host.sample.sample(patcher, noise, steps, guidance, sampler, "normal", pos, neg,
-                               empty, disable_pbar=True, seed=int(seed))
+        latent = host.sample.sample(patcher, noise, steps, guidance, sampler, "normal", pos,
+                                    negative_cond, empty, disable_pbar=True, seed=int(seed))
         out.append(parts.vae.decode(latent).movedim(-1, 1))  # (1, 3, H, W) in [0, 1]
     return torch.cat(out)
