@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from locref_core.data.synthetic import make_synthetic_coco
-from locref_core.world.evaluate import bootstrap, load_heldout, score_image, summary
+from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval, score_image,
+                                       summary)
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,21 @@ def test_bootstrap_interval_contains_the_value(heldout):
     scores[0] = score_image(torch.full_like(images[0], 0.9), items[0])  # one failure
     for name, (value, low, high) in bootstrap(scores, rounds=50).items():
         assert low <= value <= high or np.isclose(value, high), name
+
+
+def test_shape_recall_counts_each_object_once(heldout):
+    items, images = heldout
+    for item, image in zip(items, images):
+        s = score_image(image, item)
+        assert s["shapes_recalled"] == s["objects"] == len(item.objects)
+    item = next(it for it in items if len(it.objects) >= 2)
+    blank = torch.full((3, 64, 64), 0.92)  # background only: nothing to recall
+    assert score_image(blank, item)["shapes_recalled"] == 0
+
+
+def test_ratio_interval_is_the_pooled_ratio_with_a_bootstrap_interval():
+    value, low, high = ratio_interval([1, 2, 0, 3], [2, 2, 2, 4], rounds=300, seed=1)
+    assert value == pytest.approx(6 / 10)
+    assert 0.0 <= low <= value <= high <= 1.0 and low < high
+    assert ratio_interval([2, 2], [2, 2], rounds=50) == (1.0, 1.0, 1.0)
+    assert ratio_interval([0, 0], [0, 0], rounds=10) == (0.0, 0.0, 0.0)  # nothing to recall

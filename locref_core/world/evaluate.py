@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +84,13 @@ def score_image(image: torch.Tensor, item: HeldOut) -> dict[str, Any]:
     detections = detect_shapes(image)
     found = {(d.colour, d.shape) for d in detections}
     looks = appearance_scores(image, item.boxes, item.objects)
+    shapes = Counter(d.shape for d in detections)
     return {"detections": to_image_boxes(detections),
             "truth": ImageBoxes(np.array(item.boxes, dtype=np.float64).reshape(-1, 4),
                                 tuple(item.label(i) for i in range(len(item.boxes)))),
             "recalled": sum(o in found for o in item.objects), "objects": len(item.objects),
+            "shapes_recalled": sum(min(n, shapes[s]) for s, n in
+                                   Counter(o[1] for o in item.objects).items()),
             "match": sum(a.match for a in looks), "leak": sum(a.leak for a in looks),
             "boxes": len(looks)}
 
@@ -112,3 +116,17 @@ def bootstrap(scores: Sequence[dict[str, Any]], rounds: int = 200, seed: int = 0
              for _ in range(rounds)]
     return {k: (v, float(np.percentile([d[k] for d in draws], 2.5)),
                 float(np.percentile([d[k] for d in draws], 97.5))) for k, v in point.items()}
+
+
+def ratio_interval(found: Sequence[float], total: Sequence[float], rounds: int = 200,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """sum(found) / sum(total) over layouts, with its 95 % percentile bootstrap interval (layouts
+    resampled with replacement): (value, low, high)."""
+    f, t = np.asarray(found, dtype=np.float64), np.asarray(total, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(rounds):
+        i = rng.integers(0, len(f), len(f))
+        draws.append(f[i].sum() / max(1.0, t[i].sum()))
+    return (float(f.sum() / max(1.0, t.sum())), float(np.percentile(draws, 2.5)),
+            float(np.percentile(draws, 97.5)))
