@@ -7,9 +7,14 @@ and shape against its reference), leakage and recall, with bootstrap 95 % interv
 
     python benchmarks/shapes_world.py --comfyui /path/to/ComfyUI [--quick] [--cache DIR]
 
+The second table (`shapes_world_fgdm.py`) is FG-DM's: a seg factor trained by the pack's FG-DM
+trainer, SBPC through the pack's own node at N = 1 and N = 10, and a seg ControlNet (the host's
+class, trained here) drawing the image from the chosen map; object recall of the final images
+and of the maps.
+
 Every stage caches its result under --cache (a rerun skips what is done; the cache key holds the
-preset and the seed) and the run writes `table.md`, `grid.png` and TensorBoard event files there.
-Rows still to come (issue 12): the FG-DM seg factor + seg ControlNet and SBPC N = 1 / N = 10.
+preset and the seed) and the run writes `table.md`, `table_fgdm.md`, `grid.png`, `timings.json`
+(minutes per stage that ran) and TensorBoard event files there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import glob
 import importlib.util
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +36,7 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from locref_core.data.locref_dataset import load_rgb  # noqa: E402
 from locref_core.data.synthetic import make_synthetic_coco  # noqa: E402
@@ -44,12 +51,18 @@ from locref_core.world import base  # noqa: E402
 from locref_core.world.evaluate import bootstrap, load_heldout, score_image  # noqa: E402
 from locref_core.world.models import WorldConfig, build_world, load_world, save_world  # noqa: E402
 
+import shapes_world_fgdm as fgdm  # noqa: E402  (this folder)
+
 log = logging.getLogger("shapes_world")
 PRESETS = {  # what each stage does; the full preset is sized for ~90 minutes on 2 CPU cores
     "quick": {"train_images": 32, "heldout": 4, "vae_steps": 10, "unet_steps": 10,
-              "locref_steps": 4, "locref_batch": 2, "sample_steps": 4, "bootstrap": 20},
-    "full": {"train_images": 2048, "heldout": 64, "vae_steps": 800, "unet_steps": 4500,
-             "locref_steps": 1500, "locref_batch": 8, "sample_steps": 20, "bootstrap": 500},
+              "locref_steps": 4, "locref_batch": 2, "factor_steps": 4, "factor_batch": 2,
+              "controlnet_steps": 4, "controlnet_batch": 2, "sbpc_n": 3, "sample_steps": 4,
+              "bootstrap": 20},
+    "full": {"train_images": 2048, "heldout": 64, "vae_steps": 1000, "unet_steps": 4000,
+             "locref_steps": 1500, "locref_batch": 8, "factor_steps": 1500, "factor_batch": 16,
+             "controlnet_steps": 1500, "controlnet_batch": 16, "sbpc_n": 10, "sample_steps": 20,
+             "bootstrap": 500},
 }
 
 
@@ -65,9 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_pack():
-    """The repository as a package, as ComfyUI's custom-node loader imports it (for LocRef
-    Apply's own reference encoding)."""
+def load_pack() -> dict:
+    """The repository as a package, as ComfyUI's custom-node loader imports it (LocRef Apply's
+    own reference encoding, FGDM Apply Factor, FGDM SBPC Select): node module name -> module."""
     name = "locref_pack_benchmark"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
@@ -75,7 +88,8 @@ def load_pack():
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules[f"{name}.nodes.locref_nodes"]
+    return {m: sys.modules[f"{name}.nodes.{m}"]
+            for m in ("locref_nodes", "fgdm_nodes", "fgdm_map_nodes")}
 
 
 def stage_data(run: dict) -> dict:
@@ -85,7 +99,10 @@ def stage_data(run: dict) -> dict:
                                 seed=run["seed"], max_objects=4)
     held = make_synthetic_coco(root / "heldout", n_images=p["heldout"], size=64,
                                seed=run["seed"] + 1000, max_objects=4)
-    return {"train": train, "heldout": load_heldout(held, ref_size=32)}
+    images = read_images(train["images"])
+    return {"train": train, "heldout": load_heldout(held, ref_size=32), "heldout_paths": held,
+            "train_images": images, "train_maps": fgdm.read_maps(train),
+            "train_captions": read_captions(train, len(images))}
 
 
 def read_images(folder: Path) -> torch.Tensor:
@@ -93,26 +110,31 @@ def read_images(folder: Path) -> torch.Tensor:
     return torch.stack([load_rgb(f) * 2 - 1 for f in files])  # (N, 3, 64, 64) in [-1, 1]
 
 
+def read_captions(paths: dict, n: int) -> list[list[str]]:
+    """Every image's captions, in image order."""
+    caps = json.loads(Path(paths["captions"]).read_text())["annotations"]
+    by_image: dict[int, list[str]] = {}
+    for c in caps:
+        by_image.setdefault(c["image_id"], []).append(c["caption"])
+    return [by_image[i + 1] for i in range(n)]
+
+
 def stage_base(run: dict, host, data: dict):
-    """The frozen base: VAE, then the text-to-image UNet (cached)."""
+    """The frozen base: VAE (images and maps), then the text-to-image UNet (cached)."""
     path = run["dir"] / "base.safetensors"
     if path.is_file():
         log.info("base: cached %s", path)
         return (*load_world(host, str(path)), str(path))
     p, tb = run["preset"], TrainLog(run["env"], run["tb_args"], "base")
-    images = read_images(data["train"]["images"])
+    images, maps = data["train_images"], data["train_maps"]
     cfg = WorldConfig(seed=run["seed"])
     parts = build_world(host, cfg)
-    log.info("base: VAE, %d steps on %d images", p["vae_steps"], len(images))
-    base.train_vae(parts, images, p["vae_steps"], seed=run["seed"],
+    log.info("base: VAE, %d steps on %d images and their maps", p["vae_steps"], len(images))
+    base.train_vae(parts, images, p["vae_steps"], seed=run["seed"], maps=maps,
                    on_step=lambda s, v: tb.scalars(s + 1, {"vae_l1": v}))
     latents = base.encode_latents(parts, images)
     cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
-    caps = json.loads(Path(data["train"]["captions"]).read_text())["annotations"]
-    by_image: dict[int, list[str]] = {}
-    for c in caps:
-        by_image.setdefault(c["image_id"], []).append(c["caption"])
-    captions = [by_image[i + 1] for i in range(len(images))]
+    captions = data["train_captions"]
     log.info("base: UNet, %d steps", p["unet_steps"])
     base.train_unet(host, parts, latents, captions, p["unet_steps"], seed=run["seed"],
                     on_step=lambda s, v: tb.scalars(s + 1, {"unet_eps_mse": v}))
@@ -164,7 +186,7 @@ def configurations(run, host, parts, locref_path):
     """name -> state builder (None: the base, caption only)."""
     from locref_core.weights import load_adapter
 
-    nodes = load_pack()
+    nodes = load_pack()["locref_nodes"]
     adapter = load_adapter(locref_path).eval()
     clip_vision = locref_trainer.load_clip_vision(host, None, run["seed"])  # the trainer's tower
     ref = lambda **kw: lambda item: locref_state(nodes, parts, adapter, clip_vision, item,  # noqa: E731
@@ -197,13 +219,15 @@ def generate(run, host, parts, cfg, configs) -> dict[str, list[torch.Tensor]]:
     return images
 
 
-def write_table(run, images) -> str:
-    items = run["data"]["heldout"]
+def scores_of(run, images: list[torch.Tensor]) -> list[dict]:
+    return [score_image(im, it) for im, it in zip(images, run["data"]["heldout"])]
+
+
+def write_table(run, scores: dict[str, list[dict]]) -> str:
     lines = ["| configuration | AP | AP50 | appearance match | leakage | recall |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for name, imgs in images.items():
-        stats = bootstrap([score_image(im, it) for im, it in zip(imgs, items)],
-                          rounds=run["preset"]["bootstrap"], seed=run["seed"])
+    for name, per_layout in scores.items():
+        stats = bootstrap(per_layout, rounds=run["preset"]["bootstrap"], seed=run["seed"])
         cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in
                  (stats[k] for k in ("AP", "AP50", "appearance", "leakage", "recall"))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -212,51 +236,148 @@ def write_table(run, images) -> str:
     return table
 
 
-def write_grid(run, images, rows: int = 6, scale: int = 3) -> Path:
-    """Per layout: its preview, then each configuration's image with the detected boxes."""
-    tiles = []
-    for item, *generated in list(zip(run["data"]["heldout"], *images.values()))[:rows]:
+def write_grid(run, columns: dict[str, list[torch.Tensor]], rows: int = 6, scale: int = 3
+               ) -> Path:
+    """A title row, then per layout: its preview and each column's image with the detected
+    boxes drawn over it (not over maps: columns whose title ends in "map")."""
+    side = 64 * scale
+    titles = ["layout", *columns]
+    head = Image.new("RGB", (side * len(titles), 18), (255, 255, 255))
+    draw = ImageDraw.Draw(head)
+    for k, title in enumerate(titles):
+        draw.text((k * side + 3, 3), title[:30], fill=(0, 0, 0))
+    tiles = [np.asarray(head)]
+    for item, *generated in list(zip(run["data"]["heldout"], *columns.values()))[:rows]:
         row = [render_preview(layout_of(item), show_labels=False)] + list(generated)
         pics = [Image.fromarray((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-                .resize((64 * scale, 64 * scale), Image.NEAREST) for t in row]
-        for pic, t in zip(pics[1:], row[1:]):
+                .resize((side, side), Image.NEAREST) for t in row]
+        for pic, t, title in zip(pics[1:], row[1:], columns):
+            if title.endswith("map"):
+                continue  # a label map: nothing for the detector
             draw = ImageDraw.Draw(pic)
             for d in detect_shapes(t):
-                draw.rectangle([v * 64 * scale for v in d.box], outline=(255, 255, 255))
+                draw.rectangle([v * side for v in d.box], outline=(255, 255, 255))
         tiles.append(np.concatenate([np.asarray(p) for p in pics], axis=1))
     path = run["dir"] / "grid.png"
     Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
     return path
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+GRID_TITLES = {"base, caption only": "base (caption)", "LocRef, trained adapter": "LocRef",
+               "ablation: instance masks off": "masks off",
+               "ablation: composite path off": "composite off",
+               "ablation: text kept in boxes": "text in boxes",
+               "regional prompts (box text, no adapter)": "regional prompts"}
+
+
+class Timings:
+    """Minutes per stage that ran in this process (cached stages take seconds), in `file`."""
+
+    def __init__(self, run: dict, file: str = "timings.json"):
+        self.path, self.minutes, self.t = run["dir"] / file, {}, time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.minutes[stage] = round((now - self.t) / 60, 2)
+        self.t = now
+        self.path.write_text(json.dumps(self.minutes, indent=1))
+
+
+def make_run(args: argparse.Namespace) -> dict:
+    from locref_core.train.common import DistEnv
+
     name = "quick" if args.quick else "full"
     run = {"name": name, "preset": PRESETS[name], "seed": args.seed, "comfyui": args.comfyui,
            "guidance": args.guidance, "dir": Path(args.cache) / f"{name}-seed{args.seed}"}
     run["dir"].mkdir(parents=True, exist_ok=True)
-    from locref_core.train.common import DistEnv
-
     run["tensorboard"] = importlib.util.find_spec("tensorboard") is not None
-    if not run["tensorboard"]:
-        log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
     run["env"], run["tb_args"] = DistEnv(), argparse.Namespace(
         tensorboard=str(run["dir"] / "tb" / "base") if run["tensorboard"] else None,
         preview_every=0)
-    t0 = time.perf_counter()
-    host = load_host(args.comfyui, cpu=True)
+    return run
+
+
+def start(run: dict):
+    """The host (its temp folder in the run's, for SBPC's preview grids) and the data."""
+    host = load_host(run["comfyui"], cpu=True)
+    host.folder_paths.set_temp_directory(str(run["dir"] / "temp"))
     run["data"] = stage_data(run)
-    parts, cfg, base_path = stage_base(run, host, run["data"])
-    locref_path = stage_locref(run, run["data"], base_path)
-    images = generate(run, host, parts, cfg, configurations(run, host, parts, locref_path))
-    table = write_table(run, images)
-    grid = write_grid(run, images)
+    return host, run["data"]
+
+
+def fgdm_branch(argv: list[str]) -> None:
+    """The FG-DM half, in its own process on one core while the LocRef half runs on the other:
+    seg factor, seg ControlNet, maps and images for every held-out layout (saved for the
+    parent). Both halves only read the frozen base."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s fgdm-branch %(message)s")
+    torch.set_num_threads(1)
+    run = make_run(parse_args(argv))
+    host, data = start(run)
+    parts, cfg, base_path = stage_base(run, host, data)
+    timings = Timings(run, "timings_fgdm.json")
+    factor_path = fgdm.stage_factor(run, data, base_path)
+    timings.mark("fgdm seg factor")
+    control_net = fgdm.stage_controlnet(run, host, parts, data, data["train_images"],
+                                        data["train_maps"], data["train_captions"])
+    timings.mark("seg controlnet")
+    fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
+                                      control_net))
+    timings.mark("fgdm images")
+
+
+def main(argv=None) -> dict:
+    """Data and base here (all cores); then the LocRef half here and the FG-DM half in a second
+    process, one core each (thread counts are fixed, so a rerun reproduces every number)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run = make_run(args)
+    if not run["tensorboard"]:
+        log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+    t0, timings = time.perf_counter(), Timings(run)
+    host, data = start(run)
+    timings.mark("data")
+    parts, cfg, base_path = stage_base(run, host, data)
+    timings.mark("base")
+    threads = torch.get_num_threads()
+    branch = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
+                               "--fgdm-branch"])
+    try:
+        torch.set_num_threads(1)
+        locref_path = stage_locref(run, data, base_path)
+        timings.mark("locref adapter")
+        images = generate(run, host, parts, cfg, configurations(run, host, parts, locref_path))
+        scores = {k: scores_of(run, v) for k, v in images.items()}
+        timings.mark("locref images")
+    finally:
+        code = branch.wait()
+        torch.set_num_threads(threads)
+    if code != 0:
+        raise RuntimeError(f"the FG-DM half failed (exit code {code}); its log, prefixed "
+                           "fgdm-branch, is above")
+    timings.mark("waiting for the FG-DM half")
+    rows = fgdm.load_rows(run)
+    table = write_table(run, scores)
+    table_fgdm = fgdm.write_table(run, scores["base, caption only"], rows,
+                                  lambda imgs: scores_of(run, imgs))
+    columns = {GRID_TITLES[k]: v for k, v in images.items()}
+    n_big = run["preset"]["sbpc_n"]
+    columns.update({"FG-DM N=1": rows["n1"]["images"],
+                    f"SBPC N={n_big} map": [m.permute(2, 0, 1) for m in rows["nbig"]["maps"]],
+                    f"SBPC N={n_big}": rows["nbig"]["images"]})
+    grid = write_grid(run, columns)
+    timings.mark("tables and grid")
     minutes = (time.perf_counter() - t0) / 60
-    log.info("shapes world (%s, seed %d) in %.1f min:\n%s\ngrid: %s", name, args.seed, minutes,
-             table, grid)
-    return {"table": table, "grid": str(grid), "dir": str(run["dir"]), "minutes": minutes}
+    branch_minutes = json.loads((run["dir"] / "timings_fgdm.json").read_text())
+    log.info("shapes world (%s, seed %d) in %.1f min:\n%s\n\n%s\ngrid: %s\nminutes per stage: "
+             "%s; FG-DM half, alongside: %s", run["name"], args.seed, minutes, table, table_fgdm,
+             grid, timings.minutes, branch_minutes)
+    return {"table": table, "table_fgdm": table_fgdm, "grid": str(grid), "dir": str(run["dir"]),
+            "minutes": minutes, "timings": timings.minutes, "timings_fgdm": branch_minutes}
 
 
 if __name__ == "__main__":
-    main()
+    if "--fgdm-branch" in sys.argv:
+        fgdm_branch([a for a in sys.argv[1:] if a != "--fgdm-branch"])
+    else:
+        main()

@@ -30,12 +30,29 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
         "base, caption only", "LocRef, trained adapter", "ablation: instance masks off",
         "ablation: composite path off", "ablation: text kept in boxes",
         "regional prompts (box text, no adapter)"]
+    fgdm_rows = first["table_fgdm"].splitlines()[2:]
+    assert [r.split(" | ")[0].lstrip("| ") for r in fgdm_rows] == [
+        "base model, caption only", "FG-DM: seg map (N = 1) -> seg ControlNet",
+        "FG-DM: SBPC N = 3 -> seg ControlNet",
+        "diagnostic: the held-out image's own map -> seg ControlNet"]
+    assert fgdm_rows[0].endswith("| — |") and fgdm_rows[3].endswith("| — |")
     out = tmp_path / "a" / "quick-seed0"
-    for name in ("table.md", "grid.png", "base.safetensors", "locref.safetensors"):
+    for name in ("table.md", "table_fgdm.md", "grid.png", "timings.json", "timings_fgdm.json",
+                 "base.safetensors", "locref.safetensors", "fgdm_seg.safetensors",
+                 "seg_controlnet.safetensors", "fgdm_rows.safetensors"):
         assert (out / name).is_file(), name
-    assert list((out / "tb").glob("*/events.out.tfevents.*"))  # base and LocRef curves
+    assert set(first["timings"]) == {"data", "base", "locref adapter", "locref images",
+                                     "waiting for the FG-DM half", "tables and grid"}
+    assert set(first["timings_fgdm"]) == {"fgdm seg factor", "seg controlnet", "fgdm images"}
+    assert {p.parent.name for p in (out / "tb").glob("*/events.out.tfevents.*")} >= {
+        "base", "locref", "fgdm"}  # base (with the seg ControlNet), LocRef and factor curves
+    weights = ("base", "locref", "fgdm_seg", "seg_controlnet")
+    stamps = {w: (out / f"{w}.safetensors").stat().st_mtime_ns for w in weights}
     with caplog.at_level(logging.INFO):
         cached = run(bench, tmp_path / "a")
     assert "base: cached" in caplog.text and "locref: cached" in caplog.text
-    assert cached["table"] == first["table"]
-    assert run(bench, tmp_path / "b")["table"] == first["table"]  # from nothing, same seed
+    # the FG-DM half logs in its own process: its stages are cached when their files stay
+    assert {w: (out / f"{w}.safetensors").stat().st_mtime_ns for w in weights} == stamps
+    assert (cached["table"], cached["table_fgdm"]) == (first["table"], first["table_fgdm"])
+    again = run(bench, tmp_path / "b")  # from nothing, same seed
+    assert (again["table"], again["table_fgdm"]) == (first["table"], first["table_fgdm"])

@@ -1,0 +1,181 @@
+"""FG-DM on the shapes world: the second table of `shapes_world.py` (imported by it, not run
+alone). A seg factor trained by the pack's own FG-DM trainer makes the base draw COCO-stuff
+label maps; the pack's own SBPC node samples N of them per held-out caption and keeps the one
+with the best object recall (the pack's recall code); a seg ControlNet (the host's class, trained
+here as scaffolding like the base) draws the image from the chosen map. Object recall of the
+final images is measured by the world's detector against the caption's objects; the maps' own
+recall (shape classes) is a second column. Rows: the base alone, N = 1, N = 10, and, as a
+diagnostic of the image factor, the held-out image's own map.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from locref_core.data.factor_dataset import FactorDataset
+from locref_core.data.synthetic import SHAPE_CLASSES
+from locref_core.train import fgdm as fgdm_trainer
+from locref_core.train.loop import TrainLog
+from locref_core.world import base
+from locref_core.world import controlnet as world_cn
+from locref_core.world.evaluate import ratio_interval
+
+log = logging.getLogger("shapes_world")
+PALETTE = "coco183"  # the synthetic label maps carry COCO-stuff ids
+
+
+def read_maps(paths: dict, size: int = 64) -> torch.Tensor:
+    """Every image's label map painted in the palette, as the FG-DM trainer sees it: (N, 3, S, S)
+    in [-1, 1], in image order."""
+    ds = FactorDataset(paths["images"], paths["labels"], captions_json=paths["captions"],
+                       kind="seg", palette=PALETTE, size=size)
+    return torch.stack([ds[i]["condition"] for i in range(len(ds))])
+
+
+def stage_factor(run: dict, data: dict, base_path: str) -> str:
+    """The seg factor, trained by the pack's own FG-DM trainer on the frozen base (cached)."""
+    out = run["dir"] / "fgdm_seg.safetensors"
+    if out.is_file():
+        log.info("fgdm: cached %s", out)
+        return str(out)
+    p, train = run["preset"], data["train"]
+    fgdm_trainer.main([
+        "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu",
+        "--images", str(train["images"]), "--conditions", str(train["labels"]),
+        "--captions", str(train["captions"]), "--kind", "seg", "--palette", PALETTE,
+        "--size", "64", "--batch-size", str(p["factor_batch"]), "--steps", str(p["factor_steps"]),
+        "--num-workers", "0", "--lr", "1e-4", "--seed", str(run["seed"]),
+        "--log-every", str(max(1, p["factor_steps"] // 20)), "--out", str(out),
+        "--ckpt-dir", str(run["dir"] / "fgdm_ckpt"), "--ckpt-every", str(p["factor_steps"]),
+        *(["--tensorboard", str(run["dir"] / "tb" / "fgdm")] if run["tensorboard"] else [])])
+    return str(out)
+
+
+def stage_controlnet(run: dict, host, parts, data: dict, images: torch.Tensor,
+                     maps: torch.Tensor, captions: list[list[str]]) -> Any:
+    """The seg ControlNet (FG-DM's image factor), trained with the base frozen (cached); the
+    host's CONTROL_NET object around it."""
+    path = run["dir"] / "seg_controlnet.safetensors"
+    if path.is_file():
+        log.info("seg ControlNet: cached %s", path)
+        return world_cn.wrap(host, world_cn.load_controlnet(host, parts, str(path)))
+    p = run["preset"]
+    tb = TrainLog(run["env"], run["tb_args"], "seg_controlnet")
+    model = world_cn.build_controlnet(host, parts, seed=run["seed"])
+    latents = base.encode_latents(parts, images)
+    log.info("seg ControlNet: %d steps", p["controlnet_steps"])
+    world_cn.train_controlnet(host, parts, model, latents, (maps + 1) / 2, captions,
+                              p["controlnet_steps"], batch=p["controlnet_batch"],
+                              seed=run["seed"],
+                              on_step=lambda s, v: tb.scalars(s + 1, {"controlnet_eps_mse": v}))
+    tb.close()
+    world_cn.save_controlnet(str(path), model, {"preset": run["name"]})
+    return world_cn.wrap(host, model)
+
+
+def required_objects(item) -> str:
+    """The caption's objects as the palette's class names, for SBPC's `objects` input."""
+    return ", ".join(sorted({SHAPE_CLASSES[shape] for _, shape in item.objects}))
+
+
+def sbpc_maps(run: dict, host, parts, cfg, nodes: dict, factor, item, seed: int, n: int
+              ) -> tuple[torch.Tensor, float]:
+    """SBPC through the pack's own node: N maps from `seed`, the chosen one (1, H, W, 3) in
+    [0, 1] at the image size and its recall."""
+    model = nodes["fgdm_nodes"].FGDMApplyFactor().apply(parts.patcher, factor, 1.0)[0]
+    pos = [[base.encode_text(parts.clip, [item.caption]), {}]]
+    neg = [[base.encode_text(parts.clip, [""]), {}]]
+    side = cfg.size
+    out = nodes["fgdm_map_nodes"].FGDMSBPCSelect().select(
+        model, pos, neg, parts.vae, n, run["preset"]["sample_steps"], run["guidance"], "euler",
+        "normal", side, side, seed, required_objects(item), PALETTE, side, side)
+    chosen_map, recall = out["result"][0], out["result"][3]
+    return chosen_map, float(recall)
+
+
+def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control_net) -> dict:
+    """Per held-out layout: maps at N = 1 and N = 10 (same first seed) and their images, and
+    the image from the layout's own map; progress with ETA."""
+    from locref_core.fgdm.weights import load_factor
+
+    factor = load_factor(factor_path)
+    items, n_big = run["data"]["heldout"], run["preset"]["sbpc_n"]
+    true_maps = read_maps(run["data"]["heldout_paths"])
+    rows: dict[str, dict[str, list]] = {k: {"images": [], "map_recall": [], "maps": []}
+                                        for k in ("n1", "nbig", "true")}
+    t0 = time.perf_counter()
+    for i, item in enumerate(items):
+        seed = run["seed"] * 1000 + i
+        for key, n in (("n1", 1), ("nbig", n_big)):
+            chosen, recall = sbpc_maps(run, host, parts, cfg, nodes, factor, item, seed, n)
+            rows[key]["map_recall"].append(recall)
+            rows[key]["maps"].append(chosen)
+            rows[key]["images"].append(base.sample_images(
+                host, parts.patcher, parts, [item.caption], [seed], cfg,
+                steps=run["preset"]["sample_steps"], guidance=run["guidance"],
+                control_net=control_net, maps=[chosen])[0])
+        truth = ((true_maps[i] + 1) / 2).permute(1, 2, 0)[None]  # (1, H, W, 3)
+        rows["true"]["images"].append(base.sample_images(
+            host, parts.patcher, parts, [item.caption], [seed], cfg,
+            steps=run["preset"]["sample_steps"], guidance=run["guidance"],
+            control_net=control_net, maps=[truth])[0])
+        rate = (i + 1) / (time.perf_counter() - t0)
+        log.info("FG-DM: %d/%d layouts, ETA %.0f s", i + 1, len(items), (len(items) - i - 1) / rate)
+    return rows
+
+
+def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> str:
+    """Recall of the images (colour + shape, shape) and of the maps, with bootstrap intervals."""
+    rounds, seed = run["preset"]["bootstrap"], run["seed"]
+    n_big = run["preset"]["sbpc_n"]
+    names = {"n1": "FG-DM: seg map (N = 1) -> seg ControlNet",
+             "nbig": f"FG-DM: SBPC N = {n_big} -> seg ControlNet",
+             "true": "diagnostic: the held-out image's own map -> seg ControlNet"}
+    fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+    lines = [("| configuration | image recall, colour + shape | image recall, shape | "
+              "map recall, shape classes |"), "| --- | --- | --- | --- |"]
+    table = [("base model, caption only", base_scores, None)]
+    table += [(names[k], scores_of(rows[k]["images"]), rows[k]["map_recall"]) for k in names]
+    # the diagnostic row's map is the truth: no map recall to report
+    for name, scores, map_recall in table:
+        total = [s["objects"] for s in scores]
+        both = ratio_interval([s["recalled"] for s in scores], total, rounds, seed)
+        shape = ratio_interval([s["shapes_recalled"] for s in scores], total, rounds, seed)
+        maps = "—" if not map_recall else fmt(
+            ratio_interval(map_recall, [1.0] * len(map_recall), rounds, seed))
+        lines.append(f"| {name} | {fmt(both)} | {fmt(shape)} | {maps} |")
+    text = "\n".join(lines)
+    (run["dir"] / "table_fgdm.md").write_text(text + "\n")
+    (run["dir"] / "map_recall.json").write_text(json.dumps(
+        {k: rows[k]["map_recall"] for k in ("n1", "nbig")}))
+    return text
+
+
+
+def save_rows(run: dict, rows: dict) -> Path:
+    """The branch's images, the chosen N = 10 maps and the maps' recalls, for the parent."""
+    tensors = {f"{k}_images": torch.stack(rows[k]["images"]).contiguous() for k in rows}
+    tensors["nbig_maps"] = torch.cat(rows["nbig"]["maps"]).contiguous()
+    path = run["dir"] / "fgdm_rows.safetensors"
+    save_file(tensors, str(path), metadata={
+        "map_recall": json.dumps({k: rows[k]["map_recall"] for k in rows})})
+    return path
+
+
+def load_rows(run: dict) -> dict:
+    path = run["dir"] / "fgdm_rows.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        recalls = json.loads(f.metadata()["map_recall"])
+    tensors = load_file(str(path))
+    rows = {k: {"images": list(tensors[f"{k}_images"]), "map_recall": recalls[k]}
+            for k in recalls}
+    rows["nbig"]["maps"] = list(tensors["nbig_maps"])  # (H, W, 3) each
+    return rows
