@@ -25,9 +25,10 @@ from ..locref_core.fgdm.sbpc import (
     object_masks,
     score_candidates,
 )
-from .convert import chw_to_image
 from ..locref_core.fgdm.factor_patch import WRAPPER_KEY
+from .convert import chw_to_image
 from .ui import temp_images
+from .warn import shows_warnings, warn
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ PALETTE_TIP = ("coco183: COCO-stuff 183 classes in the VOC colour map (what FG-D
                "ade150: ADE20K 150 classes (what the seg ControlNet control_v11p_sd15_seg expects).")
 # Samplers that draw fresh noise during sampling: a candidate's map then depends on the batch.
 STOCHASTIC_SAMPLERS = ("ancestral", "sde", "lcm", "ddpm", "seeds_", "restart")
+MIN_AREA_HINT = 0.1  # above this, an all-zero recall is blamed on min_area in the warning
 
 
 def factor_palette(model) -> str | None:
@@ -129,6 +131,7 @@ class FGDMSBPCSelect:
             },
         }
 
+    @shows_warnings
     def select(self, model, positive, negative, vae, n, steps, cfg, sampler_name, scheduler,
                map_width, map_height, seed, objects, palette, output_width, output_height,
                prompt_text="", min_area=DEFAULT_MIN_AREA, color_cutoff=DEFAULT_CUTOFF):
@@ -139,8 +142,8 @@ class FGDMSBPCSelect:
         pal = get_palette((factor_palette(model) or "coco183") if palette == "auto" else palette)
         required = required_classes(pal, objects, prompt_text)  # bad names fail before sampling
         if any(s in sampler_name for s in STOCHASTIC_SAMPLERS):
-            log.warning("SBPC: sampler %s adds noise while sampling; the chosen seed will not "
-                        "reproduce its map exactly when sampled alone", sampler_name)
+            warn("SBPC: sampler %s adds noise while sampling; the chosen seed will not "
+                 "reproduce its map exactly when sampled alone", sampler_name)
 
         latent = torch.zeros(n, 4, map_height // 8, map_width // 8)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
@@ -158,6 +161,8 @@ class FGDMSBPCSelect:
         scored = score_candidates(images[..., :3], pal, required, seed, min_area=min_area,
                                   cutoff=color_cutoff)
         sel = scored.selection
+        if required and max(sel.recalls) == 0:
+            warn_no_recall(len(sel.recalls), min_area)
         chosen = ClassMap(scored.class_maps[sel.index], pal)
         out_map, out_image = map_outputs(chosen, output_height, output_width)
         masks = object_masks(out_map, required)
@@ -172,6 +177,15 @@ class FGDMSBPCSelect:
                   float(sel.recall), int(sel.seed), grid,
                   {"samples": samples[sel.index : sel.index + 1].clone()})
         return {"ui": {"images": temp_images(grid, "sbpc")}, "result": result}
+
+
+def warn_no_recall(n: int, min_area: float) -> None:
+    """Every candidate scored 0, so the choice is only the first seed: say so, and why."""
+    hint = (f" min_area {min_area:g} asks every object to cover {min_area:.0%} of the map; lower "
+            f"it (default {DEFAULT_MIN_AREA:g})." if min_area > MIN_AREA_HINT else
+            " Try more candidates, another seed, or check the factor and the object names.")
+    warn("SBPC: no candidate map has any required object (recall 0 in all %d), so candidate 0 "
+         "was kept and the selection means nothing.%s", n, hint)
 
 
 class FGDMDecodeMap:
@@ -199,6 +213,7 @@ class FGDMDecodeMap:
             "mode_filter": ([3, 5, 1], {"tooltip": "Mode-filter window against specks; 1 = off."}),
         }}
 
+    @shows_warnings
     def decode(self, image, palette, batch_index, color_cutoff, mode_filter):
         if not 0 <= batch_index < image.shape[0]:
             raise ValueError(f"batch_index {batch_index} is out of range: the image batch has "
@@ -236,6 +251,7 @@ class FGDMPaletteConvert:
             },
         }
 
+    @shows_warnings
     def convert(self, class_map, target_palette, fallback=""):
         dst = get_palette(target_palette)
         fill = resolve_class(dst, fallback, "fallback class") if fallback.strip() else None
