@@ -16,6 +16,7 @@ from .convert import chw_to_image
 from .fgdm_map_nodes import CLASS_MAP, map_outputs
 from .layout_nodes import LAYOUT
 from .ui import temp_images
+from .validate import in_some_palette
 from .warn import shows_warnings, warn
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,13 @@ class FGDMMaskEdit:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, operations=None):
+        """The JSON, the op names and the object names, before anything runs (class names are
+        checked against both palettes: the map's is known at run time)."""
+        return True if operations is None else in_some_palette(
+            lambda pal: parse_operations(operations, pal))
+
     @shows_warnings
     def edit(self, class_map, operations, if_missing="skip", target_boxes=None, source_map=None):
         pal = class_map.palette
@@ -126,6 +134,12 @@ class FGDMMapToLayout:
                                        "fraction of the map."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, objects=None):
+        if not objects or not objects.strip():
+            return True
+        return in_some_palette(lambda pal: parse_object_list(pal, objects))
 
     @shows_warnings
     def convert(self, class_map, width, height, objects, per_instance, min_area):

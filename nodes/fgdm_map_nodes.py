@@ -16,7 +16,12 @@ import torch
 from ..locref_core.fgdm.classmap import ClassMap
 from ..locref_core.fgdm.maps import DEFAULT_CUTOFF, convert_map, decode, resize_nearest
 from ..locref_core.fgdm.palettes import get_palette
-from ..locref_core.fgdm.recall import DEFAULT_MIN_AREA, required_classes, resolve_class
+from ..locref_core.fgdm.recall import (
+    DEFAULT_MIN_AREA,
+    parse_object_list,
+    required_classes,
+    resolve_class,
+)
 from ..locref_core.fgdm.sbpc import (
     MAX_CANDIDATES,
     candidate_grid,
@@ -28,12 +33,13 @@ from ..locref_core.fgdm.sbpc import (
 from ..locref_core.fgdm.factor_patch import WRAPPER_KEY
 from .convert import chw_to_image
 from .ui import temp_images
+from .validate import PALETTE_NAMES, first, in_list, in_some_palette, refusal
 from .warn import shows_warnings, warn
 
 log = logging.getLogger(__name__)
 
 CLASS_MAP = "FGDM_CLASS_MAP"
-PALETTES = ["coco183", "ade150"]
+PALETTES = list(PALETTE_NAMES)
 PALETTE_TIP = ("coco183: COCO-stuff 183 classes in the VOC colour map (what FG-DM generates); "
                "ade150: ADE20K 150 classes (what the seg ControlNet control_v11p_sd15_seg expects).")
 # Samplers that draw fresh noise during sampling: a candidate's map then depends on the batch.
@@ -130,6 +136,17 @@ class FGDMSBPCSelect:
                                            "beyond which a pixel matches no class (void)."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, objects=None, palette=None):
+        """Object names the palette lacks are refused before any model loads (with "auto",
+        names that no palette has: the factor's palette is known at run time)."""
+        if not objects or not objects.strip():
+            return first(in_list(palette, ["auto", *PALETTES], "palette"))
+        if palette is None or palette == "auto":
+            return in_some_palette(lambda pal: parse_object_list(pal, objects))
+        return first(in_list(palette, ["auto", *PALETTES], "palette"),
+                     refusal(lambda: parse_object_list(get_palette(palette), objects)))
 
     @shows_warnings
     def select(self, model, positive, negative, vae, n, steps, cfg, sampler_name, scheduler,
@@ -250,6 +267,14 @@ class FGDMPaletteConvert:
                              "palette for classes with no counterpart; empty = void."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, target_palette=None, fallback=None):
+        known = in_list(target_palette, PALETTES, "target_palette")
+        if known or target_palette is None or not fallback or not fallback.strip():
+            return first(known)
+        return refusal(lambda: resolve_class(get_palette(target_palette), fallback,
+                                             "fallback class"))
 
     @shows_warnings
     def convert(self, class_map, target_palette, fallback=""):

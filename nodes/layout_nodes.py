@@ -13,6 +13,7 @@ from ..locref_core.layout_json import bounding_boxes_to_boxes, parse_layout_json
 from ..locref_core.masks import add_region_box, with_region
 from ..locref_core.preview import render_preview, tensor_to_pil
 from .convert import chw_to_image, image_to_chw, mask_to_hw
+from .validate import refusal
 from .warn import shows_warnings, warn
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ MAX_REFERENCE_SIDE = 2048  # plenty for CLIP (224 px) and any box; bounds memory
 THUMB_SIDE = 128  # reference thumbnails sent to the box canvas after a run
 MIN_REFERENCE_SIDE = 32  # smaller references are mostly upscaling blur by CLIP's 224 px
 DEFAULT_BOXES_JSON = '{"version": 1, "boxes": []}'
+MAX_CANVAS = 8192
 
 
 class LocRefBoxes:
@@ -38,7 +40,7 @@ class LocRefBoxes:
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"min": 64, "max": 8192, "step": 8}
+        size = {"min": 64, "max": MAX_CANVAS, "step": 8}
         return {
             "required": {
                 "width": ("INT", {"default": 512, **size,
@@ -62,6 +64,14 @@ class LocRefBoxes:
                 }),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, boxes_json=None):
+        """Refuse JSON that no canvas makes valid, when the prompt is queued (a bare box list in
+        pixels is checked on the largest canvas; the run checks it on the real one)."""
+        if boxes_json is None:
+            return True
+        return refusal(lambda: parse_layout_json(boxes_json, MAX_CANVAS, MAX_CANVAS, warn=False))
 
     @shows_warnings
     def build(self, width, height, boxes_json, bounding_boxes=None):

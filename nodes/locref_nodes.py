@@ -16,6 +16,7 @@ from ..locref_core.layout import Layout
 from ..locref_core.patch import LocRefState, PatchSettings, install
 from ..locref_core.weights import describe, load_adapter
 from .convert import chw_to_image
+from .validate import first, in_range
 from .warn import executing, shows_warnings, warn
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,12 @@ class LocRefApply:
                                                  "and in the negative prompt nothing changes."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
+        return first(in_range(start_percent, 0.0, 1.0, "start_percent"),
+                     in_range(end_percent, 0.0, 1.0, "end_percent"),
+                     percent_order(start_percent, end_percent))
+
     @shows_warnings
     def apply(self, model, adapter=None, clip_vision=None, layout=None, strength=1.0,
               text_in_boxes=0.0, start_percent=0.0, end_percent=1.0, clip=None,
@@ -175,9 +182,9 @@ class LocRefApply:
         # Positional order as before adapter and clip_vision became optional (scripts call it).
         if not isinstance(layout, Layout):
             raise ValueError("layout input must come from a LocRef Boxes / LocRef Reference node")
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent {start_percent} is after end_percent {end_percent}; "
-                             "swap them")
+        order = percent_order(start_percent, end_percent)
+        if order:
+            raise ValueError(order)
         with_refs = [b for b in layout.boxes if b.reference is not None] if strength > 0 else []
         if with_refs:
             check_reference_inputs(layout, adapter, clip_vision)
@@ -232,6 +239,13 @@ class LocRefApply:
         comfy.model_management.throw_exception_if_processing_interrupted()
         return LocRefState(adapter if with_refs else None, layout, ri_tokens, ci_tokens,
                            settings, m.get_model_object("diffusion_model"), texts)
+
+
+def percent_order(start: float | None, end: float | None) -> str | None:
+    """The error for a start after the end (None when fine or not known yet)."""
+    if start is not None and end is not None and start > end:
+        return f"start_percent {start} is after end_percent {end}; swap them"
+    return None
 
 
 def check_reference_inputs(layout: Layout, adapter, clip_vision) -> None:
