@@ -101,6 +101,7 @@ def rejection(server, prompt: dict, node: str) -> str:
 
 def test_bad_operations_json_is_refused_when_queued(fgdm_server, sd15_checkpoint_name):
     prompt = small(EDIT_WORKFLOW, sd15_checkpoint_name)
+    del prompt["7"]  # else the host runs the still-valid candidates preview alone (HTTP 200)
     prompt["8"]["inputs"]["operations"] = '{"version": 1, "operations": [{"op": "move",'
     assert "operations - edit operations are not valid JSON" in rejection(fgdm_server, prompt, "8")
     prompt["8"]["inputs"]["operations"] = '{"version": 1, "operations": [{"op": "explode"}]}'
