@@ -27,8 +27,9 @@ LABEL_KEYS = ("label", "text", "prompt", "name", "class")
 EMPTY_LAYOUT_JSON = '{"version": 1, "boxes": []}'
 
 
-def parse_layout_json(text: str, width: int, height: int) -> Layout:
-    """Parse box JSON (version 1 or a BOUNDING_BOX list) into a layout on a width x height canvas."""
+def parse_layout_json(text: str, width: int, height: int, warn: bool = True) -> Layout:
+    """Parse box JSON (version 1 or a BOUNDING_BOX list) into a layout on a width x height canvas.
+    warn=False: boxes that overhang the canvas are clipped without a warning (a dry run)."""
     if text is None or not str(text).strip():
         return Layout(width, height, ())
     try:
@@ -38,13 +39,13 @@ def parse_layout_json(text: str, width: int, height: int) -> Layout:
             f"boxes_json is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). "
             f'Redraw the boxes, or fix the text; an empty layout is {EMPTY_LAYOUT_JSON}'
         ) from None
-    return layout_from_data(data, width, height)
+    return layout_from_data(data, width, height, warn)
 
 
-def layout_from_data(data: Any, width: int, height: int) -> Layout:
+def layout_from_data(data: Any, width: int, height: int, warn: bool = True) -> Layout:
     """Build a layout from already-decoded JSON data (dict of version 1, or a box list)."""
     if isinstance(data, list):
-        return Layout(width, height, tuple(bounding_boxes_to_boxes(data, width, height)))
+        return Layout(width, height, tuple(bounding_boxes_to_boxes(data, width, height, warn)))
     if not isinstance(data, Mapping):
         raise ValueError(
             f"boxes_json must be an object like {EMPTY_LAYOUT_JSON} or a list of boxes, "
@@ -68,11 +69,11 @@ def layout_from_data(data: Any, width: int, height: int) -> Layout:
     boxes = []
     for i, raw in enumerate(raw_boxes):
         edges = _box_edges(raw, i, units == "pixels", ref_w, ref_h)
-        boxes.append(_make_box(edges, _label_of(raw, i), i))
+        boxes.append(_make_box(edges, _label_of(raw, i), i, warn))
     return Layout(width, height, tuple(boxes))
 
 
-def bounding_boxes_to_boxes(items: Any, width: int, height: int) -> list[Box]:
+def bounding_boxes_to_boxes(items: Any, width: int, height: int, warn: bool = True) -> list[Box]:
     """ComfyUI `BOUNDING_BOX` items (pixels of the canvas) to normalised boxes."""
     if isinstance(items, Mapping):
         items = [items]
@@ -86,7 +87,7 @@ def bounding_boxes_to_boxes(items: Any, width: int, height: int) -> list[Box]:
         if not isinstance(raw, Mapping):
             raise ValueError(f"bounding box {i} must be an object {{x, y, width, height}}, got {raw!r}")
         edges = _xywh_edges(raw, i, width, height)
-        boxes.append(_make_box(edges, _label_of(raw, i), i))
+        boxes.append(_make_box(edges, _label_of(raw, i), i, warn))
     return boxes
 
 
@@ -176,7 +177,7 @@ def _label_of(raw: Any, i: int) -> str:
     return ""
 
 
-def _make_box(edges: tuple, label: str, i: int) -> Box:
+def _make_box(edges: tuple, label: str, i: int, warn: bool = True) -> Box:
     """Validate normalised edges; clip a box that overhangs the canvas, with a warning."""
     x0, y0, x1, y1 = edges
     name = f"box {i} ({label!r})" if label else f"box {i}"
@@ -191,7 +192,7 @@ def _make_box(edges: tuple, label: str, i: int) -> Box:
             "in canvas units 0..1). Move it onto the canvas or delete it."
         )
     cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
-    if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+    if warn and (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
         log.warning("LocRef: %s overhangs the canvas and was clipped to (%.4f, %.4f, %.4f, %.4f)",
                     name, cx0, cy0, cx1, cy1)
     return Box(cx0, cy0, cx1, cy1, label)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -86,6 +86,8 @@ class LocRefState:
         self._cache: dict = {}
         self.fired: dict[tuple[str, int], int] = {}  # site -> calls that blended (for tests/logs)
         self._warned_aspect = False
+        # How a warning found while sampling is given (%-style args); a node may show it too.
+        self.warn: Callable[..., None] = log.warning
         if adapter is not None:
             self._check_widths(adapter)
 
@@ -173,9 +175,9 @@ class LocRefState:
     def _check_aspect(self, h: int, w: int) -> None:
         canvas = self.layout.width / self.layout.height
         if not self._warned_aspect and h > 4 and w > 4 and abs(w / h - canvas) / canvas > 0.08:
-            log.warning("LocRef: the latent is %dx%d (aspect %.2f) but the layout canvas is %dx%d "
-                        "(%.2f); boxes are stretched to fit. Match the Boxes size to the latent.",
-                        w * 8, h * 8, w / h, self.layout.width, self.layout.height, canvas)
+            self.warn("LocRef: the latent is %dx%d (aspect %.2f) but the layout canvas is %dx%d "
+                      "(%.2f); boxes are stretched to fit. Match the Boxes size to the latent.",
+                      w * 8, h * 8, w / h, self.layout.width, self.layout.height, canvas)
             self._warned_aspect = True
 
 

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import AdapterConfig, LocRefAdapter, site_key
+from .filekind import IP_ADAPTER_IDS, LOCREF_FORMAT, require
 from .grid import SD15_SITES
 
-FORMAT_NAME, FORMAT_VERSION = "locref", "1"
+FORMAT_NAME, FORMAT_VERSION = LOCREF_FORMAT, "1"
 SUPPORTED = ("a LocRef adapter (.safetensors written by this pack) or IP-Adapter SD-1.5 "
              "(ip-adapter_sd15.safetensors, ip-adapter_sd15_light.safetensors)")
 
-# diffusers attention-processor numbers of the attn2 layers, in SD15_SITES order:
-# down blocks 1..11, mid 31, up blocks 13..29.
-IP_ADAPTER_IDS = (1, 3, 5, 7, 9, 11, 31, 13, 15, 17, 19, 21, 23, 25, 27, 29)
 SITE_OF_IP_ID = dict(zip(IP_ADAPTER_IDS, SD15_SITES))
 
 
@@ -43,18 +40,16 @@ def load_adapter(path: str) -> LocRefAdapter:
     if not path.endswith((".safetensors", ".sft")):
         raise ValueError(f"{name}: only .safetensors files are loaded (pickled .bin/.pt/.pth "
                          f"files can run code). Supported: {SUPPORTED}.")
+    found = require(path, ("locref", "ip_adapter_sd15"), "adapter", SUPPORTED)
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{name}: not a readable safetensors file ({err})") from None
-    if meta.get("format") == FORMAT_NAME:
+    if found.kind == "locref":
         return _load_locref(name, meta, tensors)
-    if "image_proj.proj.weight" in tensors or any(k.startswith("ip_adapter.") for k in tensors):
-        return _load_ip_adapter(name, tensors)
-    raise ValueError(f"{name}: unrecognised adapter file ({len(tensors)} tensors, e.g. "
-                     f"{sorted(tensors)[:3]}). Supported: {SUPPORTED}.")
+    return _load_ip_adapter(name, tensors)
 
 
 def _load_locref(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> LocRefAdapter:
@@ -70,27 +65,7 @@ def _load_locref(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> Loc
     return adapter
 
 
-def _ip_variant_error(name: str, tensors: dict[str, torch.Tensor]) -> str | None:
-    keys = set(tensors)
-    if any(k.startswith("image_proj.latents") or ".layers." in k for k in keys):
-        return "IP-Adapter Plus (Resampler projection)"
-    if "image_proj.proj.0.weight" in keys or "image_proj.proj.2.weight" in keys:
-        return "IP-Adapter Full Face / FaceID (MLP projection)"
-    if any("lora" in k for k in keys):
-        return "IP-Adapter FaceID (LoRA)"
-    ids = sorted(int(m.group(1)) for k in keys if (m := re.match(r"ip_adapter\.(\d+)\.to_k_ip", k)))
-    if ids != sorted(IP_ADAPTER_IDS):
-        return f"an IP-Adapter for another model ({len(ids)} attention layers; SD-1.5 has 16)"
-    if "image_proj.proj.weight" not in keys or "image_proj.norm.weight" not in keys:
-        return "an incomplete IP-Adapter file (no image_proj.proj / image_proj.norm)"
-    return None
-
-
 def _load_ip_adapter(name: str, tensors: dict[str, torch.Tensor]) -> LocRefAdapter:
-    variant = _ip_variant_error(name, tensors)
-    if variant:
-        raise ValueError(f"{name} looks like {variant}, which LocRef does not support. "
-                         f"Supported: {SUPPORTED}.")
     proj = tensors["image_proj.proj.weight"]  # (T * 768, E)
     context_dim = tensors["image_proj.norm.weight"].shape[0]
     if context_dim != 768 or proj.shape[0] % context_dim:

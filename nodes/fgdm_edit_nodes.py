@@ -16,6 +16,8 @@ from .convert import chw_to_image
 from .fgdm_map_nodes import CLASS_MAP, map_outputs
 from .layout_nodes import LAYOUT
 from .ui import temp_images
+from .validate import in_some_palette
+from .warn import shows_warnings, warn
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,14 @@ class FGDMMaskEdit:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, operations=None):
+        """The JSON, the op names and the object names, before anything runs (class names are
+        checked against both palettes: the map's is known at run time)."""
+        return True if operations is None else in_some_palette(
+            lambda pal: parse_operations(operations, pal))
+
+    @shows_warnings
     def edit(self, class_map, operations, if_missing="skip", target_boxes=None, source_map=None):
         pal = class_map.palette
         ops = parse_operations(operations, pal)
@@ -125,14 +135,20 @@ class FGDMMapToLayout:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, objects=None):
+        if not objects or not objects.strip():
+            return True
+        return in_some_palette(lambda pal: parse_object_list(pal, objects))
+
+    @shows_warnings
     def convert(self, class_map, width, height, objects, per_instance, min_area):
         pal = class_map.palette
         only = parse_object_list(pal, objects) if objects.strip() else None
         layout = map_to_layout(class_map.ids, pal, width=width, height=height, objects=only,
                                per_instance=per_instance, min_area=min_area)
         if not layout.boxes:
-            log.warning("FG-DM: the map has no object above min_area %.3f; the layout is empty",
-                        min_area)
+            warn("FG-DM: the map has no object above min_area %.3f; the layout is empty", min_area)
         resized = map_outputs(class_map, height, width)[1]
         preview = render_preview(layout, resized[0].permute(2, 0, 1))
         return (layout, chw_to_image(preview))

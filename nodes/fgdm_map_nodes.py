@@ -16,7 +16,12 @@ import torch
 from ..locref_core.fgdm.classmap import ClassMap
 from ..locref_core.fgdm.maps import DEFAULT_CUTOFF, convert_map, decode, resize_nearest
 from ..locref_core.fgdm.palettes import get_palette
-from ..locref_core.fgdm.recall import DEFAULT_MIN_AREA, required_classes, resolve_class
+from ..locref_core.fgdm.recall import (
+    DEFAULT_MIN_AREA,
+    parse_object_list,
+    required_classes,
+    resolve_class,
+)
 from ..locref_core.fgdm.sbpc import (
     MAX_CANDIDATES,
     candidate_grid,
@@ -25,18 +30,21 @@ from ..locref_core.fgdm.sbpc import (
     object_masks,
     score_candidates,
 )
-from .convert import chw_to_image
 from ..locref_core.fgdm.factor_patch import WRAPPER_KEY
+from .convert import chw_to_image
 from .ui import temp_images
+from .validate import PALETTE_NAMES, first, in_list, in_some_palette, refusal
+from .warn import shows_warnings, warn
 
 log = logging.getLogger(__name__)
 
 CLASS_MAP = "FGDM_CLASS_MAP"
-PALETTES = ["coco183", "ade150"]
+PALETTES = list(PALETTE_NAMES)
 PALETTE_TIP = ("coco183: COCO-stuff 183 classes in the VOC colour map (what FG-DM generates); "
                "ade150: ADE20K 150 classes (what the seg ControlNet control_v11p_sd15_seg expects).")
 # Samplers that draw fresh noise during sampling: a candidate's map then depends on the batch.
 STOCHASTIC_SAMPLERS = ("ancestral", "sde", "lcm", "ddpm", "seeds_", "restart")
+MIN_AREA_HINT = 0.1  # above this, an all-zero recall is blamed on min_area in the warning
 
 
 def factor_palette(model) -> str | None:
@@ -129,6 +137,18 @@ class FGDMSBPCSelect:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, objects=None, palette=None):
+        """Object names the palette lacks are refused before any model loads (with "auto",
+        names that no palette has: the factor's palette is known at run time)."""
+        if not objects or not objects.strip():
+            return first(in_list(palette, ["auto", *PALETTES], "palette"))
+        if palette is None or palette == "auto":
+            return in_some_palette(lambda pal: parse_object_list(pal, objects))
+        return first(in_list(palette, ["auto", *PALETTES], "palette"),
+                     refusal(lambda: parse_object_list(get_palette(palette), objects)))
+
+    @shows_warnings
     def select(self, model, positive, negative, vae, n, steps, cfg, sampler_name, scheduler,
                map_width, map_height, seed, objects, palette, output_width, output_height,
                prompt_text="", min_area=DEFAULT_MIN_AREA, color_cutoff=DEFAULT_CUTOFF):
@@ -140,8 +160,8 @@ class FGDMSBPCSelect:
         pal = get_palette((factor_palette(model) or "coco183") if palette == "auto" else palette)
         required = required_classes(pal, objects, prompt_text)  # bad names fail before sampling
         if any(s in sampler_name for s in STOCHASTIC_SAMPLERS):
-            log.warning("SBPC: sampler %s adds noise while sampling; the chosen seed will not "
-                        "reproduce its map exactly when sampled alone", sampler_name)
+            warn("SBPC: sampler %s adds noise while sampling; the chosen seed will not "
+                 "reproduce its map exactly when sampled alone", sampler_name)
 
         latent = torch.zeros(n, 4, map_height // ratio, map_width // ratio)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
@@ -159,6 +179,8 @@ class FGDMSBPCSelect:
         scored = score_candidates(images[..., :3], pal, required, seed, min_area=min_area,
                                   cutoff=color_cutoff)
         sel = scored.selection
+        if required and max(sel.recalls) == 0:
+            warn_no_recall(len(sel.recalls), min_area)
         chosen = ClassMap(scored.class_maps[sel.index], pal)
         out_map, out_image = map_outputs(chosen, output_height, output_width)
         masks = object_masks(out_map, required)
@@ -173,6 +195,15 @@ class FGDMSBPCSelect:
                   float(sel.recall), int(sel.seed), grid,
                   {"samples": samples[sel.index : sel.index + 1].clone()})
         return {"ui": {"images": temp_images(grid, "sbpc")}, "result": result}
+
+
+def warn_no_recall(n: int, min_area: float) -> None:
+    """Every candidate scored 0, so the choice is only the first seed: say so, and why."""
+    hint = (f" min_area {min_area:g} asks every object to cover {min_area:.0%} of the map; lower "
+            f"it (default {DEFAULT_MIN_AREA:g})." if min_area > MIN_AREA_HINT else
+            " Try more candidates, another seed, or check the factor and the object names.")
+    warn("SBPC: no candidate map has any required object (recall 0 in all %d), so candidate 0 "
+         "was kept and the selection means nothing.%s", n, hint)
 
 
 class FGDMDecodeMap:
@@ -200,6 +231,7 @@ class FGDMDecodeMap:
             "mode_filter": ([3, 5, 1], {"tooltip": "Mode-filter window against specks; 1 = off."}),
         }}
 
+    @shows_warnings
     def decode(self, image, palette, batch_index, color_cutoff, mode_filter):
         if not 0 <= batch_index < image.shape[0]:
             raise ValueError(f"batch_index {batch_index} is out of range: the image batch has "
@@ -237,6 +269,15 @@ class FGDMPaletteConvert:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, target_palette=None, fallback=None):
+        known = in_list(target_palette, PALETTES, "target_palette")
+        if known or target_palette is None or not fallback or not fallback.strip():
+            return first(known)
+        return refusal(lambda: resolve_class(get_palette(target_palette), fallback,
+                                             "fallback class"))
+
+    @shows_warnings
     def convert(self, class_map, target_palette, fallback=""):
         dst = get_palette(target_palette)
         fill = resolve_class(dst, fallback, "fallback class") if fallback.strip() else None

@@ -10,6 +10,7 @@ import folder_paths
 
 from ..locref_core.fgdm.factor_patch import WRAPPER_KEY, FactorWrapper
 from ..locref_core.fgdm.weights import load_factor
+from .warn import shows_warnings
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class FGDMFactorLoader:
                  if f.endswith((".safetensors", ".sft"))]
         return {"required": {"factor_name": (files, {"tooltip": "A factor file from models/fgdm."})}}
 
+    @shows_warnings
     def load(self, factor_name):
         path = folder_paths.get_full_path("fgdm", factor_name)
         if path is None:
@@ -84,6 +86,7 @@ class FGDMApplyFactor:
             },
         }
 
+    @shows_warnings
     def apply(self, model, factor, strength, earlier_factors=None):
         extra = None if earlier_factors is None else earlier_factors["samples"]
         wrapper = FactorWrapper(factor, strength, extra)

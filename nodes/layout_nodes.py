@@ -13,13 +13,17 @@ from ..locref_core.layout_json import bounding_boxes_to_boxes, parse_layout_json
 from ..locref_core.masks import add_region_box, with_region
 from ..locref_core.preview import render_preview, tensor_to_pil
 from .convert import chw_to_image, image_to_chw, mask_to_hw
+from .validate import refusal
+from .warn import shows_warnings, warn
 
 log = logging.getLogger(__name__)
 
 LAYOUT = "LOCREF_LAYOUT"
 MAX_REFERENCE_SIDE = 2048  # plenty for CLIP (224 px) and any box; bounds memory for huge inputs
 THUMB_SIDE = 128  # reference thumbnails sent to the box canvas after a run
+MIN_REFERENCE_SIDE = 32  # smaller references are mostly upscaling blur by CLIP's 224 px
 DEFAULT_BOXES_JSON = '{"version": 1, "boxes": []}'
+MAX_CANVAS = 8192
 
 
 class LocRefBoxes:
@@ -36,7 +40,7 @@ class LocRefBoxes:
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"min": 64, "max": 8192, "step": 8}
+        size = {"min": 64, "max": MAX_CANVAS, "step": 8}
         return {
             "required": {
                 "width": ("INT", {"default": 512, **size,
@@ -61,6 +65,15 @@ class LocRefBoxes:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, boxes_json=None):
+        """Refuse JSON that no canvas makes valid, when the prompt is queued (a bare box list in
+        pixels is checked on the largest canvas; the run checks it on the real one)."""
+        if boxes_json is None:
+            return True
+        return refusal(lambda: parse_layout_json(boxes_json, MAX_CANVAS, MAX_CANVAS, warn=False))
+
+    @shows_warnings
     def build(self, width, height, boxes_json, bounding_boxes=None):
         layout = parse_layout_json(boxes_json, width, height)
         if bounding_boxes is not None:
@@ -104,14 +117,16 @@ class LocRefReference:
             },
         }
 
+    @shows_warnings
     def attach(self, layout, image, box_index, label, mask=None, invert_mask=False):
         if not isinstance(layout, Layout):
             raise ValueError("layout input must come from a LocRef Boxes node")
         index = find_box(layout, box_index, label)
         if image.shape[0] > 1:
-            log.warning("LocRef Reference: a batch of %d images was given; using the first",
-                        image.shape[0])
+            warn("LocRef Reference: a batch of %d images was given; using the first",
+                 image.shape[0])
         ref_image = image_to_chw(image[:1])[0].cpu()
+        check_reference_size(ref_image.shape[1], ref_image.shape[2], mask)
         if max(ref_image.shape[-2:]) > MAX_REFERENCE_SIDE:
             log.info("LocRef Reference: reference %dx%d downscaled to at most %d px",
                      ref_image.shape[2], ref_image.shape[1], MAX_REFERENCE_SIDE)
@@ -122,6 +137,20 @@ class LocRefReference:
             ref_mask = 1.0 - ref_mask if invert_mask else ref_mask
         reference = Reference(ref_image, ref_mask)
         return (layout.with_reference(index, reference),)
+
+
+def check_reference_size(h: int, w: int, mask) -> None:
+    """Warn about a tiny reference (upscaled for CLIP) and a mask of another size (stretched)."""
+    if min(h, w) < MIN_REFERENCE_SIDE:
+        warn("LocRef Reference: the reference is %dx%d; it is upscaled to CLIP's 224 px and "
+             "carries almost no detail. Give a reference of at least %d px on each side.",
+             w, h, MIN_REFERENCE_SIDE)
+    if mask is not None:
+        mh, mw = mask_to_hw(mask).shape
+        if (mh, mw) != (h, w):
+            warn("LocRef Reference: the mask is %dx%d but the image is %dx%d; the mask is "
+                 "stretched to the image. Use the mask of this image (e.g. Load Image's MASK).",
+                 mw, mh, w, h)
 
 
 class LocRefRegionMask:
@@ -163,6 +192,7 @@ class LocRefRegionMask:
             },
         }
 
+    @shows_warnings
     def shape(self, layout, mask, box_index, label, add_new_box=False, invert_mask=False):
         if not isinstance(layout, Layout):
             raise ValueError("layout input must come from a LocRef Boxes node")
@@ -176,9 +206,9 @@ class LocRefRegionMask:
         else:
             shaped, stretched = with_region(layout, find_box(layout, box_index, label), region)
         if stretched:
-            log.warning("LocRef Region Mask: the mask is %dx%d but the canvas is %dx%d; it was "
-                        "resized to the canvas (stretched). Make the mask at the canvas size.",
-                        region.shape[1], region.shape[0], layout.width, layout.height)
+            warn("LocRef Region Mask: the mask is %dx%d but the canvas is %dx%d; it was resized "
+                 "to the canvas (stretched). Make the mask at the canvas size.",
+                 region.shape[1], region.shape[0], layout.width, layout.height)
         return (shaped,)
 
 
@@ -209,6 +239,7 @@ class LocRefLayoutPreview:
             },
         }
 
+    @shows_warnings
     def preview(self, layout, show_labels=True, fit="contain"):
         if not isinstance(layout, Layout):
             raise ValueError("layout input must come from a LocRef Boxes node")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -15,6 +16,8 @@ from ..locref_core.layout import Layout
 from ..locref_core.patch import LocRefState, PatchSettings, install
 from ..locref_core.weights import describe, load_adapter
 from .convert import chw_to_image
+from .validate import first, in_range
+from .warn import executing, shows_warnings, warn
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class LocRefAdapterLoader:
             "tooltip": "Files from models/locref, and SD-1.5 IP-Adapter files from "
                        "models/ipadapter (listed as ipadapter/...)."})}}
 
+    @shows_warnings
     def load(self, adapter_name):
         if adapter_name.startswith(IPADAPTER_PREFIX) and not folder_paths.get_full_path(
                 "locref", adapter_name):
@@ -109,10 +113,9 @@ def encode_box_texts(clip, layout: Layout) -> list[torch.Tensor | None]:
             seen[text] = cond[0].float().cpu()
             windows = max(1, seen[text].shape[0] // 77)
             if windows > 1:
-                log.warning("LocRef Apply: the text of %s is longer than one 77-token window; "
-                            "it is encoded as %d windows (the host's long-prompt handling), "
-                            "which weakens each word. Shorten it for a sharper region.",
-                            box_name(i, box.label), windows)
+                warn("LocRef Apply: the text of %s is longer than one 77-token window; it is "
+                     "encoded as %d windows (the host's long-prompt handling), which weakens "
+                     "each word. Shorten it for a sharper region.", box_name(i, box.label), windows)
         out.append(seen[text])
     return out
 
@@ -166,15 +169,22 @@ class LocRefApply:
                                                  "and in the negative prompt nothing changes."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
+        return first(in_range(start_percent, 0.0, 1.0, "start_percent"),
+                     in_range(end_percent, 0.0, 1.0, "end_percent"),
+                     percent_order(start_percent, end_percent))
+
+    @shows_warnings
     def apply(self, model, adapter=None, clip_vision=None, layout=None, strength=1.0,
               text_in_boxes=0.0, start_percent=0.0, end_percent=1.0, clip=None,
               region_text=REGION_TEXT_DEFAULT):
         # Positional order as before adapter and clip_vision became optional (scripts call it).
         if not isinstance(layout, Layout):
             raise ValueError("layout input must come from a LocRef Boxes / LocRef Reference node")
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent {start_percent} is after end_percent {end_percent}; "
-                             "swap them")
+        order = percent_order(start_percent, end_percent)
+        if order:
+            raise ValueError(order)
         with_refs = [b for b in layout.boxes if b.reference is not None] if strength > 0 else []
         if with_refs:
             check_reference_inputs(layout, adapter, clip_vision)
@@ -182,13 +192,18 @@ class LocRefApply:
                                any(b.reference is not None for b in layout.boxes))
         m = model.clone()
         if not with_refs and texts is None:
-            log.warning("LocRef Apply: %s; the model is returned unpatched",
-                        "strength is 0 and no box has text" if strength == 0 else
-                        "no box has a reference or a label (attach a reference with LocRef "
-                        "Reference, or type a label in a box)")
+            warn("LocRef Apply: %s; the model is returned unpatched",
+                 "strength is 0 and no box has text (raise strength to use the references)"
+                 if strength == 0 and any(b.reference is not None for b in layout.boxes) else
+                 "no box has a reference or a label (attach a reference with LocRef "
+                 "Reference, or type a label in a box and connect clip)")
             return (m,)
+        if strength == 0 and any(b.reference is not None for b in layout.boxes):
+            warn("LocRef Apply: strength is 0, so the references are off; only the box texts "
+                 "apply. Raise strength to use the references.")
         state = self.build_state(m, adapter, clip_vision, layout, with_refs, strength,
                                  text_in_boxes, start_percent, end_percent, texts, region_text)
+        state.warn = functools.partial(warn, node_id=executing()[1])  # warnings while sampling
         install(m, state)
         return (m,)
 
@@ -204,9 +219,9 @@ class LocRefApply:
                 raise ValueError(
                     f"LocRef Apply: {labelled} text, but no CLIP is connected to encode it. "
                     "Connect the checkpoint's CLIP to the clip input, or set region_text to 0.")
-            log.warning("LocRef Apply: %s text but no CLIP is connected; the references "
-                        "apply, the box texts do not (connect the checkpoint's CLIP to clip, or "
-                        "set region_text to 0 to silence this)", labelled)
+            warn("LocRef Apply: %s text but no CLIP is connected; the references apply, the box "
+                 "texts do not (connect the checkpoint's CLIP to clip, or set region_text to 0 "
+                 "to silence this)", labelled)
             return None
         return encode_box_texts(clip, layout)
 
@@ -224,6 +239,13 @@ class LocRefApply:
         comfy.model_management.throw_exception_if_processing_interrupted()
         return LocRefState(adapter if with_refs else None, layout, ri_tokens, ci_tokens,
                            settings, m.get_model_object("diffusion_model"), texts)
+
+
+def percent_order(start: float | None, end: float | None) -> str | None:
+    """The error for a start after the end (None when fine or not known yet)."""
+    if start is not None and end is not None and start > end:
+        return f"start_percent {start} is after end_percent {end}; swap them"
+    return None
 
 
 def check_reference_inputs(layout: Layout, adapter, clip_vision) -> None:

@@ -8,9 +8,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..filekind import FGDM_FORMAT, require
 from .adapter import FactorAdapter, FactorConfig
 
-FORMAT_NAME, FORMAT_VERSION = "fgdm-factor", "1"
+FORMAT_NAME, FORMAT_VERSION = FGDM_FORMAT, "1"
+SUPPORTED = ("FG-DM factor adapters (.safetensors written by this pack's trainer or by "
+             "`python -m locref_core.fgdm.convert_official`)")
 
 
 def save_factor(adapter: FactorAdapter, path: str, metadata: dict[str, str] | None = None) -> None:
@@ -27,15 +30,13 @@ def load_factor(path: str) -> FactorAdapter:
     if not path.endswith((".safetensors", ".sft")):
         raise ValueError(f"{name}: only .safetensors factor files are loaded; convert the official "
                          "FG-DM checkpoint with `python -m locref_core.fgdm.convert_official`")
+    require(path, ("fgdm_factor",), "factor", SUPPORTED)
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{name}: not a readable safetensors file ({err})") from None
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{name}: not an FG-DM factor adapter (metadata format "
-                         f"{meta.get('format')!r}, expected {FORMAT_NAME!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{name}: factor format version {meta.get('format_version')!r}; this pack "
                          f"reads {FORMAT_VERSION}")

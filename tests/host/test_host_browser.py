@@ -4,9 +4,11 @@
 against the real server: it draws two boxes, moves one, resizes one, labels both, undoes a
 third with Ctrl+Z, queues the prompt as the UI does (with a reference on box 0, whose
 thumbnail the canvas must then show), reloads the page and checks the boxes are restored,
-changes the width, and queues invalid JSON (error dialog, canvas keeps the last valid layout)
-and then valid JSON again. This test uploads the reference and checks, from ``/history``,
-what the server received and how each prompt ended.
+changes the width, and queues invalid JSON (refused at POST /prompt: error dialog, canvas keeps
+the last valid layout) and then valid JSON again; runs a 1x1 reference (LocRef Reference shows
+its warning on itself) and opens the Boxes node's help page in the docs panel. This test
+uploads the references and checks, from ``/history``, what the server received and how each
+prompt ended.
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``) and ``playwright-core``
 (``cd tests/host/browser && npm install``); skipped with a reason otherwise.
@@ -32,6 +34,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 README_SCREENSHOT = comfy_harness.REPO_ROOT / "web" / "box_canvas.png"
 REFERENCE_NAME = "locref_browser_reference.png"
 REFERENCE_RGB = (255, 150, 0)  # orange: the script looks for it inside box 0 of the canvas
+TINY_NAME = "locref_browser_tiny.png"  # a 1x1 reference: LocRef Reference warns on itself
 
 
 def _browser_skip_reason() -> str | None:
@@ -70,12 +73,6 @@ def _received_boxes_json(entry: dict[str, Any], node_id: int) -> str:
     return node["inputs"]["boxes_json"]
 
 
-def _execution_error(entry: dict[str, Any]) -> dict[str, Any]:
-    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert len(errors) == 1, entry["status"]
-    return errors[0]
-
-
 def _upload_reference(server: comfy_harness.ComfyServer) -> str:
     """An orange disc on a blue gradient, 96x64 (its centre is orange), into input/."""
     from PIL import Image, ImageDraw  # noqa: PLC0415 - the host environment's Pillow
@@ -94,9 +91,13 @@ def test_draw_boxes_in_the_real_front_end(comfy_server: comfy_harness.ComfyServe
     if reason is not None:
         pytest.skip(reason)
     reference = _upload_reference(comfy_server)
+    from PIL import Image  # noqa: PLC0415 - the host environment's Pillow
+
+    tiny = comfy_harness.upload_image(comfy_server, Image.new("RGB", (1, 1), (9, 9, 9)), TINY_NAME)
     start = time.monotonic()
     proc = subprocess.run(  # noqa: S603 - our own script
-        ["node", "draw_boxes.mjs", comfy_server.url, str(tmp_path), reference], cwd=BROWSER_DIR,
+        ["node", "draw_boxes.mjs", comfy_server.url, str(tmp_path), reference, tiny],
+        cwd=BROWSER_DIR,
         capture_output=True, text=True, timeout=420, check=False)
     LOG.info("browser script: %.1f s\n%s", time.monotonic() - start, proc.stdout)
     assert proc.returncode == 0, (
@@ -125,20 +126,25 @@ def test_draw_boxes_in_the_real_front_end(comfy_server: comfy_harness.ComfyServe
     assert thumbs[0][0]["subfolder"] == "locref" and thumbs[0][0]["type"] == "temp"
     assert thumbs[0][0]["filename"] in result["thumbnail"]["thumbs"][0]["src"]
 
-    # Invalid JSON: the prompt failed in LocRef Boxes with the Python ValueError, which the
-    # front end's error dialog showed; the prompt after restoring the JSON ran.
-    failed = comfy_harness.wait_for_history(comfy_server, result["error_prompt_id"], timeout=60)
-    assert failed["status"]["status_str"] == "error", failed["status"]
-    assert _received_boxes_json(failed, result["node_id"]) == result["invalid_json"]
-    error = _execution_error(failed)
-    assert error["exception_type"] == "ValueError" and error["node_type"] == "LocRefBoxes", error
-    assert error["exception_message"].startswith("boxes_json is not valid JSON"), error
-    assert error["exception_message"].split(" (")[0] in result["dialog_text"]
+    # Invalid JSON: refused at POST /prompt by LocRef Boxes' VALIDATE_INPUTS (no run, no
+    # history entry); the front end's error dialog showed the Python message.
+    assert result["refused"] is True
+    assert "boxes_json is not valid JSON" in result["dialog_text"]
+    assert "LocRefBoxes" in result["dialog_text"]
     fixed = comfy_harness.wait_for_history(comfy_server, result["fixed_prompt_id"], timeout=60)
     assert fixed["status"]["status_str"] == "success", fixed["status"]
     assert _received_boxes_json(fixed, result["node_id"]) == received
     LOG.info("canvas aspect %.3f at 512x384, %.3f at 1024x384", result["width"]["aspect_512"],
              result["width"]["aspect_1024"])
+    # The 1x1 reference: LocRef Reference ran and showed its warning on itself.
+    warned = comfy_harness.wait_for_history(comfy_server, result["warning"]["prompt_id"], 60)
+    assert warned["status"]["status_str"] == "success", warned["status"]
+    assert "LocRef Reference: the reference is 1x1; it is upscaled" in result["warning"]["text"]
+    # The docs panel showed web/docs/LocRefBoxes.md (its inputs and README line).
+    page = (comfy_harness.REPO_ROOT / "web" / "docs" / "LocRefBoxes.md").read_text()
+    assert "The pack's README, section" in page and "The pack's README, section" in result[
+        "help"]["text"]
+    assert "Malformed" in result["help"]["text"] and "boxes_json" in result["help"]["text"]
     assert not result["our_errors"], f"errors in the pack's front-end code: {result['our_errors']}"
     if result["page_errors"]:  # the host front end's own start-up errors: only logged
         LOG.warning("page errors outside the pack: %s", result["page_errors"])

@@ -90,23 +90,28 @@ def test_sbpc_to_locref_workflow(fgdm_server, sd15_checkpoint_name):
     assert layout.shape == (SIZE, SIZE, 3)
 
 
-def test_bad_operations_json_names_the_problem(fgdm_server, sd15_checkpoint_name):
+def rejection(server, prompt: dict, node: str) -> str:
+    """POST /prompt must answer 400 for `node`; the details of its errors, joined."""
+    with pytest.raises(PromptRejected) as err:
+        queue_prompt(server, prompt)
+    problems = err.value.body["node_errors"][node]["errors"]
+    assert {p["type"] for p in problems} == {"custom_validation_failed"}, problems
+    return "\n".join(p["details"] for p in problems)
+
+
+def test_bad_operations_json_is_refused_when_queued(fgdm_server, sd15_checkpoint_name):
     prompt = small(EDIT_WORKFLOW, sd15_checkpoint_name)
+    del prompt["7"]  # else the host runs the still-valid candidates preview alone (HTTP 200)
     prompt["8"]["inputs"]["operations"] = '{"version": 1, "operations": [{"op": "move",'
-    [error] = errors_of(run(fgdm_server, prompt))
-    assert error["node_type"] == "FGDMMaskEdit"
-    assert "JSON" in error["exception_message"]
+    assert "operations - edit operations are not valid JSON" in rejection(fgdm_server, prompt, "8")
     prompt["8"]["inputs"]["operations"] = '{"version": 1, "operations": [{"op": "explode"}]}'
-    [error] = errors_of(run(fgdm_server, prompt))
-    assert "explode" in error["exception_message"]
+    assert "explode" in rejection(fgdm_server, prompt, "8")
 
 
-def test_object_not_in_the_palette_is_named(fgdm_server, sd15_checkpoint_name):
+def test_object_not_in_the_palette_is_refused_when_queued(fgdm_server, sd15_checkpoint_name):
     prompt = small(EDIT_WORKFLOW, sd15_checkpoint_name)
     prompt["6"]["inputs"]["objects"] = "person, flying saucer"
-    [error] = errors_of(run(fgdm_server, prompt))
-    assert error["node_type"] == "FGDMSBPCSelect"
-    assert "flying saucer" in error["exception_message"]
+    assert "objects - unknown object 'flying saucer'" in rejection(fgdm_server, prompt, "6")
 
 
 @pytest.mark.parametrize("n", [0, 65])

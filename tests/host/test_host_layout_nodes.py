@@ -13,6 +13,7 @@ from PIL import Image
 
 from comfy_harness import (
     PACK_DIR_NAME,
+    PromptRejected,
     fetch_image,
     get_object_info,
     pack_import_failures,
@@ -110,23 +111,23 @@ def test_example_workflow_draws_boxes_where_the_json_puts_them(comfy_server, red
     assert red.any() and not (red & ~inside).any(), "red reference pixels outside the boxes"
 
 
-def test_malformed_boxes_json_fails_the_prompt_and_the_server_goes_on(comfy_server, red_example):
+def test_malformed_boxes_json_is_refused_at_queue_time_and_the_server_goes_on(comfy_server,
+                                                                            red_example):
     good = json.loads(API_WORKFLOW.read_text())
     bad = copy.deepcopy(good)
     bad["2"]["inputs"]["boxes_json"] = '{"version": 1, "boxes": [{"x0": 0.5, "y0": 0.1, "x1": 0.2'
-    entry = run_prompt(comfy_server, bad)
-    assert entry["status"]["status_str"] == "error"
-    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert errors and errors[0]["node_type"] == "LocRefBoxes"
-    assert "not valid JSON" in errors[0]["exception_message"]
-    assert errors[0]["exception_type"].endswith("ValueError")
+    with pytest.raises(PromptRejected) as err:
+        queue_prompt(comfy_server, bad)
+    [problem] = err.value.body["node_errors"]["2"]["errors"]
+    assert problem["type"] == "custom_validation_failed"
+    assert problem["details"].startswith("boxes_json - boxes_json is not valid JSON")
 
     inverted = copy.deepcopy(good)
     inverted["2"]["inputs"]["boxes_json"] = json.dumps(
         {"version": 1, "boxes": [{"x0": 0.6, "y0": 0.1, "x1": 0.2, "y1": 0.5, "label": "cat"}]})
-    entry = run_prompt(comfy_server, inverted)
-    [error] = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert "box 0 ('cat')" in error["exception_message"]
+    with pytest.raises(PromptRejected) as err:
+        queue_prompt(comfy_server, inverted)
+    assert "box 0 ('cat') has zero or negative size" in json.dumps(err.value.body)
 
     good["6"]["inputs"]["filename_prefix"] = "LocRef/after_error"  # a fresh prompt, not cached
     entry = run_prompt(comfy_server, good)

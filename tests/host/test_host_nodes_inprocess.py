@@ -107,3 +107,20 @@ def test_reference_embeddings_keep_no_autograd_graph(pack):
         clip_vision, torch.rand(1, 3, 32, 32), crop=True)
     assert embeds.shape == (1, 1024)
     assert embeds.grad_fn is None and not embeds.requires_grad
+
+
+def test_every_node_has_a_help_page_naming_its_inputs_and_outputs(pack):
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        page = ROOT / "web" / "docs" / f"{node_id}.md"
+        assert page.is_file(), f"{node_id} has no help page"
+        text = page.read_text(encoding="utf-8")
+        spec = cls.INPUT_TYPES()
+        names = [*spec.get("required", {}), *spec.get("optional", {}), *cls.RETURN_NAMES]
+        assert [n for n in names if f"`{n}`" not in text] == [], node_id
+
+
+def test_every_node_function_shows_its_warnings(pack):
+    warn = sys.modules[f"{PACK_NAME}.nodes.warn"]
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        function = getattr(cls, cls.FUNCTION)
+        assert function.__code__ is warn.shows_warnings(lambda: None).__code__, node_id

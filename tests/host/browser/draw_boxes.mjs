@@ -11,16 +11,19 @@
 // Reloads the page and checks that the boxes are restored; changes the width widget and
 // checks the canvas aspect and the stored coordinates; types invalid JSON into the shown
 // boxes_json text, queues, checks the error dialog and that the canvas keeps the last valid
-// layout, then restores the JSON and queues again. Writes result.json (the gestures in screen
+// layout, then restores the JSON and queues again. Runs a 1x1 reference and checks LocRef
+// Reference shows its warning, and opens the Boxes node's help page (feedback.mjs). Writes result.json (the gestures in screen
 // pixels, the canvas rectangle and the prompt ids, for the pytest side), screenshots, and
 // exits non-zero on any failed check.
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
+import { checkHelpPage, checkWarningOnNode } from "./feedback.mjs";
 
-const [url, outDir, referenceName] = process.argv.slice(2);
-if (!url || !outDir || !referenceName) {
-  console.error("usage: node draw_boxes.mjs <server url> <output folder> <reference image name>");
+const [url, outDir, referenceName, tinyName] = process.argv.slice(2);
+if (!url || !outDir || !referenceName || !tinyName) {
+  console.error("usage: node draw_boxes.mjs <server url> <output folder> <reference image name> "
+    + "<1x1 image name>");
   process.exit(2);
 }
 const CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"];
@@ -76,7 +79,7 @@ async function buildGraph(page) {
     app.canvas.ds.scale = 1.25;
     app.canvas.ds.offset = [30, 20];
     app.graph.setDirtyCanvas(true, true);
-    return { boxes: boxes.id, other: other.id };
+    return { boxes: boxes.id, other: other.id, load: load.id, attach: attach.id };
   }, referenceName);
 }
 
@@ -252,8 +255,9 @@ const INVALID_JSON = '{"version": 1, "boxes": [';
 
 /**
  * Show boxes_json through the JSON toggle and type invalid JSON: the canvas keeps the last
- * valid layout; queueing shows the Python error in the host's error dialog. Then restore the
- * JSON and queue again. Returns the two prompt ids and the dialog's text.
+ * valid layout; queueing is refused (HTTP 400, VALIDATE_INPUTS) and the host's error dialog
+ * shows the Python message. Then restore the JSON and queue again. Returns whether the prompt
+ * was refused without a history entry, the fixed prompt's id and the dialog's text.
  */
 async function checkInvalidJson(page, id, valid) {
   const handle = (what) => page.evaluateHandle(([nodeId, w]) => {
@@ -275,14 +279,17 @@ async function checkInvalidJson(page, id, valid) {
       `${when}: the canvas still shows the last valid layout`);
   };
   await keeps("typed");
-  const failed = await queueAndWait(page);
-  check(failed.status === "error", `the prompt with invalid JSON failed (${failed.status})`);
+  const historySize = async () => Object.keys(await (await fetch(`${url}/history`)).json()).length;
+  const before400 = await historySize();
+  const accepted = await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0));
+  check(accepted === false, "the prompt with invalid JSON was refused when queued");
   const dialog = page.getByRole("dialog").filter({ hasText: "boxes_json" });
   await dialog.waitFor({ state: "visible", timeout: 15000 });
   const dialogText = await dialog.innerText();
   check(dialogText.includes("boxes_json is not valid JSON") && dialogText.includes("LocRefBoxes"),
     `the error dialog shows the Python error: ${dialogText}`);
-  await keeps("after the failed run");
+  check(await historySize() === before400, "the refused prompt never ran");
+  await keeps("after the refused prompt");
   await page.screenshot({ path: join(outDir, "invalid_json.png") });
   await page.keyboard.press("Escape");
   await dialog.waitFor({ state: "hidden", timeout: 10000 });
@@ -293,7 +300,7 @@ async function checkInvalidJson(page, id, valid) {
   check(!fixedState.error && !(await textarea.isVisible()), "valid JSON again: no error, JSON hidden");
   const fixed = await queueAndWait(page);
   check(fixed.status === "success", `the prompt after restoring the JSON ran (${fixed.status})`);
-  return { error_prompt_id: failed.id, fixed_prompt_id: fixed.id, dialog_text: dialogText };
+  return { refused: accepted === false, fixed_prompt_id: fixed.id, dialog_text: dialogText };
 }
 
 async function main() {
@@ -351,9 +358,14 @@ async function main() {
     log("width change", JSON.stringify(width));
     const invalid = await checkInvalidJson(page, ids.boxes, sent);
     log("invalid JSON", JSON.stringify(invalid));
+    const warning = await checkWarningOnNode(page, ids, tinyName, queueAndWait);
+    log("warning on the node", JSON.stringify(warning));
+    await page.screenshot({ path: join(outDir, "warning.png") });
+    const help = await checkHelpPage(page, ids.boxes, join(outDir, "help_page.png"));
+    log("help page", help.text.slice(0, 200));
     writeFileSync(join(outDir, "result.json"), JSON.stringify({
       prompt_id: run.id, node_id: ids.boxes, rect, gestures, boxes_json: sent,
-      restored: mine.json, thumbnail, width, invalid_json: INVALID_JSON, ...invalid,
+      restored: mine.json, thumbnail, width, invalid_json: INVALID_JSON, ...invalid, warning, help,
       page_errors: errors,
       // errors raised in (or through) this pack's code; the host's own are only reported
       our_errors: errors.filter((e) => e.includes("/extensions/ComfyUI-LocRef/")), seconds: (Date.now() - t0) / 1000,
