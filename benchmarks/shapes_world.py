@@ -60,7 +60,7 @@ PRESETS = {  # what each stage does; the full preset is sized for ~90 minutes on
               "controlnet_steps": 4, "controlnet_batch": 2, "sbpc_n": 3, "sample_steps": 4,
               "bootstrap": 20},
     "full": {"train_images": 2048, "heldout": 64, "vae_steps": 1000, "unet_steps": 4000,
-             "locref_steps": 1500, "locref_batch": 8, "factor_steps": 1500, "factor_batch": 16,
+             "locref_steps": 3000, "locref_batch": 8, "factor_steps": 1500, "factor_batch": 16,
              "controlnet_steps": 1500, "controlnet_batch": 16, "sbpc_n": 10, "sample_steps": 20,
              "bootstrap": 500},
 }
