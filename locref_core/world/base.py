@@ -74,6 +74,23 @@ def fit_latent_scale(parts: SD15Parts, latents: torch.Tensor) -> float:
     return scale
 
 
+def pick_captions(captions: Sequence[Sequence[str]], idx: torch.Tensor, null_prob: float,
+                  g: torch.Generator) -> list[str]:
+    """For each row index, one of that image's captions at random, or the empty caption with
+    probability `null_prob` (what classifier-free guidance needs)."""
+    return [captions[i][int(torch.randint(len(captions[i]), (1,), generator=g))]
+            if torch.rand(1, generator=g).item() >= null_prob else "" for i in idx.tolist()]
+
+
+def noised(parts: SD15Parts, x0: torch.Tensor, g: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise, and x0 diffused to a uniform random DDPM timestep per row: (noise, x, sigma)."""
+    n_t = len(parts.patcher.model.model_sampling.sigmas)
+    noise = torch.randn(x0.shape, generator=g)
+    x, sigma = diffuse(parts, x0, noise, torch.randint(0, n_t, (len(x0),), generator=g))
+    return noise, x, sigma
+
+
 class EMA:
     """Exponential moving average of parameters (decay ramps up as (1 + n) / (10 + n))."""
 
@@ -109,7 +126,6 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
     average = EMA(list(unet.parameters()), ema) if ema else None
     g = torch.Generator().manual_seed(seed)
     process_in = parts.patcher.model.latent_format.process_in
-    n_t = len(parts.patcher.model.model_sampling.sigmas)
     progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
     ensure_loaded(host, parts)
     for step in range(steps):
@@ -117,11 +133,8 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
         x0 = process_in(latents[idx])
         flip = torch.rand(batch, generator=g) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        texts = [captions[i][int(torch.randint(len(captions[i]), (1,), generator=g))]
-                 if torch.rand(1, generator=g).item() >= null_prob else "" for i in idx.tolist()]
-        context = encode_text(parts.clip, texts)
-        noise = torch.randn(x0.shape, generator=g)
-        x, sigma = diffuse(parts, x0, noise, torch.randint(0, n_t, (batch,), generator=g))
+        context = encode_text(parts.clip, pick_captions(captions, idx, null_prob, g))
+        noise, x, sigma = noised(parts, x0, g)
         loss = (predict_eps(host, parts.patcher, x, sigma, context) - noise).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..train.common import DistEnv, Progress
-from ..train.host import (SD15Parts, diffuse, encode_text, ensure_loaded, freeze, predict_eps,
-                          reinit)
+from ..train.host import SD15Parts, encode_text, ensure_loaded, freeze, predict_eps, reinit
+from .base import noised, pick_captions
 
 log = logging.getLogger(__name__)
 FORMAT = "locref-shapes-world-seg-controlnet"
@@ -84,18 +84,14 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     process_in = parts.patcher.model.latent_format.process_in
-    n_t = len(parts.patcher.model.model_sampling.sigmas)
     progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
     ensure_loaded(host, parts)
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0 = process_in(latents[idx])
         hint = hint_for(host, maps[idx], x0.shape[-1])
-        texts = [captions[i][int(torch.randint(len(captions[i]), (1,), generator=g))]
-                 if torch.rand(1, generator=g).item() >= null_prob else "" for i in idx.tolist()]
-        context = encode_text(parts.clip, texts)
-        noise = torch.randn(x0.shape, generator=g)
-        x, sigma = diffuse(parts, x0, noise, torch.randint(0, n_t, (batch,), generator=g))
+        context = encode_text(parts.clip, pick_captions(captions, idx, null_prob, g))
+        noise, x, sigma = noised(parts, x0, g)
         control = control_of(parts, model, x, sigma, hint, context)
         loss = (predict_eps(host, parts.patcher, x, sigma, context, control=control)
                 - noise).square().mean()
