@@ -145,21 +145,12 @@ def stage_base(run: dict, host, data: dict):
 
 def stage_locref(run: dict, data: dict, base_path: str) -> str:
     """The LocRef adapter, trained on the world by the pack's own trainer (cached)."""
-    out = run["dir"] / "locref.safetensors"
-    if out.is_file():
-        log.info("locref: cached %s", out)
-        return str(out)
     p, train = run["preset"], data["train"]
-    locref_trainer.main([
-        "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu",
-        "--images", str(train["images"]), "--instances", str(train["instances"]),
-        "--captions", str(train["captions"]), "--size", "64", "--ref-size", "32",
-        "--batch-size", str(p["locref_batch"]), "--steps", str(p["locref_steps"]),
-        "--num-workers", "0", "--lr", "1e-4", "--seed", str(run["seed"]),
-        "--log-every", str(max(1, p["locref_steps"] // 20)), "--out", str(out),
-        "--ckpt-dir", str(run["dir"] / "locref_ckpt"), "--ckpt-every", str(p["locref_steps"]),
-        *(["--tensorboard", str(run["dir"] / "tb" / "locref")] if run["tensorboard"] else [])])
-    return str(out)
+    return fgdm.cached_training(run, "locref", "locref", locref_trainer.main, base_path,
+                                p["locref_steps"], p["locref_batch"], [
+                                    "--images", str(train["images"]),
+                                    "--instances", str(train["instances"]),
+                                    "--captions", str(train["captions"]), "--ref-size", "32"])
 
 
 def layout_of(item, with_refs: bool = True) -> Layout:

@@ -40,23 +40,34 @@ def read_maps(paths: dict, size: int = 64) -> torch.Tensor:
     return torch.stack([ds[i]["condition"] for i in range(len(ds))])
 
 
+def cached_training(run: dict, tag: str, name: str, trainer_main, base_path: str,
+                    steps: int, batch: int, data_args: list[str]) -> str:
+    """`run["dir"]/<name>.safetensors`, trained by one of the pack's trainers (`trainer_main`,
+    its CLI entry) on the frozen world base unless it is cached; checkpoints in `<name>_ckpt`,
+    TensorBoard curves in `tb/<tag>`. `data_args` are the trainer's own data flags."""
+    out = run["dir"] / f"{name}.safetensors"
+    if out.is_file():
+        log.info("%s: cached %s", tag, out)
+        return str(out)
+    trainer_main([
+        "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu", *data_args,
+        "--size", "64", "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0",
+        "--lr", "1e-4", "--seed", str(run["seed"]), "--log-every", str(max(1, steps // 20)),
+        "--out", str(out), "--ckpt-dir", str(run["dir"] / f"{name}_ckpt"),
+        "--ckpt-every", str(steps),
+        *(["--tensorboard", str(run["dir"] / "tb" / tag)] if run["tensorboard"] else [])])
+    return str(out)
+
+
 def stage_factor(run: dict, data: dict, base_path: str) -> str:
     """The seg factor, trained by the pack's own FG-DM trainer on the frozen base (cached)."""
-    out = run["dir"] / "fgdm_seg.safetensors"
-    if out.is_file():
-        log.info("fgdm: cached %s", out)
-        return str(out)
     p, train = run["preset"], data["train"]
-    fgdm_trainer.main([
-        "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu",
-        "--images", str(train["images"]), "--conditions", str(train["labels"]),
-        "--captions", str(train["captions"]), "--kind", "seg", "--palette", PALETTE,
-        "--size", "64", "--batch-size", str(p["factor_batch"]), "--steps", str(p["factor_steps"]),
-        "--num-workers", "0", "--lr", "1e-4", "--seed", str(run["seed"]),
-        "--log-every", str(max(1, p["factor_steps"] // 20)), "--out", str(out),
-        "--ckpt-dir", str(run["dir"] / "fgdm_ckpt"), "--ckpt-every", str(p["factor_steps"]),
-        *(["--tensorboard", str(run["dir"] / "tb" / "fgdm")] if run["tensorboard"] else [])])
-    return str(out)
+    return cached_training(run, "fgdm", "fgdm_seg", fgdm_trainer.main, base_path,
+                           p["factor_steps"], p["factor_batch"], [
+                               "--images", str(train["images"]),
+                               "--conditions", str(train["labels"]),
+                               "--captions", str(train["captions"]), "--kind", "seg",
+                               "--palette", PALETTE])
 
 
 def stage_controlnet(run: dict, host, parts, data: dict, images: torch.Tensor,
@@ -86,17 +97,15 @@ def required_objects(item) -> str:
     return ", ".join(sorted({SHAPE_CLASSES[shape] for _, shape in item.objects}))
 
 
-def sbpc_maps(run: dict, host, parts, cfg, nodes: dict, factor, item, seed: int, n: int
-              ) -> tuple[torch.Tensor, float]:
-    """SBPC through the pack's own node: N maps from `seed`, the chosen one (1, H, W, 3) in
-    [0, 1] at the image size and its recall."""
-    model = nodes["fgdm_nodes"].FGDMApplyFactor().apply(parts.patcher, factor, 1.0)[0]
+def sbpc_maps(run: dict, parts, cfg, nodes: dict, model, negative: list, item, seed: int,
+              n: int) -> tuple[torch.Tensor, float]:
+    """SBPC through the pack's own node on `model` (the base with the factor applied): N maps
+    from `seed`, the chosen one (1, H, W, 3) in [0, 1] at the image size and its recall."""
     pos = [[base.encode_text(parts.clip, [item.caption]), {}]]
-    neg = [[base.encode_text(parts.clip, [""]), {}]]
     side = cfg.size
     out = nodes["fgdm_map_nodes"].FGDMSBPCSelect().select(
-        model, pos, neg, parts.vae, n, run["preset"]["sample_steps"], run["guidance"], "euler",
-        "normal", side, side, seed, required_objects(item), PALETTE, side, side)
+        model, pos, negative, parts.vae, n, run["preset"]["sample_steps"], run["guidance"],
+        "euler", "normal", side, side, seed, required_objects(item), PALETTE, side, side)
     chosen_map, recall = out["result"][0], out["result"][3]
     return chosen_map, float(recall)
 
@@ -106,8 +115,18 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
     the image from the layout's own map; progress with ETA."""
     from locref_core.fgdm.weights import load_factor
 
-    factor = load_factor(factor_path)
+    # FGDM Apply Factor once: every layout samples its maps from the same patched clone
+    model = nodes["fgdm_nodes"].FGDMApplyFactor().apply(parts.patcher, load_factor(factor_path),
+                                                        1.0)[0]
+    negative = [[base.encode_text(parts.clip, [""]), {}]]
     items, n_big = run["data"]["heldout"], run["preset"]["sbpc_n"]
+
+    def draw(item, seed: int, chosen: torch.Tensor) -> torch.Tensor:
+        """The image of `item` from the map `chosen` (1, H, W, 3) through the seg ControlNet."""
+        return base.sample_images(host, parts.patcher, parts, [item.caption], [seed], cfg,
+                                  steps=run["preset"]["sample_steps"], guidance=run["guidance"],
+                                  control_net=control_net, maps=[chosen])[0]
+
     true_maps = read_maps(run["data"]["heldout_paths"])
     rows: dict[str, dict[str, list]] = {k: {"images": [], "map_recall": [], "maps": []}
                                         for k in ("n1", "nbig", "true")}
@@ -115,18 +134,12 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
     for i, item in enumerate(items):
         seed = run["seed"] * 1000 + i
         for key, n in (("n1", 1), ("nbig", n_big)):
-            chosen, recall = sbpc_maps(run, host, parts, cfg, nodes, factor, item, seed, n)
+            chosen, recall = sbpc_maps(run, parts, cfg, nodes, model, negative, item, seed, n)
             rows[key]["map_recall"].append(recall)
             rows[key]["maps"].append(chosen)
-            rows[key]["images"].append(base.sample_images(
-                host, parts.patcher, parts, [item.caption], [seed], cfg,
-                steps=run["preset"]["sample_steps"], guidance=run["guidance"],
-                control_net=control_net, maps=[chosen])[0])
+            rows[key]["images"].append(draw(item, seed, chosen))
         truth = ((true_maps[i] + 1) / 2).permute(1, 2, 0)[None]  # (1, H, W, 3)
-        rows["true"]["images"].append(base.sample_images(
-            host, parts.patcher, parts, [item.caption], [seed], cfg,
-            steps=run["preset"]["sample_steps"], guidance=run["guidance"],
-            control_net=control_net, maps=[truth])[0])
+        rows["true"]["images"].append(draw(item, seed, truth))
         rate = (i + 1) / (time.perf_counter() - t0)
         log.info("FG-DM: %d/%d layouts, ETA %.0f s", i + 1, len(items), (len(items) - i - 1) / rate)
     return rows
@@ -154,8 +167,6 @@ def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> st
         lines.append(f"| {name} | {fmt(both)} | {fmt(shape)} | {maps} |")
     text = "\n".join(lines)
     (run["dir"] / "table_fgdm.md").write_text(text + "\n")
-    (run["dir"] / "map_recall.json").write_text(json.dumps(
-        {k: rows[k]["map_recall"] for k in ("n1", "nbig")}))
     return text
 
 
