@@ -292,6 +292,19 @@ def queue_prompt(server: ComfyServer, prompt: dict[str, Any], client_id: str | N
     return str(resp.json()["prompt_id"])
 
 
+def validation_refusal(server: ComfyServer, prompt: dict[str, Any], node: str) -> str:
+    """``POST /prompt`` must answer HTTP 400 with only the pack's ``VALIDATE_INPUTS`` refusals
+    (``custom_validation_failed``) for ``node``; return their details, joined by newlines."""
+    try:
+        queue_prompt(server, prompt)
+    except PromptRejected as err:
+        problems = err.body["node_errors"][node]["errors"]
+    else:
+        raise AssertionError(f"POST /prompt accepted the prompt; node {node} should refuse it")
+    assert {p["type"] for p in problems} == {"custom_validation_failed"}, problems
+    return "\n".join(p["details"] for p in problems)
+
+
 def wait_for_history(server: ComfyServer, prompt_id: str, timeout: float = 300.0) -> dict[str, Any]:
     """Poll ``/history/<id>`` until the prompt completed or errored; return its entry."""
     requests = _requests()

@@ -9,7 +9,8 @@ import pathlib
 
 import numpy as np
 import pytest
-from comfy_harness import PromptRejected, fetch_image, queue_prompt, upload_image, wait_for_history
+from comfy_harness import (PromptRejected, fetch_image, queue_prompt, upload_image,
+                           validation_refusal as rejection, wait_for_history)
 from harness_fgdm import CONTROLNET_NAME, FACTOR_NAME, install_fgdm_models
 from harness_locref import install_locref_models
 from PIL import Image
@@ -88,15 +89,6 @@ def test_sbpc_to_locref_workflow(fgdm_server, sd15_checkpoint_name):
     assert image.shape == (SIZE, SIZE, 3)
     [layout] = images(fgdm_server, entry, "12")
     assert layout.shape == (SIZE, SIZE, 3)
-
-
-def rejection(server, prompt: dict, node: str) -> str:
-    """POST /prompt must answer 400 for `node`; the details of its errors, joined."""
-    with pytest.raises(PromptRejected) as err:
-        queue_prompt(server, prompt)
-    problems = err.value.body["node_errors"][node]["errors"]
-    assert {p["type"] for p in problems} == {"custom_validation_failed"}, problems
-    return "\n".join(p["details"] for p in problems)
 
 
 def test_bad_operations_json_is_refused_when_queued(fgdm_server, sd15_checkpoint_name):

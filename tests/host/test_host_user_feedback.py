@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from comfy_harness import PromptRejected, queue_prompt, upload_image, wait_for_history
+from comfy_harness import queue_prompt, upload_image, wait_for_history
+from comfy_harness import validation_refusal as refused
 from harness_fgdm import FACTOR_NAME, cached_factor, install_fgdm_models
 from harness_locref import cached_ip_adapter
 from harness_ws import run_listening
@@ -168,14 +169,6 @@ def test_sbpc_with_min_area_one_warns_that_the_choice_means_nothing(server, sd15
 
 
 # ------------------------------------------------------------------ refused when queued
-
-
-def refused(server, prompt: dict, node: str) -> str:
-    with pytest.raises(PromptRejected) as err:
-        queue_prompt(server, prompt)
-    problems = err.value.body["node_errors"][node]["errors"]
-    assert {p["type"] for p in problems} == {"custom_validation_failed"}, problems
-    return "\n".join(p["details"] for p in problems)
 
 
 def edit_prompt(operations: str) -> dict:
