@@ -30,8 +30,16 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
               lr: float = 1e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
               maps: torch.Tensor | None = None) -> list[float]:
     """Fit the AutoencoderKL to images (N, 3, H, W) in [-1, 1] and, when given, maps (M, 3, H, W)
-    in [-1, 1] (a quarter of every batch): L1 reconstruction of a sampled latent plus a small KL.
-    Returns the per-step L1; the autoencoder ends frozen."""
+    in [-1, 1] (a quarter of every batch): L1 + MSE reconstruction of a sampled latent plus a
+    small KL; `lr` for the first half, then decayed linearly to 0. Returns the per-step L1; the
+    autoencoder ends frozen.
+
+    Why: the held-out images' reconstructions, scored by the world's detector, bound every
+    configuration of the benchmark. With L1 alone (its gradient is a sign: the same pull for a
+    pixel off by 1 as for one off by 100) a 1000-step VAE reached AP50 0.26-0.45 (colours
+    shifted, shapes mottled). With L1 + MSE (MSE pulls hardest on the largest errors) at a
+    constant lr it reached 0.84 at 1000 steps and 0.85 at 1500. With the decay, 0.92 at step
+    1250 of 1500. All on the same data and seed, images only in the batches."""
     ae = parts.vae.first_stage_model
     ae.requires_grad_(True).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
@@ -45,10 +53,13 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
         mean, logvar = ae.quant_conv(ae.encoder(x)).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         z = mean + torch.randn(mean.shape, generator=g) * (0.5 * logvar).exp()
-        l1 = (ae.decode(z) - x).abs().mean()
+        error = ae.decode(z) - x
+        l1 = error.abs().mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, 2.0 * (1.0 - step / steps))
         opt.zero_grad(set_to_none=True)
-        (l1 + KL_WEIGHT * kl).backward()
+        (l1 + error.square().mean() + KL_WEIGHT * kl).backward()
         opt.step()
         losses.append(l1.item())
         progress.update(step, losses[-1], kl=kl.item())

@@ -29,14 +29,14 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == [
         "base, caption only", "LocRef, trained adapter", "ablation: instance masks off",
         "ablation: composite path off", "ablation: text kept in boxes",
-        "regional prompts (box text, no adapter)"]
+        "regional prompts (box text, no adapter)", "ceiling: the held-out image through the VAE"]
     fgdm_rows = first["table_fgdm"].splitlines()[2:]
     assert [r.split(" | ")[0].lstrip("| ") for r in fgdm_rows] == [
         "base model, caption only", "FG-DM: seg map (N = 1) -> seg ControlNet",
         "FG-DM: SBPC N = 3 -> seg ControlNet",
         "diagnostic: the held-out image's own map -> seg ControlNet"]
     assert fgdm_rows[0].endswith("| — |") and fgdm_rows[3].endswith("| — |")
-    out = tmp_path / "a" / "quick-seed0"
+    out = tmp_path / "a" / f"quick-seed0-v{bench.RECIPE_VERSION}"
     for name in ("table.md", "table_fgdm.md", "grid.png", "timings.json", "timings_fgdm.json",
                  "base.safetensors", "locref.safetensors", "fgdm_seg.safetensors",
                  "seg_controlnet.safetensors", "fgdm_rows.safetensors"):
