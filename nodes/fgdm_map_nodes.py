@@ -18,6 +18,7 @@ from ..locref_core.fgdm.maps import DEFAULT_CUTOFF, convert_map, decode, resize_
 from ..locref_core.fgdm.palettes import get_palette
 from ..locref_core.fgdm.recall import (
     DEFAULT_MIN_AREA,
+    Selection,
     parse_object_list,
     required_classes,
     resolve_class,
@@ -180,7 +181,7 @@ class FGDMSBPCSelect:
                                   cutoff=color_cutoff)
         sel = scored.selection
         if required and max(sel.recalls) == 0:
-            warn_no_recall(len(sel.recalls), min_area)
+            warn_no_recall(sel, min_area)
         chosen = ClassMap(scored.class_maps[sel.index], pal)
         out_map, out_image = map_outputs(chosen, output_height, output_width)
         masks = object_masks(out_map, required)
@@ -197,13 +198,18 @@ class FGDMSBPCSelect:
         return {"ui": {"images": temp_images(grid, "sbpc")}, "result": result}
 
 
-def warn_no_recall(n: int, min_area: float) -> None:
-    """Every candidate scored 0, so the choice is only the first seed: say so, and why."""
+def warn_no_recall(sel: Selection, min_area: float) -> None:
+    """Every candidate scored 0, so the choice says little: say which was kept, why, and what to
+    try (select_best's tie-break: the most area of required classes, then the lowest seed)."""
     hint = (f" min_area {min_area:g} asks every object to cover {min_area:.0%} of the map; lower "
             f"it (default {DEFAULT_MIN_AREA:g})." if min_area > MIN_AREA_HINT else
             " Try more candidates, another seed, or check the factor and the object names.")
-    warn("SBPC: no candidate map has any required object (recall 0 in all %d), so candidate 0 "
-         "was kept and the selection means nothing.%s", n, hint)
+    area = sum(o.area for o in sel.objects)
+    why = (f"its required classes cover the most area ({area:.1%}, under min_area)" if area > 0
+           else "none has any pixel of a required class, so the lowest seed")
+    warn("SBPC: no candidate map has any required object (recall 0 in all %d); candidate %d "
+         "(seed %d) was kept because %s, and the selection means nothing.%s", len(sel.recalls),
+         sel.index, sel.seed, why, hint)
 
 
 class FGDMDecodeMap:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from test_host_fgdm_factor import adapter
 
 from locref_core.fgdm.maps import decode
 from locref_core.fgdm.palettes import get_palette
-from locref_core.fgdm.recall import select_best
+from locref_core.fgdm.recall import lookup_class, select_best
 
 N, MAP, STEPS = 4, 64, 3
 
@@ -117,3 +119,33 @@ def test_auto_palette_comes_from_the_applied_factor(nodes, factored, tiny_sd15):
     fgdm_map_nodes = sys.modules[f"{PACK_NAME}.nodes.fgdm_map_nodes"]
     assert fgdm_map_nodes.factor_palette(factored) == "coco183"
     assert fgdm_map_nodes.factor_palette(tiny_sd15) is None
+
+
+@pytest.mark.parametrize("areas, kept, why", [
+    ([[0.0, 0.0], [0.0, 0.003], [0.001, 0.0]], 1, r"cover the most area \(0\.3%, under min_area\)"),
+    ([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], 0, "none has any pixel of a required class"),
+])
+def test_the_no_recall_warning_names_the_candidate_the_tie_break_kept(nodes, caplog, areas,
+                                                                      kept, why):
+    """All recalls 0: select_best keeps the candidate whose required classes cover the most area
+    (then the lowest seed); the warning names that candidate and its seed, not candidate 0."""
+    import sys
+
+    from test_host_nodes_inprocess import PACK_NAME
+
+    palette = get_palette("coco183")
+    dog, cat = (lookup_class(palette, name) for name in ("dog", "cat"))
+    maps = []
+    for a_dog, a_cat in areas:  # 100 x 100 maps: one pixel is 0.01 %
+        ids = np.zeros((100, 100), dtype=np.int64)
+        ids.flat[: round(a_dog * 10000)] = dog
+        ids.flat[5000: 5000 + round(a_cat * 10000)] = cat
+        maps.append(ids)
+    sel = select_best(maps, [dog, cat], palette, seeds=[7, 8, 9], min_area=0.01)
+    assert max(sel.recalls) == 0 and sel.index == kept
+    fgdm_map_nodes = sys.modules[f"{PACK_NAME}.nodes.fgdm_map_nodes"]
+    with caplog.at_level("WARNING"):
+        fgdm_map_nodes.warn_no_recall(sel, 0.01)
+    text = caplog.text
+    assert f"candidate {kept} (seed {7 + kept}) was kept because" in text, text
+    assert re.search(why, text), text

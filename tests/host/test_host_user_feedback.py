@@ -5,6 +5,7 @@ POST /prompt before anything loads, and wrong weight files named. The server kee
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -164,7 +165,9 @@ def test_sbpc_with_min_area_one_warns_that_the_choice_means_nothing(server, sd15
     prompt_id, texts = run_listening(server, prompt)
     succeeded(server, prompt_id)
     text = shown(texts, "5")
-    assert "no candidate map has any required object (recall 0 in all 2)" in text
+    assert "no candidate map has any required object (recall 0 in all 2); candidate " in text
+    kept = re.search(r"candidate (\d) \(seed (\d+)\) was kept because", text)
+    assert kept and int(kept[2]) == 3 + int(kept[1]), text  # candidate i has seed + i
     assert "min_area 1 asks every object to cover 100% of the map" in text
 
 
