@@ -53,6 +53,7 @@ def cached_training(run: dict, tag: str, name: str, trainer_main, base_path: str
         "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu", *data_args,
         "--size", "64", "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0",
         "--lr", "1e-4", "--seed", str(run["seed"]), "--log-every", str(max(1, steps // 20)),
+        "--text-cache", str(base.WORLD_CAPTIONS),
         "--out", str(out), "--ckpt-dir", str(run["dir"] / f"{name}_ckpt"),
         "--ckpt-every", str(steps),
         *(["--tensorboard", str(run["dir"] / "tb" / tag)] if run["tensorboard"] else [])])

@@ -32,8 +32,9 @@ from .attention_maps import AttentionRecorder
 from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
                      load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
                      shutdown_distributed, step_generator, wrap_ddp)
-from .host import (SD15Parts, add_world_base_flag, diffuse, enable_grad_checkpointing,
-                   encode_images, encode_text, ensure_loaded, load_base, load_host, predict_eps)
+from .host import (SD15Parts, TextCache, add_text_cache_flag, add_world_base_flag, diffuse,
+                   enable_grad_checkpointing, encode_images, encode_text, ensure_loaded,
+                   load_base, load_host, predict_eps, text_cache)
 from .loop import (TrainLog, add_optimizer_flags, add_output_flags, add_precision_flags,
                    check_tensorboard, checkpoint_if_due, log_step, optimizer_step,
                    preview_latents)
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=512, help="training resolution in pixels "
                    "(multiple of 64)")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    add_text_cache_flag(g)
     g = p.add_argument_group("adapter")
     g.add_argument("--time-conditioned", action=argparse.BooleanOptionalAction, default=True,
                    help="timestep-conditioned adapter (FG-DM's TimeAdapter); --no-time-"
@@ -95,6 +97,7 @@ def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
     if args.export:
         return
     check_tensorboard(args)
+    text_cache(args)  # a negative --text-cache is refused here
     if not args.comfyui:
         raise ValueError("--comfyui is required: the ComfyUI folder whose SD-1.5 code is used")
     if not (args.checkpoint or args.tiny_unet or args.world_base):
@@ -158,6 +161,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
+    texts: TextCache | None = None  # --text-cache
 
 
 def setup(args: argparse.Namespace, env: DistEnv) -> Run:
@@ -194,7 +198,8 @@ def setup(args: argparse.Namespace, env: DistEnv) -> Run:
         student.model_options, is_model_options=True)
     rec_s, rec_t = AttentionRecorder(), AttentionRecorder()
     return Run(args, env, host, parts, adapter, student, rec_s.install(student.clone()),
-               rec_t.install(parts.patcher.clone()), rec_s, rec_t, optimizer, scaler, amp)
+               rec_t.install(parts.patcher.clone()), rec_s, rec_t, optimizer, scaler, amp,
+               text_cache(args))
 
 
 def train_step(run: Run, step: int, batch: dict[str, Any], preview: bool = False
@@ -208,7 +213,7 @@ def train_step(run: Run, step: int, batch: dict[str, Any], preview: bool = False
     x0 = encode_images(run.parts, cond).to(dev)  # (B, 4, S/8, S/8): the factor's target latent
     drop = (torch.rand(b, generator=gen) < args.null_prob).tolist()
     captions = ["" if d else str(c) for d, c in zip(drop, batch["caption"])]
-    context = encode_text(run.parts.clip, captions).to(dev)  # (B, 77, 768), no grad
+    context = encode_text(run.parts.clip, captions, run.texts).to(dev)  # (B, 77, 768), no grad
     ms = run.parts.patcher.model.model_sampling
     t = torch.randint(0, len(ms.sigmas), (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen).to(dev)

@@ -8,6 +8,7 @@ import time: `load_host(root)` puts the checkout on sys.path and imports its mod
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import os
@@ -129,6 +130,20 @@ def add_world_base_flag(g: Any) -> None:
                    "synthetic shapes, frozen")
 
 
+def add_text_cache_flag(g: Any) -> None:
+    g.add_argument("--text-cache", type=int, default=0, help="captions kept encoded across steps "
+                   "(236 KB each; 0: encode every step). Pays when captions repeat: a small "
+                   "caption vocabulary (the shapes world: 8192) or many epochs of a small set")
+
+
+def text_cache(args: Any) -> TextCache | None:
+    """The `--text-cache` of a trainer's arguments (None when 0); a negative count is refused."""
+    n = getattr(args, "text_cache", 0)
+    if n < 0:
+        raise ValueError(f"--text-cache {n}: give a number of captions, or 0 for no cache")
+    return TextCache(n) if n else None
+
+
 def sd15_ldm_unet_config(model_channels: int = 320, dtype: torch.dtype = torch.float32) -> dict:
     """SD-1.5's UNet hyper-parameters in the LDM yaml's terms (the host's convert_config input)."""
     return {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
@@ -194,20 +209,59 @@ def reinit(module: torch.nn.Module) -> None:
                 p.normal_(0.0, 0.02)
 
 
+class TextCache:
+    """Captions encoded by `encode_text`, kept across calls: a trainer whose captions repeat (a
+    small vocabulary, many epochs) encodes each caption once. The least recently used caption is
+    dropped past `max_entries` (each holds a (1, 77, 768) float32 context, 236 KB). A caption's
+    context does not depend on the rest of the batch (each is encoded alone), so the results are
+    the same with and without the cache."""
+
+    def __init__(self, max_entries: int):
+        if max_entries < 1:
+            raise ValueError(f"TextCache(max_entries={max_entries}): keep at least one caption")
+        self.max_entries, self.hits, self.misses = max_entries, 0, 0
+        self._kept: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+
+    def get(self, text: str) -> torch.Tensor | None:
+        found = self._kept.get(text)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self._kept.move_to_end(text)
+        return found
+
+    def put(self, text: str, context: torch.Tensor) -> None:
+        self._kept[text] = context
+        self._kept.move_to_end(text)
+        while len(self._kept) > self.max_entries:
+            self._kept.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
 @torch.no_grad()
-def encode_text(clip: Any, captions: list[str]) -> torch.Tensor:
+def encode_text(clip: Any, captions: list[str], cache: TextCache | None = None) -> torch.Tensor:
     """Captions -> (B, 77, 768) context through the host's CLIP (first 77-token window only).
 
     Each caption is tokenized and encoded as CLIPTextEncode does; a caption longer than one window
-    is cut to its first window so the batch stacks. Repeated captions are encoded once.
+    is cut to its first window so the batch stacks. Repeated captions are encoded once, and with a
+    `cache`, once across calls.
     """
-    cache: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
     out = []
     for text in captions:
-        if text not in cache:
+        context = seen.get(text)
+        if context is None and cache is not None:
+            context = cache.get(text)
+        if context is None:
             cond = clip.encode_from_tokens(clip.tokenize(text))  # (1, 77 * windows, 768)
-            cache[text] = cond[:, :TOKENS].float()
-        out.append(cache[text])
+            context = cond[:, :TOKENS].float()
+            if cache is not None:
+                cache.put(text, context)
+        seen[text] = context
+        out.append(context)
     return torch.cat(out)
 
 

@@ -31,9 +31,9 @@ from ..weights import load_adapter, load_strict, save_adapter
 from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
                      load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
                      shutdown_distributed, step_generator, wrap_ddp)
-from .host import (SD15Parts, add_world_base_flag, diffuse, enable_grad_checkpointing,
-                   encode_images, encode_text, ensure_loaded, freeze, load_base, load_host,
-                   predict_eps, reinit)
+from .host import (SD15Parts, TextCache, add_text_cache_flag, add_world_base_flag, diffuse,
+                   enable_grad_checkpointing, encode_images, encode_text, ensure_loaded, freeze,
+                   load_base, load_host, predict_eps, reinit, text_cache)
 from .loop import (TrainLog, add_optimizer_flags, add_output_flags, add_precision_flags,
                    check_tensorboard, checkpoint_if_due, log_step, optimizer_step,
                    preview_latents)
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no flip / scale "
                    "/ colour jitter of the references")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    add_text_cache_flag(g)
     g = p.add_argument_group("adapter")
     g.add_argument("--tokens", type=int, default=4, help="context tokens per image")
     g.add_argument("--hidden-dim", type=int, default=1024, help="hidden width of the two-layer "
@@ -104,6 +105,7 @@ def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
     if args.export:
         return
     check_tensorboard(args)
+    text_cache(args)  # a negative --text-cache is refused here
     if not args.comfyui:
         raise ValueError("--comfyui is required: the ComfyUI folder whose SD-1.5 code is used")
     if not (args.tiny_unet or args.world_base) and not (args.checkpoint and args.clip_vision):
@@ -189,6 +191,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
+    texts: TextCache | None = None  # --text-cache
 
 
 def setup(args: argparse.Namespace, env: DistEnv) -> Run:
@@ -225,7 +228,7 @@ def setup(args: argparse.Namespace, env: DistEnv) -> Run:
     student = parts.patcher.clone()
     install(student, state)
     return Run(args, env, host, parts, clip_vision, adapter, wrap_ddp(ReferenceKV(adapter), env),
-               state, student, optimizer, scaler, amp)
+               state, student, optimizer, scaler, amp, text_cache(args))
 
 
 @torch.no_grad()
@@ -262,7 +265,7 @@ def train_step(run: Run, step: int, batch: dict[str, Any], preview: bool = False
     x0 = encode_images(run.parts, batch["image"]).to(dev)  # (B, 4, S/8, S/8)
     drop = torch.rand(b, generator=gen) < args.ref_dropout  # (B,) null-reference rows
     ri_embeds, ci_embeds = encode_references(run, batch, drop)
-    context = encode_text(run.parts.clip, [str(c) for c in batch["caption"]]).to(dev)
+    context = encode_text(run.parts.clip, [str(c) for c in batch["caption"]], run.texts).to(dev)
     ms = run.parts.patcher.model.model_sampling
     t = torch.randint(0, len(ms.sigmas), (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen).to(dev)

@@ -23,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..train.common import DistEnv, Progress
-from ..train.host import SD15Parts, encode_text, ensure_loaded, freeze, predict_eps, reinit
-from .base import noised, pick_captions
+from ..train.host import (SD15Parts, TextCache, encode_text, ensure_loaded, freeze, predict_eps,
+                          reinit)
+from .base import WORLD_CAPTIONS, noised, pick_captions
 
 log = logging.getLogger(__name__)
 FORMAT = "locref-shapes-world-seg-controlnet"
@@ -85,12 +86,13 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
     g = torch.Generator().manual_seed(seed)
     process_in = parts.patcher.model.latent_format.process_in
     progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
+    texts = TextCache(WORLD_CAPTIONS)  # the world's captions, each encoded once
     ensure_loaded(host, parts)
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0 = process_in(latents[idx])
         hint = hint_for(host, maps[idx], x0.shape[-1])
-        context = encode_text(parts.clip, pick_captions(captions, idx, null_prob, g))
+        context = encode_text(parts.clip, pick_captions(captions, idx, null_prob, g), texts)
         noise, x, sigma = noised(parts, x0, g)
         control = control_of(parts, model, x, sigma, hint, context)
         loss = (predict_eps(host, parts.patcher, x, sigma, context, control=control)

@@ -109,6 +109,15 @@ def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
         assert torch.allclose(pa, pb, atol=1e-6), name
 
 
+def test_the_text_cache_gives_the_same_losses_and_weights(data, tmp_path):
+    flags = ("--steps", "3", "--null-prob", "0.5")  # the empty caption comes back from the cache
+    plain = fgdm.main(argv(data, tmp_path / "a.safetensors", *flags))
+    cached = fgdm.main(argv(data, tmp_path / "b.safetensors", *flags, "--text-cache", "64"))
+    assert cached["losses"] == plain["losses"] and cached["digest"] == plain["digest"]
+    with pytest.raises(ValueError, match="--text-cache -1"):
+        fgdm.main(argv(data, tmp_path / "c.safetensors", "--steps", "1", "--text-cache", "-1"))
+
+
 def test_bad_data_stops_before_any_step(data, tmp_path):
     args = argv(data, tmp_path / "x.safetensors", "--steps", "1")
     args[args.index("--conditions") + 1] = str(tmp_path / "no_such_labels")

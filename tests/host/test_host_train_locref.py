@@ -223,6 +223,16 @@ def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
         assert torch.allclose(pa, b[name], atol=1e-6), name
 
 
+def test_the_text_cache_gives_the_same_losses_and_weights(data, tmp_path):
+    plain = locref.main(argv(data, tmp_path / "a.safetensors", "--steps", "3"))
+    cached = locref.main(argv(data, tmp_path / "b.safetensors", "--steps", "3",
+                              "--text-cache", "2"))  # small: captions are dropped and re-encoded
+    assert cached["losses"] == plain["losses"] and cached["digest"] == plain["digest"]
+    with pytest.raises(ValueError, match="--text-cache -1"):
+        locref.main(argv(data, tmp_path / "c.safetensors", "--steps", "1", "--text-cache", "-1"))
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def _broken_copy(data: dict[str, Path], tmp_path: Path, edit) -> list[str]:
     root = tmp_path / "broken"
     shutil.copytree(data["root"], root)
