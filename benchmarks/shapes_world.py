@@ -276,14 +276,19 @@ GRID_TITLES = {CEILING: "VAE ceiling", "base, caption only": "base (caption)",
 
 
 class Timings:
-    """Minutes per stage that ran in this process (cached stages take seconds), in `file`."""
+    """Minutes per stage, in `file`. A stage loaded from the cache keeps the minutes it took when
+    it was trained (an earlier run's, from the same file), so a rerun does not record the
+    seconds its loading took as the stage's cost."""
 
     def __init__(self, run: dict, file: str = "timings.json"):
-        self.path, self.minutes, self.t = run["dir"] / file, {}, time.perf_counter()
+        self.path, self.t = run["dir"] / file, time.perf_counter()
+        self.earlier = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.minutes: dict[str, float] = {}
 
-    def mark(self, stage: str) -> None:
+    def mark(self, stage: str, cached: bool = False) -> None:
         now = time.perf_counter()
-        self.minutes[stage] = round((now - self.t) / 60, 2)
+        took = round((now - self.t) / 60, 2)
+        self.minutes[stage] = self.earlier.get(stage, took) if cached else took
         self.t = now
         self.path.write_text(json.dumps(self.minutes, indent=1))
 
@@ -321,11 +326,13 @@ def fgdm_branch(argv: list[str]) -> None:
     host, data = start(run)
     parts, cfg, base_path = stage_base(run, host, data)
     timings = Timings(run, "timings_fgdm.json")
+    cached = (run["dir"] / "fgdm_seg.safetensors").is_file()
     factor_path = fgdm.stage_factor(run, data, base_path)
-    timings.mark("fgdm seg factor")
+    timings.mark("fgdm seg factor", cached)
+    cached = (run["dir"] / "seg_controlnet.safetensors").is_file()
     control_net = fgdm.stage_controlnet(run, host, parts, data, data["train_images"],
                                         data["train_maps"], data["train_captions"])
-    timings.mark("seg controlnet")
+    timings.mark("seg controlnet", cached)
     fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
                                       control_net))
     timings.mark("fgdm images")
@@ -343,15 +350,17 @@ def main(argv=None) -> dict:
     t0, timings = time.perf_counter(), Timings(run)
     host, data = start(run)
     timings.mark("data")
+    cached = (run["dir"] / "base.safetensors").is_file()
     parts, cfg, base_path = stage_base(run, host, data)
-    timings.mark("base")
+    timings.mark("base", cached)
     threads = torch.get_num_threads()
     branch = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
                                "--fgdm-branch"])
     try:
         torch.set_num_threads(1)
+        cached = (run["dir"] / "locref.safetensors").is_file()
         locref_path = stage_locref(run, data, base_path)
-        timings.mark("locref adapter")
+        timings.mark("locref adapter", cached)
         images = generate(run, host, parts, cfg, configurations(run, host, parts, locref_path))
         images[CEILING] = reconstructions(run, parts)
         scores = {k: scores_of(run, v) for k, v in images.items()}
