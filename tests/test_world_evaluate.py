@@ -65,6 +65,32 @@ def test_bootstrap_interval_contains_the_value(heldout):
         assert low <= value <= high or np.isclose(value, high), name
 
 
+def test_bootstrap_gives_what_matching_every_resample_anew_gives(heldout):
+    """The boxes are matched once and each round re-ranks; the same numbers as box_ap on each
+    resample as its own set of images (positions renumbered, repeats as separate images)."""
+    items, images = heldout
+    scores = [score_image(im, it) for im, it in zip(images, items)]
+    rng = np.random.default_rng(3)
+    for i in (0, 4, 7):  # shifted, rescored and emptied images: misses and false positives
+        shifted = images[i].roll(int(rng.integers(3, 9)), dims=-1)
+        scores[i] = score_image(shifted if i != 7 else torch.full_like(images[i], 0.9), items[i])
+    for k in (2, 5):  # a detection with another label and a lower score: a ranked false positive
+        d = scores[k]["detections"]
+        scores[k]["detections"] = type(d)(np.concatenate([d.boxes, d.boxes[:1] + 0.01]),
+                                          d.labels + ("no such label",),
+                                          np.concatenate([d.scores, d.scores[:1] * 0.5]))
+    rounds, seed = 30, 11
+    got = bootstrap(scores, rounds=rounds, seed=seed)
+    draws_rng = np.random.default_rng(seed)
+    draws = [summary([scores[i] for i in draws_rng.integers(0, len(scores), len(scores))])
+             for _ in range(rounds)]
+    for name, (value, low, high) in got.items():
+        values = [d[name] for d in draws]
+        assert value == summary(scores)[name]
+        assert (low, high) == (np.percentile(values, 2.5), np.percentile(values, 97.5)), name
+    assert len({d["AP"] for d in draws}) > 1  # the resamples differ, so the check can fail
+
+
 def test_shape_recall_counts_each_object_once(heldout):
     items, images = heldout
     for item, image in zip(items, images):

@@ -143,18 +143,24 @@ def _by_class(record: ImageBoxes, label: Hashable) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def box_ap(
+@dataclass(frozen=True)
+class Matches:
+    """Every image's detections matched to its ground truth, per label (`match_boxes`), so AP
+    over any list of those images (a bootstrap resample) needs no matching again."""
+
+    thresholds: np.ndarray  # (T,)
+    gt_labels: dict[Hashable, tuple[Hashable, ...]]  # image id -> its ground-truth labels
+    # image id -> label -> (scores (D,), true positives (T, D), ground-truth boxes of the label)
+    per_label: dict[Hashable, dict[Hashable, tuple[np.ndarray, np.ndarray, int]]]
+
+
+def match_boxes(
     ground_truth: Mapping[Hashable, Any],
     detections: Mapping[Hashable, Any],
     iou_thresholds: Sequence[float] | np.ndarray = COCO_IOU_THRESHOLDS,
     max_dets: int = MAX_DETS,
-) -> dict[str, Any]:
-    """COCO box AP: {"AP", "AP50", "AP75", "per_class", "num_images", "num_classes"}.
-
-    `ground_truth` and `detections` map an image id to ImageBoxes (or a mapping with boxes,
-    labels, and for detections scores). "AP50"/"AP75" are None when that threshold is not in
-    `iou_thresholds`; "per_class" maps a label to its AP, AP50, AP75 and counts.
-    """
+) -> Matches:
+    """Validate and match every image once: the first half of `box_ap`."""
     thresholds = np.asarray(iou_thresholds, dtype=np.float64).reshape(-1)
     if len(thresholds) == 0 or not ((thresholds > 0) & (thresholds <= 1)).all():
         raise ValueError(f"iou_thresholds must be numbers in (0, 1], got {thresholds.tolist()}")
@@ -168,26 +174,45 @@ def box_ap(
            for k, v in ground_truth.items()}
     dets = {k: as_image_boxes(v, f"detections of image {k!r}", True)
             for k, v in detections.items()}
-    classes = list(dict.fromkeys(lab for g in gts.values() for lab in g.labels))
+    per_label: dict[Hashable, dict[Hashable, tuple[np.ndarray, np.ndarray, int]]] = {}
+    for image_id, gt in gts.items():
+        det = dets.get(image_id)
+        entries = per_label[image_id] = {}
+        for label in dict.fromkeys(gt.labels + (det.labels if det is not None else ())):
+            num_gt = len(_by_class(gt, label))
+            if det is None:
+                entries[label] = (np.zeros(0), np.zeros((len(thresholds), 0), bool), num_gt)
+                continue
+            sel = _by_class(det, label)
+            order = sel[np.argsort(-det.scores[sel], kind="mergesort")][:max_dets]  # (D,)
+            entries[label] = (det.scores[order],
+                              match_image(gt.boxes[_by_class(gt, label)], det.boxes[order],
+                                          thresholds), num_gt)
+    return Matches(thresholds, {k: g.labels for k, g in gts.items()}, per_label)
+
+
+def ap_from_matches(matches: Matches, image_ids: Sequence[Hashable] | None = None
+                    ) -> dict[str, Any]:
+    """`box_ap`'s result over `image_ids` (default: every image; an id may repeat, as in a
+    bootstrap resample, and then counts as another image with the same boxes)."""
+    ids = list(matches.gt_labels) if image_ids is None else list(image_ids)
+    thresholds = matches.thresholds
+    classes = list(dict.fromkeys(lab for i in ids for lab in matches.gt_labels[i]))
     if not classes:
         raise ValueError("the ground truth has no boxes, so AP is undefined; check the layouts")
-
     per_class: dict[Hashable, dict[str, Any]] = {}
     ap_table = np.zeros((len(classes), len(thresholds)))  # (K, T)
     for ki, label in enumerate(classes):
         all_scores, all_tp, num_gt, num_det = [], [], 0, 0
-        for image_id, gt in gts.items():
-            g = gt.boxes[_by_class(gt, label)]  # (G, 4)
-            det = dets.get(image_id)
-            if det is None:
-                num_gt += len(g)
+        for image_id in ids:
+            entry = matches.per_label[image_id].get(label)
+            if entry is None:  # neither ground truth nor detections of this label
                 continue
-            sel = _by_class(det, label)
-            order = sel[np.argsort(-det.scores[sel], kind="mergesort")][:max_dets]  # (D,)
-            all_scores.append(det.scores[order])
-            all_tp.append(match_image(g, det.boxes[order], thresholds))
-            num_gt += len(g)
-            num_det += len(order)
+            scores, tp, gt_count = entry
+            all_scores.append(scores)
+            all_tp.append(tp)
+            num_gt += gt_count
+            num_det += len(scores)
         scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
         tp = np.concatenate(all_tp, axis=1) if all_tp else np.zeros((len(thresholds), 0), bool)
         ap_table[ki] = average_precision(scores, tp, num_gt)
@@ -203,10 +228,25 @@ def box_ap(
         "AP50": _at(ap_table.mean(axis=0), thresholds, 0.5),
         "AP75": _at(ap_table.mean(axis=0), thresholds, 0.75),
         "per_class": per_class,
-        "num_images": len(gts),
+        "num_images": len(ids),
         "num_classes": len(classes),
         "iou_thresholds": [float(t) for t in thresholds],
     }
+
+
+def box_ap(
+    ground_truth: Mapping[Hashable, Any],
+    detections: Mapping[Hashable, Any],
+    iou_thresholds: Sequence[float] | np.ndarray = COCO_IOU_THRESHOLDS,
+    max_dets: int = MAX_DETS,
+) -> dict[str, Any]:
+    """COCO box AP: {"AP", "AP50", "AP75", "per_class", "num_images", "num_classes"}.
+
+    `ground_truth` and `detections` map an image id to ImageBoxes (or a mapping with boxes,
+    labels, and for detections scores). "AP50"/"AP75" are None when that threshold is not in
+    `iou_thresholds`; "per_class" maps a label to its AP, AP50, AP75 and counts.
+    """
+    return ap_from_matches(match_boxes(ground_truth, detections, iou_thresholds, max_dets))
 
 
 def _at(values: np.ndarray, thresholds: np.ndarray, t: float) -> float | None:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..data.synthetic import COLOURS, SHAPE_CLASSES
-from ..eval.boxes import ImageBoxes, box_ap
+from ..eval.boxes import ImageBoxes, Matches, ap_from_matches, match_boxes
 from ..eval.shapes import appearance_scores, detect_shapes, to_image_boxes
 
 OBJECT = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPE_CLASSES)})\b")
@@ -95,24 +95,37 @@ def score_image(image: torch.Tensor, item: HeldOut) -> dict[str, Any]:
             "boxes": len(looks)}
 
 
-def summary(scores: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """AP, AP50 (box_ap, labels colour + shape), appearance match, leakage, recall."""
-    ap = box_ap({i: s["truth"] for i, s in enumerate(scores)},
-                {i: s["detections"] for i, s in enumerate(scores)})
-    total = lambda key: sum(s[key] for s in scores)  # noqa: E731
+def summary(scores: Sequence[dict[str, Any]], matches: Matches | None = None,
+            picks: Sequence[int] | None = None) -> dict[str, float]:
+    """AP, AP50 (box_ap, labels colour + shape), appearance match, leakage, recall; with
+    `matches` (of `scores`, by position) and `picks`, of the layouts at those positions (a
+    resample: a position may repeat) without matching their boxes again."""
+    if matches is None:
+        matches = match_layouts(scores)
+    picks = list(range(len(scores))) if picks is None else list(picks)
+    ap = ap_from_matches(matches, picks)
+    total = lambda key: sum(scores[i][key] for i in picks)  # noqa: E731
     return {"AP": ap["AP"], "AP50": ap["AP50"],
             "appearance": total("match") / max(1, total("boxes")),
             "leakage": total("leak") / max(1, total("boxes")),
             "recall": total("recalled") / max(1, total("objects"))}
 
 
+def match_layouts(scores: Sequence[dict[str, Any]]) -> Matches:
+    """Each layout's detections matched to its boxes once (image id = position)."""
+    return match_boxes({i: s["truth"] for i, s in enumerate(scores)},
+                       {i: s["detections"] for i, s in enumerate(scores)})
+
+
 def bootstrap(scores: Sequence[dict[str, Any]], rounds: int = 200, seed: int = 0
               ) -> dict[str, tuple[float, float, float]]:
     """Each metric of `summary` with its 95 % percentile interval over layouts resampled with
-    replacement: name -> (value, low, high)."""
-    point = summary(scores)
+    replacement: name -> (value, low, high). The boxes are matched once; each round only
+    re-ranks (the same numbers as matching every resample anew, a test checks)."""
+    matches = match_layouts(scores)
+    point = summary(scores, matches)
     rng = np.random.default_rng(seed)
-    draws = [summary([scores[i] for i in rng.integers(0, len(scores), len(scores))])
+    draws = [summary(scores, matches, rng.integers(0, len(scores), len(scores)).tolist())
              for _ in range(rounds)]
     return {k: (v, float(np.percentile([d[k] for d in draws], 2.5)),
                 float(np.percentile([d[k] for d in draws], 97.5))) for k, v in point.items()}
