@@ -318,8 +318,9 @@ def start(run: dict):
 
 def fgdm_branch(argv: list[str]) -> None:
     """The FG-DM half, in its own process on one core while the LocRef half runs on the other:
-    seg factor, seg ControlNet, maps and images for every held-out layout (saved for the
-    parent). Both halves only read the frozen base."""
+    seg factor, seg ControlNet, maps and images for the first half of the held-out layouts
+    (saved for the parent, which draws the second half once its LocRef half is done). Both
+    halves only read the frozen base."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fgdm-branch %(message)s")
     torch.set_num_threads(1)
     run = make_run(parse_args(argv))
@@ -333,9 +334,25 @@ def fgdm_branch(argv: list[str]) -> None:
     control_net = fgdm.stage_controlnet(run, host, parts, data, data["train_images"],
                                         data["train_maps"], data["train_captions"])
     timings.mark("seg controlnet", cached)
+    first, _ = fgdm.halves(len(data["heldout"]))
     fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
-                                      control_net))
-    timings.mark("fgdm images")
+                                      control_net, first), "first")
+    timings.mark("fgdm images, first half")
+
+
+def wait_for_fgdm_models(run: dict, branch: subprocess.Popen, host, parts):
+    """The seg factor's path and the seg ControlNet (the host's CONTROL_NET) once the FG-DM
+    branch has saved them (the ControlNet is written atomically, after the factor)."""
+    from locref_core.world import controlnet as world_cn
+
+    path = run["dir"] / "seg_controlnet.safetensors"
+    while not path.is_file():
+        if branch.poll() is not None and not path.is_file():
+            raise RuntimeError(f"the FG-DM half ended (exit code {branch.returncode}) without "
+                               f"saving {path}; its log, prefixed fgdm-branch, is above")
+        time.sleep(2.0)
+    model = world_cn.load_controlnet(host, parts, str(path))
+    return str(run["dir"] / "fgdm_seg.safetensors"), world_cn.wrap(host, model)
 
 
 def main(argv=None) -> dict:
@@ -365,6 +382,13 @@ def main(argv=None) -> dict:
         images[CEILING] = reconstructions(run, parts)
         scores = {k: scores_of(run, v) for k, v in images.items()}
         timings.mark("locref images")
+        # then half of the FG-DM images, so both cores work until the end
+        factor_path, control_net = wait_for_fgdm_models(run, branch, host, parts)
+        timings.mark("waiting for the seg ControlNet")
+        _, second = fgdm.halves(len(data["heldout"]))
+        fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
+                                          control_net, second), "second")
+        timings.mark("fgdm images, second half")
     finally:
         code = branch.wait()
         torch.set_num_threads(threads)
@@ -372,7 +396,7 @@ def main(argv=None) -> dict:
         raise RuntimeError(f"the FG-DM half failed (exit code {code}); its log, prefixed "
                            "fgdm-branch, is above")
     timings.mark("waiting for the FG-DM half")
-    rows = fgdm.load_rows(run)
+    rows = fgdm.join_rows(fgdm.load_rows(run, "first"), fgdm.load_rows(run, "second"))
     table = write_table(run, scores)
     table_fgdm = fgdm.write_table(run, scores["base, caption only"], rows,
                                   lambda imgs: scores_of(run, imgs))

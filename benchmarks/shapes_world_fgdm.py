@@ -111,9 +111,17 @@ def sbpc_maps(run: dict, parts, cfg, nodes: dict, model, negative: list, item, s
     return chosen_map, float(recall)
 
 
-def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control_net) -> dict:
-    """Per held-out layout: maps at N = 1 and N = 10 (same first seed) and their images, and
-    the image from the layout's own map; progress with ETA."""
+def halves(n: int) -> tuple[range, range]:
+    """The held-out layouts the FG-DM branch draws (the first half) and the parent process
+    draws once its LocRef half is done and the seg ControlNet exists (the second half)."""
+    return range(0, (n + 1) // 2), range((n + 1) // 2, n)
+
+
+def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control_net,
+             indices: range) -> dict:
+    """Per held-out layout in `indices`: maps at N = 1 and N = 10 (same first seed) and their
+    images, and the image from the layout's own map; progress with ETA. Each layout draws from
+    its own seeds, so which process draws it changes nothing."""
     from locref_core.fgdm.weights import load_factor
 
     # FGDM Apply Factor once: every layout samples its maps from the same patched clone
@@ -132,8 +140,8 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
     rows: dict[str, dict[str, list]] = {k: {"images": [], "map_recall": [], "maps": []}
                                         for k in ("n1", "nbig", "true")}
     t0 = time.perf_counter()
-    for i, item in enumerate(items):
-        seed = run["seed"] * 1000 + i
+    for done, i in enumerate(indices, start=1):
+        item, seed = items[i], run["seed"] * 1000 + i
         for key, n in (("n1", 1), ("nbig", n_big)):
             chosen, recall = sbpc_maps(run, parts, cfg, nodes, model, negative, item, seed, n)
             rows[key]["map_recall"].append(recall)
@@ -141,8 +149,9 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
             rows[key]["images"].append(draw(item, seed, chosen))
         truth = ((true_maps[i] + 1) / 2).permute(1, 2, 0)[None]  # (1, H, W, 3)
         rows["true"]["images"].append(draw(item, seed, truth))
-        rate = (i + 1) / (time.perf_counter() - t0)
-        log.info("FG-DM: %d/%d layouts, ETA %.0f s", i + 1, len(items), (len(items) - i - 1) / rate)
+        rate = done / (time.perf_counter() - t0)
+        log.info("FG-DM: %d/%d layouts (%d-%d of %d), ETA %.0f s", done, len(indices),
+                 indices[0], indices[-1], len(items), (len(indices) - done) / rate)
     return rows
 
 
@@ -172,18 +181,18 @@ def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> st
 
 
 
-def save_rows(run: dict, rows: dict) -> Path:
-    """The branch's images, the chosen N = 10 maps and the maps' recalls, for the parent."""
+def save_rows(run: dict, rows: dict, part: str) -> Path:
+    """One process's images, chosen N = 10 maps and maps' recalls (`part`: which half)."""
     tensors = {f"{k}_images": torch.stack(rows[k]["images"]).contiguous() for k in rows}
     tensors["nbig_maps"] = torch.cat(rows["nbig"]["maps"]).contiguous()
-    path = run["dir"] / "fgdm_rows.safetensors"
+    path = run["dir"] / f"fgdm_rows_{part}.safetensors"
     save_file(tensors, str(path), metadata={
         "map_recall": json.dumps({k: rows[k]["map_recall"] for k in rows})})
     return path
 
 
-def load_rows(run: dict) -> dict:
-    path = run["dir"] / "fgdm_rows.safetensors"
+def load_rows(run: dict, part: str) -> dict:
+    path = run["dir"] / f"fgdm_rows_{part}.safetensors"
     with safe_open(str(path), framework="pt") as f:
         recalls = json.loads(f.metadata()["map_recall"])
     tensors = load_file(str(path))
@@ -191,3 +200,9 @@ def load_rows(run: dict) -> dict:
             for k in recalls}
     rows["nbig"]["maps"] = list(tensors["nbig_maps"])  # (H, W, 3) each
     return rows
+
+
+def join_rows(first: dict, second: dict) -> dict:
+    """The two halves' rows, in layout order."""
+    return {k: {field: list(first[k][field]) + list(second[k][field]) for field in first[k]}
+            for k in first}

@@ -14,6 +14,7 @@ the hint block's three stride-2 layers land on the latent grid (a /4 world VAE: 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -109,8 +110,12 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
 
 
 def save_controlnet(path: str, model: torch.nn.Module, meta: dict[str, str]) -> None:
+    """Written to a temporary name, then renamed: another process waiting for `path` never
+    reads half a file."""
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, path, metadata={"format": FORMAT, **meta})
+    partial = f"{path}.partial"
+    save_file(tensors, partial, metadata={"format": FORMAT, **meta})
+    os.replace(partial, path)
 
 
 def load_controlnet(host: SimpleNamespace, parts: SD15Parts, path: str) -> torch.nn.Module:

@@ -39,11 +39,15 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
     out = tmp_path / "a" / f"quick-seed0-v{bench.RECIPE_VERSION}"
     for name in ("table.md", "table_fgdm.md", "grid.png", "timings.json", "timings_fgdm.json",
                  "base.safetensors", "locref.safetensors", "fgdm_seg.safetensors",
-                 "seg_controlnet.safetensors", "fgdm_rows.safetensors"):
+                 "seg_controlnet.safetensors", "fgdm_rows_first.safetensors",
+                 "fgdm_rows_second.safetensors"):
         assert (out / name).is_file(), name
     assert set(first["timings"]) == {"data", "base", "locref adapter", "locref images",
-                                     "waiting for the FG-DM half", "tables and grid"}
-    assert set(first["timings_fgdm"]) == {"fgdm seg factor", "seg controlnet", "fgdm images"}
+                                     "waiting for the seg ControlNet",
+                                     "fgdm images, second half", "waiting for the FG-DM half",
+                                     "tables and grid"}
+    assert set(first["timings_fgdm"]) == {"fgdm seg factor", "seg controlnet",
+                                          "fgdm images, first half"}
     assert {p.parent.name for p in (out / "tb").glob("*/events.out.tfevents.*")} >= {
         "base", "locref", "fgdm"}  # base (with the seg ControlNet), LocRef and factor curves
     weights = ("base", "locref", "fgdm_seg", "seg_controlnet")
