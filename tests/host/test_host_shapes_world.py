@@ -60,3 +60,22 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
     assert (cached["table"], cached["table_fgdm"]) == (first["table"], first["table_fgdm"])
     again = run(bench, tmp_path / "b")  # from nothing, same seed
     assert (again["table"], again["table_fgdm"]) == (first["table"], first["table_fgdm"])
+
+
+def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "shapes_world_diagnose", REPO_ROOT / "benchmarks" / "shapes_world_diagnose.py")
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    argv = ["--comfyui", str(comfyui_path()), "--quick", "--cache", str(tmp_path)]
+    with pytest.raises(SystemExit, match="holds no finished run"):
+        diagnose.main(argv)
+    run(bench, tmp_path)
+    lines = diagnose.main([*argv, "--longer"])
+    assert [line.split(":")[0] for line in lines] == [
+        "vae-noise", "probe", "controlnet-eps", "longer", "longer"]
+    assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
+    assert "LocRef adapter at 8 steps" in lines[3] and "seg ControlNet at 8 steps" in lines[4]
+    out = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
+    assert (out / "locref_longer.safetensors").is_file()
+    assert (out / "seg_controlnet_longer.safetensors").is_file()

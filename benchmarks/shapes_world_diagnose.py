@@ -1,0 +1,205 @@
+"""What limits the shapes world's numbers? Diagnostics on a finished run's cache (the same
+--cache, --quick and --seed as `shapes_world.py`); each prints one line.
+
+    python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--longer]
+
+- vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
+  decoded and scored (is the decoder fragile to the UNet's small errors?).
+- probe: a linear probe (logistic regression) on the world's random CLIP vision tower's
+  embeddings of the references: colour and shape accuracy on held-out objects (can the
+  appearance projection read what it needs?).
+- controlnet-eps: the seg ControlNet's epsilon error on the held-out latents (4 noise draws)
+  with each layout's own map, with another layout's map, and without the ControlNet (does it
+  read its map?).
+- --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
+  twice its steps and the seg ControlNet trained as many steps again (fresh optimizer), each
+  scored as in the tables (does more training help?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import shapes_world as sw  # noqa: E402  (this folder)
+import shapes_world_fgdm as fg  # noqa: E402
+
+from locref_core.train import locref as locref_trainer  # noqa: E402
+from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
+from locref_core.world import base  # noqa: E402
+from locref_core.world import controlnet as world_cn  # noqa: E402
+from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval,  # noqa: E402
+                                        summary)
+
+log = logging.getLogger("shapes_world_diagnose")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfyui", required=True, help="ComfyUI checkout")
+    p.add_argument("--quick", action="store_true", help="the quick preset's cache")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "comfyui-locref-world"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
+                   "seg ControlNet twice as long and score them (about an hour)")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def vae_noise(run, parts) -> str:
+    images = sw.read_images(run["data"]["heldout_paths"]["images"])
+    z = base.encode_latents(parts, images)
+    std, g, cells = z.std().item(), torch.Generator().manual_seed(run["seed"]), []
+    for frac in (0.0, 0.05, 0.1, 0.2, 0.4):
+        noisy = z + frac * std * torch.randn(z.shape, generator=g)
+        decoded = ((parts.vae.first_stage_model.decode(noisy) + 1) / 2).clamp(0, 1)
+        s = summary(sw.scores_of(run, list(decoded)))
+        cells.append(f"{frac:g} x std: AP50 {s['AP50']:.3f} appearance {s['appearance']:.3f} "
+                     f"recall {s['recall']:.3f}")
+    return "vae-noise: " + "; ".join(cells)
+
+
+def probe(run, host) -> str:
+    """Logistic regression (full batch, Adam, small L2) on standardised embeddings of the
+    training images' references (up to 800 images), tested on the held-out references."""
+    nodes = sw.load_pack()["locref_nodes"]
+    tower = locref_trainer.load_clip_vision(host, None, run["seed"])  # the trainer's tower
+
+    def embed(items):
+        x = [nodes.encode(tower, ref[None], crop=True)[0] for it in items for ref in it.references]
+        return torch.stack(x), [o for it in items for o in it.objects]
+
+    train_items = load_heldout(run["data"]["train"], ref_size=32)[:800]
+    x_tr, o_tr = embed(train_items)
+    x_te, o_te = embed(run["data"]["heldout"])
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    cells = []
+    for name, k in (("colour", 0), ("shape", 1)):
+        classes = sorted({o[k] for o in o_tr + o_te})
+        y_tr = torch.tensor([classes.index(o[k]) for o in o_tr])
+        y_te = torch.tensor([classes.index(o[k]) for o in o_te])
+        torch.manual_seed(run["seed"])
+        w = torch.zeros(x_tr.shape[1], len(classes), requires_grad=True)
+        b = torch.zeros(len(classes), requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=1e-2)
+        for _ in range(500):
+            loss = torch.nn.functional.cross_entropy(x_tr @ w + b, y_tr) + 1e-3 * w.square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = ((x_te @ w + b).argmax(1) == y_te).float().mean().item()
+        cells.append(f"{name} ({len(classes)} classes) {acc:.3f}")
+    return (f"probe: held-out accuracy from the CLIP vision tower's embeddings, {len(o_tr)} "
+            f"training and {len(o_te)} held-out objects: " + ", ".join(cells))
+
+
+@torch.no_grad()
+def controlnet_eps(run, host, parts) -> str:
+    model = world_cn.load_controlnet(host, parts, str(run["dir"] / "seg_controlnet.safetensors"))
+    images = sw.read_images(run["data"]["heldout_paths"]["images"])
+    maps = (fg.read_maps(run["data"]["heldout_paths"]) + 1) / 2
+    ensure_loaded(host, parts)
+    x0 = parts.patcher.model.latent_format.process_in(base.encode_latents(parts, images))
+    context = encode_text(parts.clip, [""] * len(images))
+    g, errors = torch.Generator().manual_seed(run["seed"] + 123), {}
+    for _ in range(4):
+        noise, x, sigma = base.noised(parts, x0, g)
+        for name, m in (("own map", maps), ("another layout's map", maps.roll(1, 0)),
+                        ("no ControlNet", None)):
+            control = None if m is None else world_cn.control_of(
+                parts, model, x, sigma, world_cn.hint_for(host, m, x.shape[-1]), context)
+            eps = predict_eps(host, parts.patcher, x, sigma, context, control=control)
+            errors.setdefault(name, []).append((eps - noise).square().mean().item())
+    return ("controlnet-eps: held-out eps MSE, empty caption: " +
+            ", ".join(f"{k} {np.mean(v):.4f}" for k, v in errors.items()))
+
+
+def longer_locref(run, host, parts, cfg, base_path: str) -> str:
+    p, train = run["preset"], run["data"]["train"]
+    work = run["dir"] / "diagnose"
+    ckpt = work / "locref_ckpt"
+    if not ckpt.exists():
+        shutil.copytree(run["dir"] / "locref_ckpt", ckpt)
+    out = work / "locref_longer.safetensors"
+    steps = 2 * p["locref_steps"]
+    if not out.is_file():
+        locref_trainer.main([
+            "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu",
+            "--images", str(train["images"]), "--instances", str(train["instances"]),
+            "--captions", str(train["captions"]), "--ref-size", "32", "--size", "64",
+            "--batch-size", str(p["locref_batch"]), "--steps", str(steps), "--num-workers", "0",
+            "--lr", "1e-4", "--seed", str(run["seed"]), "--log-every", str(max(1, steps // 20)),
+            "--text-cache", str(base.WORLD_CAPTIONS), "--out", str(out), "--ckpt-dir", str(ckpt),
+            "--ckpt-every", str(p["locref_steps"]), "--resume", str(ckpt)])
+    name = "LocRef, trained adapter"
+    images = sw.generate(run, host, parts, cfg,
+                         {name: sw.configurations(run, host, parts, str(out))[name]})
+    stats = bootstrap(sw.scores_of(run, images[name]), rounds=run["preset"]["bootstrap"],
+                      seed=run["seed"])
+    return (f"longer: LocRef adapter at {steps} steps: " +
+            ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in stats.items()))
+
+
+def longer_controlnet(run, host, parts, cfg) -> str:
+    p, data = run["preset"], run["data"]
+    out = run["dir"] / "diagnose" / "seg_controlnet_longer.safetensors"
+    if out.is_file():
+        model = world_cn.load_controlnet(host, parts, str(out))
+    else:
+        model = world_cn.load_controlnet(host, parts,
+                                         str(run["dir"] / "seg_controlnet.safetensors"))
+        world_cn.train_controlnet(host, parts, model,
+                                  base.encode_latents(parts, data["train_images"]),
+                                  (data["train_maps"] + 1) / 2, data["train_captions"],
+                                  p["controlnet_steps"], batch=p["controlnet_batch"],
+                                  seed=run["seed"] + 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        world_cn.save_controlnet(str(out), model, {"preset": run["name"], "diagnose": "longer"})
+    control_net = world_cn.wrap(host, model)
+    true_maps = fg.read_maps(data["heldout_paths"])
+    images = [base.sample_images(
+        host, parts.patcher, parts, [item.caption], [run["seed"] * 1000 + i], cfg,
+        steps=p["sample_steps"], guidance=run["guidance"], control_net=control_net,
+        maps=[((true_maps[i] + 1) / 2).permute(1, 2, 0)[None]])[0]
+        for i, item in enumerate(data["heldout"])]
+    scores = sw.scores_of(run, images)
+    total = [s["objects"] for s in scores]
+    cells = [ratio_interval([s[k] for s in scores], total, p["bootstrap"], run["seed"])
+             for k in ("recalled", "shapes_recalled")]
+    return (f"longer: seg ControlNet at {2 * p['controlnet_steps']} steps, the held-out image's "
+            "own map: image recall colour + shape {:.3f} [{:.3f}, {:.3f}], shape {:.3f} "
+            "[{:.3f}, {:.3f}]".format(*cells[0], *cells[1]))
+
+
+def main(argv=None) -> list[str]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run = sw.make_run(sw.parse_args(["--comfyui", args.comfyui, "--cache", args.cache,
+                                     "--seed", str(args.seed),
+                                     *(["--quick"] if args.quick else [])]))
+    if not (run["dir"] / "seg_controlnet.safetensors").is_file():
+        raise SystemExit(f"{run['dir']} holds no finished run; run benchmarks/shapes_world.py "
+                         "with the same --cache, --quick and --seed first")
+    host, data = sw.start(run)
+    parts, cfg, base_path = sw.stage_base(run, host, data)
+    lines = [vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts)]
+    if args.longer:
+        lines += [longer_locref(run, host, parts, cfg, base_path),
+                  longer_controlnet(run, host, parts, cfg)]
+    for line in lines:
+        log.info("%s", line)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
