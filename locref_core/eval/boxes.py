@@ -179,15 +179,14 @@ def match_boxes(
         det = dets.get(image_id)
         entries = per_label[image_id] = {}
         for label in dict.fromkeys(gt.labels + (det.labels if det is not None else ())):
-            num_gt = len(_by_class(gt, label))
+            g = gt.boxes[_by_class(gt, label)]  # (G, 4)
             if det is None:
-                entries[label] = (np.zeros(0), np.zeros((len(thresholds), 0), bool), num_gt)
+                entries[label] = (np.zeros(0), np.zeros((len(thresholds), 0), bool), len(g))
                 continue
             sel = _by_class(det, label)
             order = sel[np.argsort(-det.scores[sel], kind="mergesort")][:max_dets]  # (D,)
-            entries[label] = (det.scores[order],
-                              match_image(gt.boxes[_by_class(gt, label)], det.boxes[order],
-                                          thresholds), num_gt)
+            entries[label] = (det.scores[order], match_image(g, det.boxes[order], thresholds),
+                              len(g))
     return Matches(thresholds, {k: g.labels for k, g in gts.items()}, per_label)
 
 
