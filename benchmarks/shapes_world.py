@@ -25,6 +25,7 @@ import glob
 import importlib.util
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from locref_core.data.locref_dataset import load_rgb  # noqa: E402
-from locref_core.data.synthetic import make_synthetic_coco  # noqa: E402
+from locref_core.data.synthetic import make_synthetic_coco, synthetic_paths  # noqa: E402
 from locref_core.eval.shapes import detect_shapes  # noqa: E402
 from locref_core.layout import Box, Layout, Reference  # noqa: E402
 from locref_core.patch import LocRefState, PatchSettings, install  # noqa: E402
@@ -98,14 +99,23 @@ def load_pack() -> dict:
 def stage_data(run: dict) -> dict:
     """Training images (up to 4 objects) and held-out layouts (another seed)."""
     p, root = run["preset"], run["dir"] / "data"
-    train = make_synthetic_coco(root / "train", n_images=p["train_images"], size=64,
-                                seed=run["seed"], max_objects=4)
-    held = make_synthetic_coco(root / "heldout", n_images=p["heldout"], size=64,
-                               seed=run["seed"] + 1000, max_objects=4)
+    train = written_once(root / "train", n_images=p["train_images"], seed=run["seed"])
+    held = written_once(root / "heldout", n_images=p["heldout"], seed=run["seed"] + 1000)
     images = read_images(train["images"])
     return {"train": train, "heldout": load_heldout(held, ref_size=32), "heldout_paths": held,
             "train_images": images, "train_maps": fgdm.read_maps(train),
             "train_captions": read_captions(train, len(images))}
+
+
+def written_once(root: Path, n_images: int, seed: int) -> dict[str, Path]:
+    """The world's shapes at `root`, written once per cache: into a side folder, then renamed
+    into place, so a rerun (or a trainer of another process) never sees its files rewritten."""
+    if not root.is_dir():
+        partial = root.with_name(root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        make_synthetic_coco(partial, n_images=n_images, size=64, seed=seed, max_objects=4)
+        partial.rename(root)
+    return synthetic_paths(root)
 
 
 def read_images(folder: Path) -> torch.Tensor:

@@ -87,6 +87,14 @@ def _phrase(objects: list[tuple[str, str]]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
+def synthetic_paths(root: str | Path) -> dict[str, Path]:
+    """Where `make_synthetic_coco` writes under `root` (images, labels, instances, captions)."""
+    root = Path(root)
+    return {"root": root, "images": root / "images", "labels": root / "labels",
+            "instances": root / "annotations" / "instances_train.json",
+            "captions": root / "annotations" / "captions_train.json"}
+
+
 def make_synthetic_coco(root: str | Path, n_images: int = 12, size: int = 64, seed: int = 0,
                         max_objects: int = 3) -> dict[str, Path]:
     """Write the shapes dataset under `root`; returns its paths (deterministic for a seed)."""
@@ -95,10 +103,7 @@ def make_synthetic_coco(root: str | Path, n_images: int = 12, size: int = 64, se
                          f"1..{len(COLOURS)} (one distinct colour per object)")
     if size < 16:
         raise ValueError(f"size={size} is too small for shapes; use 16 pixels or more")
-    root = Path(root)
-    paths = {"root": root, "images": root / "images", "labels": root / "labels",
-             "instances": root / "annotations" / "instances_train.json",
-             "captions": root / "annotations" / "captions_train.json"}
+    paths = synthetic_paths(root)
     for key in ("images", "labels"):
         paths[key].mkdir(parents=True, exist_ok=True)
     paths["instances"].parent.mkdir(parents=True, exist_ok=True)

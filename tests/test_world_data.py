@@ -1,0 +1,28 @@
+"""The shapes world's data stage writes its images once per cache (no host)."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("shapes_world",
+                                                  ROOT / "benchmarks" / "shapes_world.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_world_data_is_written_once_and_a_half_written_folder_is_redone(tmp_path):
+    sw = load_benchmark()
+    (tmp_path / "train.partial").mkdir()
+    (tmp_path / "train.partial" / "stale.png").write_bytes(b"left by a killed run")
+    paths = sw.written_once(tmp_path / "train", n_images=3, seed=0)
+    assert paths["root"] == tmp_path / "train" and not (tmp_path / "train.partial").exists()
+    images = sorted(paths["images"].glob("*.png"))
+    assert [p.name for p in images] == ["000001.png", "000002.png", "000003.png"]
+    stamps = [p.stat().st_mtime_ns for p in images] + [paths["captions"].stat().st_mtime_ns]
+    again = sw.written_once(tmp_path / "train", n_images=3, seed=0)
+    assert again == paths
+    assert [p.stat().st_mtime_ns for p in images] + [paths["captions"].stat().st_mtime_ns] == stamps
