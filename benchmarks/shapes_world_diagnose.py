@@ -37,8 +37,7 @@ from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
-from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval,  # noqa: E402
-                                        summary)
+from locref_core.world.evaluate import bootstrap, load_heldout, summary  # noqa: E402
 
 log = logging.getLogger("shapes_world_diagnose")
 
@@ -167,15 +166,9 @@ def longer_controlnet(run, host, parts, cfg) -> str:
         world_cn.save_controlnet(str(out), model, {"preset": run["name"], "diagnose": "longer"})
     control_net = world_cn.wrap(host, model)
     true_maps = fg.read_maps(data["heldout_paths"])
-    images = [base.sample_images(
-        host, parts.patcher, parts, [item.caption], [run["seed"] * 1000 + i], cfg,
-        steps=p["sample_steps"], guidance=run["guidance"], control_net=control_net,
-        maps=[((true_maps[i] + 1) / 2).permute(1, 2, 0)[None]])[0]
-        for i, item in enumerate(data["heldout"])]
-    scores = sw.scores_of(run, images)
-    total = [s["objects"] for s in scores]
-    cells = [ratio_interval([s[k] for s in scores], total, p["bootstrap"], run["seed"])
-             for k in ("recalled", "shapes_recalled")]
+    images = [fg.draw_from_map(run, host, parts, cfg, control_net, item, run["seed"] * 1000 + i,
+                               fg.as_hint(true_maps[i])) for i, item in enumerate(data["heldout"])]
+    cells = fg.image_recalls(run, sw.scores_of(run, images))
     return (f"longer: seg ControlNet at {2 * p['controlnet_steps']} steps, the held-out image's "
             "own map: image recall colour + shape {:.3f} [{:.3f}, {:.3f}], shape {:.3f} "
             "[{:.3f}, {:.3f}]".format(*cells[0], *cells[1]))

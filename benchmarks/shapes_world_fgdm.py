@@ -131,10 +131,7 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
     items, n_big = run["data"]["heldout"], run["preset"]["sbpc_n"]
 
     def draw(item, seed: int, chosen: torch.Tensor) -> torch.Tensor:
-        """The image of `item` from the map `chosen` (1, H, W, 3) through the seg ControlNet."""
-        return base.sample_images(host, parts.patcher, parts, [item.caption], [seed], cfg,
-                                  steps=run["preset"]["sample_steps"], guidance=run["guidance"],
-                                  control_net=control_net, maps=[chosen])[0]
+        return draw_from_map(run, host, parts, cfg, control_net, item, seed, chosen)
 
     true_maps = read_maps(run["data"]["heldout_paths"])
     rows: dict[str, dict[str, list]] = {k: {"images": [], "map_recall": [], "maps": []}
@@ -147,12 +144,32 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
             rows[key]["map_recall"].append(recall)
             rows[key]["maps"].append(chosen)
             rows[key]["images"].append(draw(item, seed, chosen))
-        truth = ((true_maps[i] + 1) / 2).permute(1, 2, 0)[None]  # (1, H, W, 3)
-        rows["true"]["images"].append(draw(item, seed, truth))
+        rows["true"]["images"].append(draw(item, seed, as_hint(true_maps[i])))
         rate = done / (time.perf_counter() - t0)
         log.info("FG-DM: %d/%d layouts (%d-%d of %d), ETA %.0f s", done, len(indices),
                  indices[0], indices[-1], len(items), (len(indices) - done) / rate)
     return rows
+
+
+def draw_from_map(run: dict, host, parts, cfg, control_net, item, seed: int,
+                  chosen: torch.Tensor) -> torch.Tensor:
+    """The image of `item` (3, H, W) from the map `chosen` (1, H, W, 3) through the seg
+    ControlNet."""
+    return base.sample_images(host, parts.patcher, parts, [item.caption], [seed], cfg,
+                              steps=run["preset"]["sample_steps"], guidance=run["guidance"],
+                              control_net=control_net, maps=[chosen])[0]
+
+
+def as_hint(true_map: torch.Tensor) -> torch.Tensor:
+    """A map as `read_maps` gives it (3, H, W) in [-1, 1] -> a hint (1, H, W, 3) in [0, 1]."""
+    return ((true_map + 1) / 2).permute(1, 2, 0)[None]
+
+
+def image_recalls(run: dict, scores: list[dict]) -> tuple[tuple, tuple]:
+    """Object recall of images, colour + shape and shape only: (value, low, high) each."""
+    total = [s["objects"] for s in scores]
+    return tuple(ratio_interval([s[k] for s in scores], total, run["preset"]["bootstrap"],
+                                run["seed"]) for k in ("recalled", "shapes_recalled"))
 
 
 def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> str:
@@ -169,9 +186,7 @@ def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> st
     table += [(names[k], scores_of(rows[k]["images"]), rows[k]["map_recall"]) for k in names]
     # the diagnostic row's map is the truth: no map recall to report
     for name, scores, map_recall in table:
-        total = [s["objects"] for s in scores]
-        both = ratio_interval([s["recalled"] for s in scores], total, rounds, seed)
-        shape = ratio_interval([s["shapes_recalled"] for s in scores], total, rounds, seed)
+        both, shape = image_recalls(run, scores)
         maps = "—" if not map_recall else fmt(
             ratio_interval(map_recall, [1.0] * len(map_recall), rounds, seed))
         lines.append(f"| {name} | {fmt(both)} | {fmt(shape)} | {maps} |")
