@@ -56,8 +56,9 @@ import shapes_world_fgdm as fgdm  # noqa: E402  (this folder)
 
 log = logging.getLogger("shapes_world")
 # Bumped whenever a stage trains differently, so a cache made by older code is never reused:
-# 2 = the VAE trains on L1 + MSE with its learning rate decayed over the second half.
-RECIPE_VERSION = 2
+# 2 = the VAE trains on L1 + MSE with its learning rate decayed over the second half;
+# 3 = the base UNet predicts v (SD-2's parameterisation) and trains on v's MSE.
+RECIPE_VERSION = 3
 PRESETS = {  # what each stage does; the full preset is sized for ~90 minutes on 2 CPU cores
     "quick": {"train_images": 32, "heldout": 4, "vae_steps": 10, "unet_steps": 10,
               "locref_steps": 4, "locref_batch": 2, "factor_steps": 4, "factor_batch": 2,
@@ -150,7 +151,7 @@ def stage_base(run: dict, host, data: dict):
     captions = data["train_captions"]
     log.info("base: UNet, %d steps", p["unet_steps"])
     base.train_unet(host, parts, latents, captions, p["unet_steps"], seed=run["seed"],
-                    on_step=lambda s, v: tb.scalars(s + 1, {"unet_eps_mse": v}))
+                    on_step=lambda s, v: tb.scalars(s + 1, {"unet_loss": v}))
     tb.close()
     save_world(str(path), parts, cfg, {"preset": run["name"]})
     return parts, cfg, str(path)

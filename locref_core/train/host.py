@@ -33,6 +33,8 @@ HOST_MODULES = {
     "openaimodel": "comfy.ldm.modules.diffusionmodules.openaimodel",
     "attention": "comfy.ldm.modules.attention",
     "ops": "comfy.ops",
+    "model_base": "comfy.model_base",
+    "model_sampling": "comfy.model_sampling",
     "utils": "comfy.utils",
     "cldm": "comfy.cldm.cldm",
     "controlnet": "comfy.controlnet",

@@ -123,6 +123,14 @@ class EMA:
             p.copy_(s)
 
 
+def objective_weight(host: SimpleNamespace, parts: SD15Parts, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-row weight (B,) that turns the epsilon MSE into the MSE of what the UNet predicts:
+    1 for epsilon; 1 + sigma^2 for v (v's error is epsilon's times sqrt(1 + sigma^2))."""
+    if parts.patcher.model.model_type == host.model_base.ModelType.V_PREDICTION:
+        return 1.0 + sigma.square()
+    return torch.ones_like(sigma)
+
+
 def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
                captions: Sequence[Sequence[str]], steps: int, batch: int = 32,
                lr: float = 3e-4, null_prob: float = 0.1, seed: int = 0,
@@ -148,7 +156,8 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         context = encode_text(parts.clip, pick_captions(captions, idx, null_prob, g), texts)
         noise, x, sigma = noised(parts, x0, g)
-        loss = (predict_eps(host, parts.patcher, x, sigma, context) - noise).square().mean()
+        error = (predict_eps(host, parts.patcher, x, sigma, context) - noise).square()
+        loss = (error.mean(dim=(1, 2, 3)) * objective_weight(host, parts, sigma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..train.host import SD15Parts, build_tiny_sd15, freeze, reinit
 
 FORMAT = "locref-shapes-world-base"
+PREDICTIONS = {"eps": "EPS", "v": "V_PREDICTION"}  # -> the host's ModelType
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class WorldConfig:
     vae_mult: tuple[int, ...] = (1, 2, 2)  # len - 1 downsamplings: /4
     latent_scale: float = 1.0  # latent_format scale factor (1 / std of the VAE's latents)
     seed: int = 0
+    # What the UNet predicts: "v" (SD-2's v-prediction) or "eps" (SD-1.5's, and every base
+    # saved before this field existed). Why v: see `locref_core.world.base.train_unet`.
+    prediction: str = "v"
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"WorldConfig.prediction {self.prediction!r}: use one of "
+                             f"{sorted(PREDICTIONS)}")
 
     @property
     def downscale(self) -> int:
@@ -52,6 +61,7 @@ class WorldConfig:
     def from_json(cls, text: str) -> WorldConfig:
         data = json.loads(text)
         data["vae_mult"] = tuple(data["vae_mult"])
+        data.setdefault("prediction", "eps")  # saved before v-prediction existed
         return cls(**data)
 
 
@@ -67,8 +77,17 @@ def build_world(host: SimpleNamespace, cfg: WorldConfig) -> SD15Parts:
         ae = host.autoencoder.AutoencoderKL(ddconfig=cfg.ddconfig(), embed_dim=4)
         reinit(ae)
     parts.vae = host_vae(host, cfg, ae.state_dict())
+    set_prediction(host, parts, cfg.prediction)
     set_latent_scale(parts, cfg.latent_scale)
     return parts
+
+
+def set_prediction(host: SimpleNamespace, parts: SD15Parts, prediction: str) -> None:
+    """The base model's parameterisation, as the host builds it for a checkpoint of that type
+    (its ModelType and the matching model_sampling). This model was built here, not given."""
+    model = parts.patcher.model
+    model.model_type = getattr(host.model_base.ModelType, PREDICTIONS[prediction])
+    model.model_sampling = host.model_base.model_sampling(model.model_config, model.model_type)
 
 
 def host_vae(host: SimpleNamespace, cfg: WorldConfig, state: dict[str, torch.Tensor]) -> Any:

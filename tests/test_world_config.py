@@ -1,0 +1,25 @@
+"""The world base's config (no host): its prediction field, and files saved before it."""
+
+import json
+
+import pytest
+
+from locref_core.world.models import WorldConfig
+
+
+def test_a_new_base_predicts_v_and_round_trips_through_json():
+    cfg = WorldConfig(latent_scale=0.5)
+    assert cfg.prediction == "v"
+    assert WorldConfig.from_json(cfg.to_json()) == cfg
+    assert WorldConfig.from_json(WorldConfig(prediction="eps").to_json()).prediction == "eps"
+
+
+def test_a_base_saved_before_the_field_existed_loads_as_epsilon():
+    old = json.loads(WorldConfig().to_json())
+    del old["prediction"]
+    assert WorldConfig.from_json(json.dumps(old)).prediction == "eps"
+
+
+def test_an_unknown_prediction_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"'x0'.*\['eps', 'v'\]"):
+        WorldConfig(prediction="x0")
