@@ -56,9 +56,9 @@ import shapes_world_fgdm as fgdm  # noqa: E402  (this folder)
 
 log = logging.getLogger("shapes_world")
 # Bumped whenever a stage trains differently, so a cache made by older code is never reused:
-# 2 = the VAE trains on L1 + MSE with its learning rate decayed over the second half;
-# 3 = the base UNet predicts v (SD-2's parameterisation) and trains on v's MSE.
-RECIPE_VERSION = 3
+# 2 = the VAE trains on L1 + MSE with its learning rate decayed over the second half.
+# (--prediction v: a base that predicts v, trained on v's MSE, cached in "...-v2-vpred".)
+RECIPE_VERSION = 2
 PRESETS = {  # what each stage does; the full preset is sized for ~90 minutes on 2 CPU cores
     "quick": {"train_images": 32, "heldout": 4, "vae_steps": 10, "unet_steps": 10,
               "locref_steps": 4, "locref_batch": 2, "factor_steps": 4, "factor_batch": 2,
@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stage results, table.md, grid.png, TensorBoard events")
     p.add_argument("--seed", type=int, default=0, help="world, training and sampling seed")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale for every image")
+    p.add_argument("--prediction", default="eps", choices=["eps", "v"],
+                   help="what the base UNet predicts (SD-1.5: eps; v is an experiment, "
+                        "cached in its own folder)")
     return p.parse_args(argv)
 
 
@@ -141,7 +144,7 @@ def stage_base(run: dict, host, data: dict):
         return (*load_world(host, str(path)), str(path))
     p, tb = run["preset"], TrainLog(run["env"], run["tb_args"], "base")
     images, maps = data["train_images"], data["train_maps"]
-    cfg = WorldConfig(seed=run["seed"])
+    cfg = WorldConfig(seed=run["seed"], prediction=run["prediction"])
     parts = build_world(host, cfg)
     log.info("base: VAE, %d steps on %d images and their maps", p["vae_steps"], len(images))
     base.train_vae(parts, images, p["vae_steps"], seed=run["seed"], maps=maps,
@@ -310,7 +313,9 @@ def make_run(args: argparse.Namespace) -> dict:
     name = "quick" if args.quick else "full"
     run = {"name": name, "preset": PRESETS[name], "seed": args.seed, "comfyui": args.comfyui,
            "guidance": args.guidance,
-           "dir": Path(args.cache) / f"{name}-seed{args.seed}-v{RECIPE_VERSION}"}
+           "prediction": args.prediction,
+           "dir": Path(args.cache) / (f"{name}-seed{args.seed}-v{RECIPE_VERSION}"
+                                      + ("-vpred" if args.prediction == "v" else ""))}
     run["dir"].mkdir(parents=True, exist_ok=True)
     run["tensorboard"] = importlib.util.find_spec("tensorboard") is not None
     run["env"], run["tb_args"] = DistEnv(), argparse.Namespace(

@@ -7,15 +7,15 @@ import pytest
 from locref_core.world.models import WorldConfig
 
 
-def test_a_new_base_predicts_v_and_round_trips_through_json():
+def test_a_base_predicts_epsilon_unless_told_and_round_trips_through_json():
     cfg = WorldConfig(latent_scale=0.5)
-    assert cfg.prediction == "v"
+    assert cfg.prediction == "eps"
     assert WorldConfig.from_json(cfg.to_json()) == cfg
-    assert WorldConfig.from_json(WorldConfig(prediction="eps").to_json()).prediction == "eps"
+    assert WorldConfig.from_json(WorldConfig(prediction="v").to_json()).prediction == "v"
 
 
 def test_a_base_saved_before_the_field_existed_loads_as_epsilon():
-    old = json.loads(WorldConfig().to_json())
+    old = json.loads(WorldConfig(prediction="v").to_json())
     del old["prediction"]
     assert WorldConfig.from_json(json.dumps(old)).prediction == "eps"
 

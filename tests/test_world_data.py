@@ -26,3 +26,12 @@ def test_the_world_data_is_written_once_and_a_half_written_folder_is_redone(tmp_
     again = sw.written_once(tmp_path / "train", n_images=3, seed=0)
     assert again == paths
     assert [p.stat().st_mtime_ns for p in images] + [paths["captions"].stat().st_mtime_ns] == stamps
+
+
+def test_a_v_prediction_run_has_its_own_cache_folder(tmp_path):
+    sw = load_benchmark()
+    runs = [sw.make_run(sw.parse_args(["--comfyui", "unused", "--cache", str(tmp_path), *extra]))
+            for extra in ([], ["--prediction", "v"])]
+    assert [r["dir"].name for r in runs] == [f"full-seed0-v{sw.RECIPE_VERSION}",
+                                             f"full-seed0-v{sw.RECIPE_VERSION}-vpred"]
+    assert [r["prediction"] for r in runs] == ["eps", "v"]

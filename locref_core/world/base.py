@@ -131,6 +131,16 @@ def objective_weight(host: SimpleNamespace, parts: SD15Parts, sigma: torch.Tenso
     return torch.ones_like(sigma)
 
 
+def objective(host: SimpleNamespace, parts: SD15Parts, error: torch.Tensor,
+              sigma: torch.Tensor) -> torch.Tensor:
+    """The base's training loss from the squared epsilon error (B, C, h, w): its mean for an
+    epsilon base (computed as such, so epsilon runs keep their exact numbers), the mean of
+    `objective_weight` times each row's mean for a v base."""
+    if parts.patcher.model.model_type == host.model_base.ModelType.V_PREDICTION:
+        return (error.mean(dim=(1, 2, 3)) * objective_weight(host, parts, sigma)).mean()
+    return error.mean()
+
+
 def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
                captions: Sequence[Sequence[str]], steps: int, batch: int = 32,
                lr: float = 3e-4, null_prob: float = 0.1, seed: int = 0,
@@ -157,7 +167,7 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
         context = encode_text(parts.clip, pick_captions(captions, idx, null_prob, g), texts)
         noise, x, sigma = noised(parts, x0, g)
         error = (predict_eps(host, parts.patcher, x, sigma, context) - noise).square()
-        loss = (error.mean(dim=(1, 2, 3)) * objective_weight(host, parts, sigma)).mean()
+        loss = objective(host, parts, error, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

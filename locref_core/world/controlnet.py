@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..train.common import DistEnv, Progress
 from ..train.host import (SD15Parts, TextCache, encode_text, ensure_loaded, freeze, predict_eps,
                           reinit)
-from .base import WORLD_CAPTIONS, noised, objective_weight, pick_captions
+from .base import WORLD_CAPTIONS, noised, objective, pick_captions
 
 log = logging.getLogger(__name__)
 FORMAT = "locref-shapes-world-seg-controlnet"
@@ -79,7 +79,7 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
                      captions: Sequence[Sequence[str]], steps: int, batch: int = 16,
                      lr: float = 1e-4, null_prob: float = 0.5, seed: int = 0,
                      on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """The base's own objective (`objective_weight`: v's MSE for a v base) with the ControlNet's
+    """The base's own objective (`objective`: v's MSE for a v base) with the ControlNet's
     residuals, the base frozen, on unscaled image latents (N, 4, h, w), their maps
     (N, 3, H, W) in [0, 1] and captions; half the captions are dropped (ControlNet's recipe: the
     map alone must carry the layout). Trains only `model`."""
@@ -99,7 +99,7 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
         control = control_of(parts, model, x, sigma, hint, context)
         error = (predict_eps(host, parts.patcher, x, sigma, context, control=control)
                  - noise).square()
-        loss = (error.mean(dim=(1, 2, 3)) * objective_weight(host, parts, sigma)).mean()
+        loss = objective(host, parts, error, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -36,9 +36,9 @@ class WorldConfig:
     vae_mult: tuple[int, ...] = (1, 2, 2)  # len - 1 downsamplings: /4
     latent_scale: float = 1.0  # latent_format scale factor (1 / std of the VAE's latents)
     seed: int = 0
-    # What the UNet predicts: "v" (SD-2's v-prediction) or "eps" (SD-1.5's, and every base
-    # saved before this field existed). Why v: see `locref_core.world.base.train_unet`.
-    prediction: str = "v"
+    # What the UNet predicts: "eps" (SD-1.5's, what the pack's trainers assume, and every base
+    # saved before this field existed) or "v" (SD-2's; the benchmark's --prediction v)
+    prediction: str = "eps"
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:

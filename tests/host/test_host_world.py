@@ -58,8 +58,8 @@ def test_base_trains_on_a_quarter_size_latent(world):
 def test_saved_base_loads_exactly(host, world):
     path, parts, cfg, _, latents = world
     loaded, loaded_cfg = load_world(host, path)
-    assert loaded_cfg == cfg and cfg.prediction == "v"
-    assert loaded.patcher.model.model_type == host.model_base.ModelType.V_PREDICTION
+    assert loaded_cfg == cfg and cfg.prediction == "eps"
+    assert loaded.patcher.model.model_type == host.model_base.ModelType.EPS
     assert loaded.patcher.model.latent_format.scale_factor == pytest.approx(cfg.latent_scale)
     x, sigma = torch.randn(2, 4, 16, 16), torch.full((2,), 3.0)
     ctx = encode_text(parts.clip, ["a red square", ""])
@@ -79,11 +79,16 @@ def test_sampling_through_the_host_sampler(host, world):
     assert torch.equal(again[0], images[0])  # a seed gives the same image
 
 
-def test_the_unet_trains_on_the_mse_of_what_it_predicts(host, world):
-    """v base: the host's V_PREDICTION maths; the training loss's weight turns the epsilon
-    error into the error of the raw v output (recovered here from the host's denoised)."""
-    _, parts, _, _, latents = world
+def test_the_unet_trains_on_the_mse_of_what_it_predicts(host, world, tmp_path):
+    """A v base (--prediction v) runs on the host's V_PREDICTION maths and its training loss
+    is the error of the raw v output (recovered here from the host's denoised); an epsilon
+    base's loss is the plain epsilon MSE, computed as before the option existed."""
+    _, eps_parts, _, _, latents = world
+    parts = build_world(host, WorldConfig(prediction="v"))
     assert isinstance(parts.patcher.model.model_sampling, host.model_sampling.V_PREDICTION)
+    path = str(tmp_path / "v.safetensors")
+    save_world(path, parts, WorldConfig(prediction="v"), {})
+    assert load_world(host, path)[0].patcher.model.model_type == host.model_base.ModelType.V_PREDICTION
     x0 = parts.patcher.model.latent_format.process_in(latents[:3])
     noise, sigma = torch.randn(x0.shape), torch.tensor([0.1, 1.5, 14.0])
     x = x0 + sigma.view(-1, 1, 1, 1) * noise
@@ -92,12 +97,11 @@ def test_the_unet_trains_on_the_mse_of_what_it_predicts(host, world):
     s, root = sigma.view(-1, 1, 1, 1), (sigma.view(-1, 1, 1, 1) ** 2 + 1).sqrt()
     v_out = (x / root ** 2 - denoised) * root / s  # the UNet's raw output
     v_target = (noise - s * x0) / root
-    eps_error = ((x - denoised) / s - noise).square().mean(dim=(1, 2, 3))
-    assert base.objective_weight(host, parts, sigma) * eps_error == pytest.approx(
-        (v_out - v_target).square().mean(dim=(1, 2, 3)), rel=1e-4)
-    eps_parts = build_world(host, WorldConfig(prediction="eps"))
+    error = ((x - denoised) / s - noise).square()
+    assert base.objective(host, parts, error, sigma).item() == pytest.approx(
+        (v_out - v_target).square().mean().item(), rel=1e-4)
     assert not isinstance(eps_parts.patcher.model.model_sampling, host.model_sampling.V_PREDICTION)
-    assert torch.equal(base.objective_weight(host, eps_parts, sigma), torch.ones(3))
+    assert torch.equal(base.objective(host, eps_parts, error, sigma), error.mean())
 
 
 def test_a_file_that_is_not_a_world_base_is_refused(host, tmp_path):
