@@ -1,21 +1,10 @@
 """The shapes world's data stage writes its images once per cache (no host)."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("shapes_world",
-                                                  ROOT / "benchmarks" / "shapes_world.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.host.harness_env import load_benchmark  # host-free: the loader the host tests use
 
 
 def test_the_world_data_is_written_once_and_a_half_written_folder_is_redone(tmp_path):
-    sw = load_benchmark()
+    sw = load_benchmark("shapes_world")
     (tmp_path / "train.partial").mkdir()
     (tmp_path / "train.partial" / "stale.png").write_bytes(b"left by a killed run")
     paths = sw.written_once(tmp_path / "train", n_images=3, seed=0)
@@ -29,7 +18,7 @@ def test_the_world_data_is_written_once_and_a_half_written_folder_is_redone(tmp_
 
 
 def test_a_v_prediction_run_has_its_own_cache_folder(tmp_path):
-    sw = load_benchmark()
+    sw = load_benchmark("shapes_world")
     runs = [sw.make_run(sw.parse_args(["--comfyui", "unused", "--cache", str(tmp_path), *extra]))
             for extra in ([], ["--prediction", "v"])]
     assert [r["dir"].name for r in runs] == [f"full-seed0-v{sw.RECIPE_VERSION}",

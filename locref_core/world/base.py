@@ -123,21 +123,14 @@ class EMA:
             p.copy_(s)
 
 
-def objective_weight(host: SimpleNamespace, parts: SD15Parts, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-row weight (B,) that turns the epsilon MSE into the MSE of what the UNet predicts:
-    1 for epsilon; 1 + sigma^2 for v (v's error is epsilon's times sqrt(1 + sigma^2))."""
-    if parts.patcher.model.model_type == host.model_base.ModelType.V_PREDICTION:
-        return 1.0 + sigma.square()
-    return torch.ones_like(sigma)
-
-
 def objective(host: SimpleNamespace, parts: SD15Parts, error: torch.Tensor,
               sigma: torch.Tensor) -> torch.Tensor:
-    """The base's training loss from the squared epsilon error (B, C, h, w): its mean for an
-    epsilon base (computed as such, so epsilon runs keep their exact numbers), the mean of
-    `objective_weight` times each row's mean for a v base."""
+    """The base's training loss from the squared epsilon error (B, C, h, w): the MSE of what the
+    UNet predicts. Epsilon: the error's mean (computed as such, so epsilon runs keep their exact
+    numbers). v: each row's mean times 1 + sigma^2 (v's error is epsilon's times
+    sqrt(1 + sigma^2)), averaged."""
     if parts.patcher.model.model_type == host.model_base.ModelType.V_PREDICTION:
-        return (error.mean(dim=(1, 2, 3)) * objective_weight(host, parts, sigma)).mean()
+        return (error.mean(dim=(1, 2, 3)) * (1.0 + sigma.square())).mean()
     return error.mean()
 
 

@@ -7,6 +7,7 @@ the host tests and skip them.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -27,6 +28,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SKIP_REASON_UNSET = (
     "COMFYUI_PATH is not set: real-host tests need a ComfyUI checkout (see README)"
 )
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def comfyui_skip_reason() -> str | None:

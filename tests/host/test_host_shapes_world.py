@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import pytest
 
-from harness_env import REPO_ROOT, comfyui_path
+from harness_env import comfyui_path, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("shapes_world",
-                                                  REPO_ROOT / "benchmarks" / "shapes_world.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("shapes_world")
 
 
 def run(bench, cache):
@@ -63,10 +58,7 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
 
 
 def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "shapes_world_diagnose", REPO_ROOT / "benchmarks" / "shapes_world_diagnose.py")
-    diagnose = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diagnose)
+    diagnose = load_benchmark("shapes_world_diagnose")
     argv = ["--comfyui", str(comfyui_path()), "--quick", "--cache", str(tmp_path)]
     with pytest.raises(SystemExit, match="holds no finished run"):
         diagnose.main(argv)
