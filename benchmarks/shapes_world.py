@@ -106,7 +106,7 @@ def stage_data(run: dict) -> dict:
     train = written_once(root / "train", n_images=p["train_images"], seed=run["seed"])
     held = written_once(root / "heldout", n_images=p["heldout"], seed=run["seed"] + 1000)
     images = read_images(train["images"])
-    return {"train": train, "heldout": load_heldout(held, ref_size=32), "heldout_paths": held,
+    return {"train": train, "heldout": load_heldout(held), "heldout_paths": held,
             "train_images": images, "train_maps": fgdm.read_maps(train),
             "train_captions": read_captions(train, len(images))}
 
@@ -171,9 +171,12 @@ def stage_locref(run: dict, data: dict, base_path: str) -> str:
 
 
 def layout_of(item, with_refs: bool = True) -> Layout:
-    return Layout(64, 64, tuple(Box(*box, label=item.label(i),
-                                    reference=Reference(item.references[i]) if with_refs else None)
-                                for i, box in enumerate(item.boxes)))
+    """The held-out layout as LocRef Apply gets it: each box with its label and, `with_refs`, its
+    reference and that reference's mask (what the trainer's references are made of)."""
+    return Layout(64, 64, tuple(
+        Box(*box, label=item.label(i),
+            reference=Reference(item.references[i], item.masks[i]) if with_refs else None)
+        for i, box in enumerate(item.boxes)))
 
 
 def locref_state(nodes, parts, adapter, clip_vision, item, **settings) -> LocRefState:

@@ -11,6 +11,12 @@
 - controlnet-eps: the seg ControlNet's epsilon error on the held-out latents (4 noise draws)
   with each layout's own map, with another layout's map, and without the ControlNet (does it
   read its map?).
+- one-object: the base, caption only, one held-out object per caption ("a red square"), each
+  image's detections: how often it holds the named colour and shape, the shape, the colour, and
+  which shape the detector reads for each one asked (does the base draw what it is told?).
+- --placement (a few minutes): the base's and the LocRef adapter's images on the held-out
+  layouts, their AP50 with the labels as in the table (colour + shape), by colour alone, by
+  shape alone and with no label (is it the box or the shape that misses?).
 - --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
   twice its steps and the seg ControlNet trained as many steps again (fresh optimizer), each
   scored as in the tables (does more training help?).
@@ -19,10 +25,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
 from pathlib import Path
+
+from collections import Counter
 
 import numpy as np
 import torch
@@ -33,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes_world as sw  # noqa: E402  (this folder)
 import shapes_world_fgdm as fg  # noqa: E402
 
+from locref_core.composite import square_reference  # noqa: E402
+from locref_core.eval.shapes import SHAPES, detect_shapes  # noqa: E402
 from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
 from locref_core.world import base  # noqa: E402
@@ -48,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the quick preset's cache")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "comfyui-locref-world"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--placement", action="store_true", help="also score the base's and the "
+                   "LocRef adapter's images with coarser labels (a few minutes)")
     p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
                    "seg ControlNet twice as long and score them (about an hour)")
     return p.parse_args(argv)
@@ -74,10 +87,11 @@ def probe(run, host) -> str:
     tower = locref_trainer.load_clip_vision(host, None, run["seed"])  # the trainer's tower
 
     def embed(items):
-        x = [nodes.encode(tower, ref[None], crop=True)[0] for it in items for ref in it.references]
+        x = [nodes.encode(tower, square_reference(ref, mask)[None], crop=True)[0]
+             for it in items for ref, mask in zip(it.references, it.masks)]
         return torch.stack(x), [o for it in items for o in it.objects]
 
-    train_items = load_heldout(run["data"]["train"], ref_size=32)[:800]
+    train_items = load_heldout(run["data"]["train"])[:800]
     x_tr, o_tr = embed(train_items)
     x_te, o_te = embed(run["data"]["heldout"])
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
@@ -121,6 +135,59 @@ def controlnet_eps(run, host, parts) -> str:
             errors.setdefault(name, []).append((eps - noise).square().mean().item())
     return ("controlnet-eps: held-out eps MSE, empty caption: " +
             ", ".join(f"{k} {np.mean(v):.4f}" for k, v in errors.items()))
+
+
+LABELLINGS = {"colour + shape": lambda label: label, "colour": lambda label: label.split()[0],
+              "shape": lambda label: label.split()[1], "no label": lambda label: "object"}
+
+
+def relabelled(scores: list[dict], how) -> list[dict]:
+    """`scores` with every truth and detection label mapped by `how`."""
+    out = []
+    for s in scores:
+        out.append({**s, **{k: dataclasses.replace(s[k], labels=tuple(map(how, s[k].labels)))
+                            for k in ("truth", "detections")}})
+    return out
+
+
+@torch.no_grad()
+def one_object(run, host, parts, cfg) -> str:
+    objects = [o for it in run["data"]["heldout"] for o in it.objects]
+    texts = [f"a{'n' if c[0] in 'aeiou' else ''} {c} {s}" for c, s in objects]
+    images = base.sample_images(host, parts.patcher, parts, texts,
+                                [run["seed"] * 1000 + i for i in range(len(texts))], cfg,
+                                steps=run["preset"]["sample_steps"], guidance=run["guidance"])
+    both = shape = colour = 0
+    read: Counter = Counter()
+    for image, (c, s) in zip(images, objects):
+        found = detect_shapes(image)
+        both += any((d.colour, d.shape) == (c, s) for d in found)
+        shape += any(d.shape == s for d in found)
+        colour += any(d.colour == c for d in found)
+        same = [d.shape for d in found if d.colour == c]  # best score first
+        read[(s, same[0] if same else "nothing")] += 1
+    n = len(objects)
+    asked = ", ".join(f"{s}: " + " ".join(f"{r} {read[(s, r)]}" for r in (*SHAPES, "nothing")
+                                          if read[(s, r)]) for s in SHAPES)
+    return (f"one-object: base, caption only, {n} captions of one held-out object: colour + "
+            f"shape {both / n:.3f}, shape {shape / n:.3f}, colour {colour / n:.3f}; what the "
+            f"detector reads in the named colour, by shape asked: {asked}")
+
+
+def placement(run, host, parts, cfg) -> list[str]:
+    configs = sw.configurations(run, host, parts, str(run["dir"] / "locref.safetensors"))
+    names = ("base, caption only", "LocRef, trained adapter")
+    images = sw.generate(run, host, parts, cfg, {k: configs[k] for k in names})
+    lines = []
+    for name in names:
+        scores = sw.scores_of(run, images[name])
+        cells = []
+        for label, how in LABELLINGS.items():
+            v, lo, hi = bootstrap(relabelled(scores, how), rounds=run["preset"]["bootstrap"],
+                                  seed=run["seed"])["AP50"]
+            cells.append(f"{label} {v:.3f} [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"placement: {name}, AP50 by label: " + ", ".join(cells))
+    return lines
 
 
 def longer_locref(run, host, parts, cfg, base_path: str) -> str:
@@ -185,7 +252,10 @@ def main(argv=None) -> list[str]:
                          "with the same --cache, --quick and --seed first")
     host, data = sw.start(run)
     parts, cfg, base_path = sw.stage_base(run, host, data)
-    lines = [vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts)]
+    lines = [vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts),
+             one_object(run, host, parts, cfg)]
+    if args.placement:
+        lines += placement(run, host, parts, cfg)
     if args.longer:
         lines += [longer_locref(run, host, parts, cfg, base_path),
                   longer_controlnet(run, host, parts, cfg)]

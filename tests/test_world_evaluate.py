@@ -1,10 +1,14 @@
 """Scoring shapes-world images against held-out layouts (no host: the world's own images)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from locref_core.composite import resize_image, square_reference
+from locref_core.data import LocRefDataset, load_coco
 from locref_core.data.synthetic import make_synthetic_coco
 from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval, score_image,
                                        summary)
@@ -17,7 +21,7 @@ def heldout(tmp_path_factory):
     files = sorted(paths["images"].glob("*.png"))
     images = [torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255
               for f in files]
-    return load_heldout(paths, ref_size=32), images
+    return load_heldout(paths), images
 
 
 def test_layouts_objects_and_references(heldout):
@@ -26,7 +30,12 @@ def test_layouts_objects_and_references(heldout):
     for item in items:
         assert len(item.boxes) == len(item.objects) == len(item.references) >= 1
         assert all(0 <= v <= 1 for box in item.boxes for v in box)
-        assert all(r.shape == (3, 32, 32) for r in item.references)
+        for (x0, y0, x1, y1), ref, mask in zip(item.boxes, item.references, item.masks):
+            # the box's own pixels (edges rounded outwards) and the object's mask there
+            assert ref.shape == (3, *mask.shape)
+            assert mask.shape == (math.ceil(y1 * 64) - math.floor(y0 * 64),
+                                  math.ceil(x1 * 64) - math.floor(x0 * 64))
+            assert 0.4 < mask.mean() <= 1.0 and set(mask.unique().tolist()) <= {0.0, 1.0}
         assert item.caption.startswith(f"a{'n' if item.objects[0][0][0] in 'aeiou' else ''} "
                                        f"{item.label(0)}")
 
@@ -107,3 +116,20 @@ def test_ratio_interval_is_the_pooled_ratio_with_a_bootstrap_interval():
     assert 0.0 <= low <= value <= high <= 1.0 and low < high
     assert ratio_interval([2, 2], [2, 2], rounds=50) == (1.0, 1.0, 1.0)
     assert ratio_interval([0, 0], [0, 0], rounds=10) == (0.0, 0.0, 0.0)  # nothing to recall
+
+
+def test_references_are_the_ones_the_locref_trainer_cuts(tmp_path):
+    """A held-out reference with its mask, squared as LocRef Apply squares it, is exactly a
+    reference the LocRef trainer's dataset makes of the same image (no augmentation)."""
+    paths = make_synthetic_coco(tmp_path, n_images=6, size=64, seed=7, max_objects=4)
+    items = load_heldout(paths)
+    data = LocRefDataset(load_coco(paths["images"], paths["instances"], paths["captions"]),
+                         size=64, max_instances=4, ref_size=32, augment=False)
+    assert len(data) == len(items)
+    for item, sample in zip(items, (data[i] for i in range(len(data)))):
+        ours = [resize_image(square_reference(r, m), 32, 32)
+                for r, m in zip(item.references, item.masks)]
+        theirs = [sample["references"][k] for k in range(int(sample["valid"].sum()))]
+        assert len(ours) == len(theirs)
+        for ref in theirs:
+            assert any(torch.equal(ref, o) for o in ours)

@@ -7,6 +7,7 @@ box holding another box's reference) and object recall of the caption, each with
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.coco import polygon_mask
 from ..data.synthetic import COLOURS, SHAPE_CLASSES
 from ..eval.boxes import ImageBoxes, Matches, ap_from_matches, match_boxes
 from ..eval.shapes import appearance_scores, detect_shapes, to_image_boxes
@@ -28,18 +30,21 @@ OBJECT = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPE_CLASSES)})\b")
 @dataclass(frozen=True)
 class HeldOut:
     """One held-out layout: its caption, boxes (normalised xyxy), each box's (colour, shape) and
-    reference image (3, R, R) in [0, 1], cut from the held-out image."""
+    reference: the object's box cut from the held-out image (3, h, w) in [0, 1] with its instance
+    mask (h, w) in {0, 1}, as the LocRef trainer cuts its references (and as a user gives LocRef
+    Reference an image and its MASK)."""
 
     caption: str
     boxes: tuple[tuple[float, float, float, float], ...]
     objects: tuple[tuple[str, str], ...]
     references: tuple[torch.Tensor, ...]
+    masks: tuple[torch.Tensor, ...]
 
     def label(self, i: int) -> str:
         return f"{self.objects[i][0]} {self.objects[i][1]}"
 
 
-def load_heldout(paths: dict[str, Path], ref_size: int = 32) -> list[HeldOut]:
+def load_heldout(paths: dict[str, Path]) -> list[HeldOut]:
     """Layouts of a `make_synthetic_coco` set: the first caption names the objects in box order."""
     inst = json.loads(Path(paths["instances"]).read_text())
     caps = json.loads(Path(paths["captions"]).read_text())["annotations"]
@@ -54,29 +59,30 @@ def load_heldout(paths: dict[str, Path], ref_size: int = 32) -> list[HeldOut]:
         w, h = im["width"], im["height"]
         pixels = np.asarray(Image.open(Path(paths["images"]) / im["file_name"]).convert("RGB"))
         objects = tuple(OBJECT.findall(first[im["id"]]))
-        boxes, refs = [], []
+        boxes, refs, masks = [], [], []
         for a in anns.get(im["id"], []):
             x, y, bw, bh = a["bbox"]
             boxes.append((x / w, y / h, (x + bw) / w, (y + bh) / h))
-            refs.append(_reference(pixels, a["bbox"], ref_size))
+            ref, mask = _reference(pixels, a)
+            refs.append(ref)
+            masks.append(mask)
         if len(objects) != len(boxes):
             raise ValueError(f"image {im['file_name']}: caption {first[im['id']]!r} names "
                              f"{len(objects)} objects but it has {len(boxes)} boxes")
-        items.append(HeldOut(first[im["id"]], tuple(boxes), objects, tuple(refs)))
+        items.append(HeldOut(first[im["id"]], tuple(boxes), objects, tuple(refs), tuple(masks)))
     return items
 
 
-def _reference(pixels: np.ndarray, bbox: Sequence[float], size: int) -> torch.Tensor:
-    """The object's box, padded to a square with its own background, resized: (3, S, S)."""
-    x, y, bw, bh = (int(round(v)) for v in bbox)
-    side = max(bw, bh) + 2
-    cx, cy = x + bw // 2, y + bh // 2
+def _reference(pixels: np.ndarray, ann: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The object's box (pixel edges rounded outwards, as `LocRefDataset` cuts a reference
+    without augmentation) and its instance mask there: (3, h, w) in [0, 1], (h, w) in {0, 1}."""
     h, w, _ = pixels.shape
-    x0, y0 = min(max(cx - side // 2, 0), max(w - side, 0)), min(max(cy - side // 2, 0),
-                                                                 max(h - side, 0))
-    crop = Image.fromarray(pixels[y0:y0 + side, x0:x0 + side]).resize((size, size),
-                                                                      Image.NEAREST)
-    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float() / 255.0
+    x, y, bw, bh = ann["bbox"]
+    x0, y0 = min(max(math.floor(x), 0), w - 1), min(max(math.floor(y), 0), h - 1)
+    x1, y1 = min(max(math.ceil(x + bw), x0 + 1), w), min(max(math.ceil(y + bh), y0 + 1), h)
+    mask = polygon_mask(ann["segmentation"], h, w)[y0:y1, x0:x1]
+    crop = torch.from_numpy(pixels[y0:y1, x0:x1].copy()).permute(2, 0, 1).float() / 255.0
+    return crop, torch.from_numpy(mask.copy()).float()
 
 
 def score_image(image: torch.Tensor, item: HeldOut) -> dict[str, Any]:
