@@ -140,6 +140,36 @@ def test_blur_and_noise_do_not_break_the_detector(tmp_path):
     assert sum(len(d.labels) for d in dets.values()) == sum(len(g["labels"]) for g in gt.values())
 
 
+def rounded(shape, colour, background, side, radius, blur, size=64, supersample=8):
+    """A `side`-pixel square with corners rounded to `radius` x side (0.5: a disc), centred,
+    drawn at 8x and downsampled (anti-aliased edges), then Gaussian-blurred by `blur` pixels."""
+    from PIL import ImageDraw, ImageFilter
+
+    big = Image.new("RGB", (size * supersample,) * 2, background)
+    x0 = (size - side) / 2 * supersample
+    box = [x0, x0, x0 + side * supersample, x0 + side * supersample]
+    if shape == "disc":
+        ImageDraw.Draw(big).ellipse(box, fill=COLOURS[colour])
+    else:
+        ImageDraw.Draw(big).rounded_rectangle(box, radius=radius * side * supersample,
+                                              fill=COLOURS[colour])
+    small = big.resize((size, size), Image.LANCZOS)
+    return np.asarray(small.filter(ImageFilter.GaussianBlur(blur)) if blur else small)
+
+
+@pytest.mark.parametrize("shape,radius", [("square", 0.0), ("square", 0.15), ("square", 0.3),
+                                          ("disc", 0.5)])
+def test_squares_with_rounded_corners_are_still_squares(shape, radius):
+    # a generator that draws soft squares: corners rounded to 0.3 of the side and edges blurred
+    # by 0.7 pixels still read as squares (what a person reads), discs as discs
+    for k, colour in enumerate(COLOURS):
+        for side in (10, 14, 20, 28):
+            for blur in (0.0, 0.7):
+                image = rounded(shape, colour, BACKGROUNDS[k % 4], side, radius, blur)
+                found = [d.shape for d in detect_shapes(image) if d.colour == colour]
+                assert found == [shape], (colour, side, blur)
+
+
 def test_colours_survive_blur_and_noise_on_every_background():
     # purple/magenta on the dark background and orange/yellow are the closest pairs
     for background in BACKGROUNDS:
