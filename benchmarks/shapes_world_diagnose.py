@@ -1,7 +1,8 @@
 """What limits the shapes world's numbers? Diagnostics on a finished run's cache (the same
---cache, --quick and --seed as `shapes_world.py`); each prints one line.
+--cache, --quick, --seed and --prediction as `shapes_world.py`); each prints one line.
 
-    python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--longer]
+    python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
+        [--placement] [--longer]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?).
@@ -14,6 +15,10 @@
 - one-object: the base, caption only, one held-out object per caption ("a red square"), each
   image's detections: how often it holds the named colour and shape, the shape, the colour, and
   which shape the detector reads for each one asked (does the base draw what it is told?).
+- sdedit: the held-out images encoded, noised part of the way (denoise 0.2, 0.6, 1.0 of the
+  sampler's 20 steps) and denoised by the base with their own caption at CFG 1 and at the
+  benchmark's guidance: recall, and what the detector reads for each shape (from which noise
+  level on does the base lose a shape it was given?).
 - --placement (a few minutes): the base's and the LocRef adapter's images on the held-out
   layouts, their AP50 with the labels as in the table (colour + shape), by colour alone, by
   shape alone and with no label (is it the box or the shape that misses?).
@@ -59,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the quick preset's cache")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "comfyui-locref-world"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prediction", default="eps", choices=["eps", "v"],
+                   help="the base of that run (shapes_world.py --prediction)")
     p.add_argument("--placement", action="store_true", help="also score the base's and the "
                    "LocRef adapter's images with coarser labels (a few minutes)")
     p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
@@ -174,6 +181,38 @@ def one_object(run, host, parts, cfg) -> str:
             f"detector reads in the named colour, by shape asked: {asked}")
 
 
+@torch.no_grad()
+def sdedit(run, host, parts) -> str:
+    items, steps = run["data"]["heldout"], run["preset"]["sample_steps"]
+    latents = base.encode_latents(parts, sw.read_images(run["data"]["heldout_paths"]["images"]))
+    negative = [[encode_text(parts.clip, [""]), {}]]
+    cells = []
+    for guidance in (1.0, run["guidance"]):
+        for denoise in (0.2, 0.6, 1.0):
+            read: Counter = Counter()
+            for i, item in enumerate(items):
+                seed = run["seed"] * 1000 + i
+                noise = torch.randn(latents[i:i + 1].shape,
+                                    generator=torch.Generator().manual_seed(seed))
+                latent = host.sample.sample(
+                    parts.patcher, noise, steps, guidance, "euler", "normal",
+                    [[encode_text(parts.clip, [item.caption]), {}]], negative, latents[i:i + 1],
+                    denoise=denoise, disable_pbar=True, seed=seed)
+                found = detect_shapes(parts.vae.decode(latent).movedim(-1, 1)[0])
+                for c, s in item.objects:
+                    same = [d.shape for d in found if d.colour == c]  # best score first
+                    read[(s, same[0] if same else "nothing")] += 1
+                    read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
+            n = sum(len(it.objects) for it in items)
+            shapes = "; ".join(f"{s}: " + " ".join(f"{r} {read[(s, r)]}" for r in
+                                                   (*SHAPES, "nothing") if read[(s, r)])
+                               for s in SHAPES)
+            cells.append(f"CFG {guidance:g}, denoise {denoise:g}: recall "
+                         f"{read['recalled'] / n:.3f} ({shapes})")
+    return ("sdedit: the held-out images noised part way and denoised with their caption, what "
+            "the detector reads in each object's colour: " + " | ".join(cells))
+
+
 def placement(run, host, parts, cfg) -> list[str]:
     configs = sw.configurations(run, host, parts, str(run["dir"] / "locref.safetensors"))
     names = ("base, caption only", "LocRef, trained adapter")
@@ -245,7 +284,7 @@ def main(argv=None) -> list[str]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = sw.make_run(sw.parse_args(["--comfyui", args.comfyui, "--cache", args.cache,
-                                     "--seed", str(args.seed),
+                                     "--seed", str(args.seed), "--prediction", args.prediction,
                                      *(["--quick"] if args.quick else [])]))
     if not (run["dir"] / "seg_controlnet.safetensors").is_file():
         raise SystemExit(f"{run['dir']} holds no finished run; run benchmarks/shapes_world.py "
@@ -253,7 +292,7 @@ def main(argv=None) -> list[str]:
     host, data = sw.start(run)
     parts, cfg, base_path = sw.stage_base(run, host, data)
     lines = [vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts),
-             one_object(run, host, parts, cfg)]
+             one_object(run, host, parts, cfg), sdedit(run, host, parts)]
     if args.placement:
         lines += placement(run, host, parts, cfg)
     if args.longer:

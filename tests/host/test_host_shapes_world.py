@@ -63,11 +63,18 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
     with pytest.raises(SystemExit, match="holds no finished run"):
         diagnose.main(argv)
     run(bench, tmp_path)
-    lines = diagnose.main([*argv, "--longer"])
+    lines = diagnose.main([*argv, "--placement", "--longer"])
     assert [line.split(":")[0] for line in lines] == [
-        "vae-noise", "probe", "controlnet-eps", "longer", "longer"]
+        "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
+        "longer", "longer"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
-    assert "LocRef adapter at 8 steps" in lines[3] and "seg ControlNet at 8 steps" in lines[4]
+    held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
+    objects = sum(len(it.objects) for it in bench.load_heldout(bench.synthetic_paths(held)))
+    assert f"{objects} captions of one held-out object" in lines[3]
+    assert lines[4].count("CFG 1, denoise") == 3 and lines[4].count("CFG 4, denoise") == 3
+    assert "base, caption only, AP50 by label" in lines[5] and "no label" in lines[5]
+    assert "LocRef, trained adapter, AP50 by label" in lines[6]
+    assert "LocRef adapter at 8 steps" in lines[7] and "seg ControlNet at 8 steps" in lines[8]
     out = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     assert (out / "locref_longer.safetensors").is_file()
     assert (out / "seg_controlnet_longer.safetensors").is_file()
