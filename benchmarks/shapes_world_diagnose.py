@@ -48,6 +48,7 @@ import shapes_world as sw  # noqa: E402  (this folder)
 import shapes_world_fgdm as fg  # noqa: E402
 
 from locref_core.composite import square_reference  # noqa: E402
+from locref_core.data.synthetic import phrase  # noqa: E402
 from locref_core.eval.shapes import SHAPES, detect_shapes  # noqa: E402
 from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
@@ -150,17 +151,26 @@ LABELLINGS = {"colour + shape": lambda label: label, "colour": lambda label: lab
 
 def relabelled(scores: list[dict], how) -> list[dict]:
     """`scores` with every truth and detection label mapped by `how`."""
-    out = []
-    for s in scores:
-        out.append({**s, **{k: dataclasses.replace(s[k], labels=tuple(map(how, s[k].labels)))
-                            for k in ("truth", "detections")}})
-    return out
+    return [{**s, **{k: dataclasses.replace(s[k], labels=tuple(map(how, s[k].labels)))
+                     for k in ("truth", "detections")}} for s in scores]
+
+
+def shape_read(found, colour: str) -> str:
+    """The shape of the best-scored detection in `colour`, or "nothing"."""
+    same = [d.shape for d in found if d.colour == colour]  # best score first
+    return same[0] if same else "nothing"
+
+
+def by_shape_asked(read: Counter) -> str:
+    """ "square: square 8 disc 36, disc: ..." from counts of (shape asked, shape read)."""
+    return ", ".join(f"{s}: " + " ".join(f"{r} {read[(s, r)]}" for r in (*SHAPES, "nothing")
+                                         if read[(s, r)]) for s in SHAPES)
 
 
 @torch.no_grad()
 def one_object(run, host, parts, cfg) -> str:
     objects = [o for it in run["data"]["heldout"] for o in it.objects]
-    texts = [f"a{'n' if c[0] in 'aeiou' else ''} {c} {s}" for c, s in objects]
+    texts = [phrase([o]) for o in objects]
     images = base.sample_images(host, parts.patcher, parts, texts,
                                 [run["seed"] * 1000 + i for i in range(len(texts))], cfg,
                                 steps=run["preset"]["sample_steps"], guidance=run["guidance"])
@@ -171,14 +181,11 @@ def one_object(run, host, parts, cfg) -> str:
         both += any((d.colour, d.shape) == (c, s) for d in found)
         shape += any(d.shape == s for d in found)
         colour += any(d.colour == c for d in found)
-        same = [d.shape for d in found if d.colour == c]  # best score first
-        read[(s, same[0] if same else "nothing")] += 1
+        read[(s, shape_read(found, c))] += 1
     n = len(objects)
-    asked = ", ".join(f"{s}: " + " ".join(f"{r} {read[(s, r)]}" for r in (*SHAPES, "nothing")
-                                          if read[(s, r)]) for s in SHAPES)
     return (f"one-object: base, caption only, {n} captions of one held-out object: colour + "
             f"shape {both / n:.3f}, shape {shape / n:.3f}, colour {colour / n:.3f}; what the "
-            f"detector reads in the named colour, by shape asked: {asked}")
+            f"detector reads in the named colour, by shape asked: {by_shape_asked(read)}")
 
 
 @torch.no_grad()
@@ -186,7 +193,8 @@ def sdedit(run, host, parts) -> str:
     items, steps = run["data"]["heldout"], run["preset"]["sample_steps"]
     latents = base.encode_latents(parts, sw.read_images(run["data"]["heldout_paths"]["images"]))
     negative = [[encode_text(parts.clip, [""]), {}]]
-    cells = []
+    positive = [[[encode_text(parts.clip, [item.caption]), {}]] for item in items]
+    n, cells = sum(len(it.objects) for it in items), []
     for guidance in (1.0, run["guidance"]):
         for denoise in (0.2, 0.6, 1.0):
             read: Counter = Counter()
@@ -196,19 +204,14 @@ def sdedit(run, host, parts) -> str:
                                     generator=torch.Generator().manual_seed(seed))
                 latent = host.sample.sample(
                     parts.patcher, noise, steps, guidance, "euler", "normal",
-                    [[encode_text(parts.clip, [item.caption]), {}]], negative, latents[i:i + 1],
+                    positive[i], negative, latents[i:i + 1],
                     denoise=denoise, disable_pbar=True, seed=seed)
                 found = detect_shapes(parts.vae.decode(latent).movedim(-1, 1)[0])
                 for c, s in item.objects:
-                    same = [d.shape for d in found if d.colour == c]  # best score first
-                    read[(s, same[0] if same else "nothing")] += 1
+                    read[(s, shape_read(found, c))] += 1
                     read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
-            n = sum(len(it.objects) for it in items)
-            shapes = "; ".join(f"{s}: " + " ".join(f"{r} {read[(s, r)]}" for r in
-                                                   (*SHAPES, "nothing") if read[(s, r)])
-                               for s in SHAPES)
             cells.append(f"CFG {guidance:g}, denoise {denoise:g}: recall "
-                         f"{read['recalled'] / n:.3f} ({shapes})")
+                         f"{read['recalled'] / n:.3f} ({by_shape_asked(read)})")
     return ("sdedit: the held-out images noised part way and denoised with their caption, what "
             "the detector reads in each object's colour: " + " | ".join(cells))
 

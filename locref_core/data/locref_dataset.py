@@ -68,6 +68,19 @@ def centre_square(h: int, w: int) -> tuple[int, int, int]:
     return (w - side) // 2, (h - side) // 2, side
 
 
+def crop_edges(bbox: tuple[float, float, float, float], scale: float, width: int,
+               height: int) -> tuple[int, int, int, int]:
+    """Pixel edges (x0, y0, x1, y1) of a reference's crop: the COCO box (x, y, w, h) scaled by
+    `scale` about its centre, rounded outwards, clipped to the image, at least one pixel."""
+    x, y, w, h = bbox
+    cx, cy, w, h = x + w / 2, y + h / 2, w * scale, h * scale
+    x0 = min(max(math.floor(cx - w / 2), 0), width - 1)
+    y0 = min(max(math.floor(cy - h / 2), 0), height - 1)
+    x1 = min(max(math.ceil(cx + w / 2), x0 + 1), width)
+    y1 = min(max(math.ceil(cy + h / 2), y0 + 1), height)
+    return x0, y0, x1, y1
+
+
 def colour_jitter(image: torch.Tensor, brightness: float, contrast: float,
                   saturation: float) -> torch.Tensor:
     """Scale brightness, then contrast about the mean grey, then saturation about each grey."""
@@ -139,13 +152,7 @@ class LocRefDataset(torch.utils.data.Dataset):
         """An instance's (augmented) crop (3, h, w) from the original image and its mask crop."""
         u = torch.rand(5, generator=gen).tolist() if gen is not None else [1.0, 0.5, 0.5, 0.5, 0.5]
         _, H, W = pixels.shape
-        scale = 1.0 + JITTER * (2 * u[1] - 1)
-        x, y, w, h = bbox
-        cx, cy, w, h = x + w / 2, y + h / 2, w * scale, h * scale
-        x0 = min(max(math.floor(cx - w / 2), 0), W - 1)
-        y0 = min(max(math.floor(cy - h / 2), 0), H - 1)
-        x1 = min(max(math.ceil(cx + w / 2), x0 + 1), W)
-        y1 = min(max(math.ceil(cy + h / 2), y0 + 1), H)
+        x0, y0, x1, y1 = crop_edges(bbox, 1.0 + JITTER * (2 * u[1] - 1), W, H)
         crop = pixels[:, y0:y1, x0:x1]  # (3, h, w)
         crop_mask = None if mask is None else torch.from_numpy(mask[y0:y1, x0:x1]).float()
         if u[0] < 0.5:

@@ -81,7 +81,8 @@ def _place(rng: np.random.Generator, size: int, n: int) -> list[tuple[int, int, 
     return boxes
 
 
-def _phrase(objects: list[tuple[str, str]]) -> str:
+def phrase(objects: list[tuple[str, str]]) -> str:
+    """The world's caption of (colour, shape) objects: "a red square, an orange disc and ..."."""
     words = [f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
              for colour, shape in objects]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
@@ -141,7 +142,7 @@ def make_synthetic_coco(root: str | Path, n_images: int = 12, size: int = 64, se
         Image.fromarray(pixels, "RGB").save(paths["images"] / name)
         Image.fromarray(label, "L").save(paths["labels"] / name)
         images.append({"id": i, "file_name": name, "width": size, "height": size})
-        for text in (_phrase(objects), "a picture of " + _phrase(objects[::-1])):
+        for text in (phrase(objects), "a picture of " + phrase(objects[::-1])):
             captions.append({"id": len(captions) + 1, "image_id": i, "caption": text})
 
     info = {"description": f"synthetic shapes, seed {seed}", "version": "1.0"}

@@ -7,7 +7,6 @@ box holding another box's reference) and object recall of the caption, each with
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..data.coco import polygon_mask
+from ..data.locref_dataset import crop_edges
 from ..data.synthetic import COLOURS, SHAPE_CLASSES
 from ..eval.boxes import ImageBoxes, Matches, ap_from_matches, match_boxes
 from ..eval.shapes import appearance_scores, detect_shapes, to_image_boxes
@@ -74,12 +74,10 @@ def load_heldout(paths: dict[str, Path]) -> list[HeldOut]:
 
 
 def _reference(pixels: np.ndarray, ann: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The object's box (pixel edges rounded outwards, as `LocRefDataset` cuts a reference
-    without augmentation) and its instance mask there: (3, h, w) in [0, 1], (h, w) in {0, 1}."""
+    """The object's box (as `LocRefDataset` cuts a reference without augmentation) and its
+    instance mask there: (3, h, w) in [0, 1], (h, w) in {0, 1}."""
     h, w, _ = pixels.shape
-    x, y, bw, bh = ann["bbox"]
-    x0, y0 = min(max(math.floor(x), 0), w - 1), min(max(math.floor(y), 0), h - 1)
-    x1, y1 = min(max(math.ceil(x + bw), x0 + 1), w), min(max(math.ceil(y + bh), y0 + 1), h)
+    x0, y0, x1, y1 = crop_edges(ann["bbox"], 1.0, w, h)
     mask = polygon_mask(ann["segmentation"], h, w)[y0:y1, x0:x1]
     crop = torch.from_numpy(pixels[y0:y1, x0:x1].copy()).permute(2, 0, 1).float() / 255.0
     return crop, torch.from_numpy(mask.copy()).float()
