@@ -2,7 +2,7 @@
 --cache, --quick, --seed and --prediction as `shapes_world.py`); each prints one line.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
-        [--placement] [--longer]
+        [--placement] [--samplers] [--longer]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?).
@@ -22,6 +22,11 @@
 - --placement (a few minutes): the base's and the LocRef adapter's images on the held-out
   layouts, their AP50 with the labels as in the table (colour + shape), by colour alone, by
   shape alone and with no label (is it the box or the shape that misses?).
+- --samplers (about 15 minutes): the base, caption only, under other sampler settings (CFG 1 and
+  2, DPM++ 2M, Euler ancestral, guidance only while sigma > 1), scored on validation layouts
+  (another seed; never the held-out ones, so no setting is chosen on the test): one-object
+  colour + shape and the squares the detector reads as squares, and caption-only recall (is it
+  the sampler that rounds the squares?).
 - --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
   twice its steps and the seg ControlNet trained as many steps again (fresh optimizer), each
   scored as in the tables (does more training help?).
@@ -54,7 +59,7 @@ from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
-from locref_core.world.evaluate import bootstrap, load_heldout, summary  # noqa: E402
+from locref_core.world.evaluate import bootstrap, load_heldout, score_image, summary  # noqa: E402
 
 log = logging.getLogger("shapes_world_diagnose")
 
@@ -69,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the base of that run (shapes_world.py --prediction)")
     p.add_argument("--placement", action="store_true", help="also score the base's and the "
                    "LocRef adapter's images with coarser labels (a few minutes)")
+    p.add_argument("--samplers", action="store_true", help="also score the base under other "
+                   "sampler settings on validation layouts (about 15 minutes)")
     p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
                    "seg ControlNet twice as long and score them (about an hour)")
     return p.parse_args(argv)
@@ -216,6 +223,69 @@ def sdedit(run, host, parts) -> str:
             "the detector reads in each object's colour: " + " | ".join(cells))
 
 
+VALIDATION_SEED = 2000  # + the run's seed; the held-out layouts use + 1000, training + 0
+
+
+def validation_layouts(run) -> list:
+    """Layouts of another seed than training and held-out, as many as the held-out ones, for
+    choosing settings without looking at the test."""
+    root = run["dir"] / "data" / "validation"
+    return load_heldout(sw.written_once(root, n_images=run["preset"]["heldout"],
+                                        seed=run["seed"] + VALIDATION_SEED))
+
+
+def guidance_above(patcher, sigma_min: float):
+    """A clone of `patcher` that applies CFG only while sigma > sigma_min and takes the
+    conditional prediction below it (guidance limited to an interval of noise levels)."""
+
+    def cfg(args):
+        if float(args["sigma"].flatten()[0]) > sigma_min:
+            return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+        return args["cond"]
+
+    clone = patcher.clone()
+    clone.set_model_sampler_cfg_function(cfg, disable_cfg1_optimization=True)
+    return clone
+
+
+def sampler_settings(run) -> dict[str, dict]:
+    """name -> sample_images keywords (and "above": guidance only while sigma is above it)."""
+    g = run["guidance"]
+    return {f"euler, CFG {g:g} (the benchmark's)": {}, "euler, CFG 1": {"guidance": 1.0},
+            "euler, CFG 2": {"guidance": 2.0}, f"dpmpp_2m, CFG {g:g}": {"sampler": "dpmpp_2m"},
+            f"euler_ancestral, CFG {g:g}": {"sampler": "euler_ancestral"},
+            f"euler, CFG {g:g} while sigma > 1": {"above": 1.0}}
+
+
+@torch.no_grad()
+def samplers(run, host, parts, cfg) -> str:
+    layouts = validation_layouts(run)
+    objects = [o for it in layouts for o in it.objects]
+    steps, cells = run["preset"]["sample_steps"], []
+    for name, kw in sampler_settings(run).items():
+        kw = dict(kw)
+        above = kw.pop("above", None)
+        patcher = parts.patcher if above is None else guidance_above(parts.patcher, above)
+        kw = {"steps": steps, "guidance": run["guidance"], **kw}
+        singles = base.sample_images(host, patcher, parts, [phrase([o]) for o in objects],
+                                     [run["seed"] * 1000 + 500 + i for i in range(len(objects))],
+                                     cfg, **kw)
+        both, read = 0, Counter()
+        for image, (c, s) in zip(singles, objects):
+            found = detect_shapes(image)
+            both += any((d.colour, d.shape) == (c, s) for d in found)
+            read[(s, shape_read(found, c))] += 1
+        captioned = base.sample_images(host, patcher, parts, [it.caption for it in layouts],
+                                       [run["seed"] * 1000 + i for i in range(len(layouts))],
+                                       cfg, **kw)
+        recall = summary([score_image(im, it) for im, it in zip(captioned, layouts)])["recall"]
+        squares = sum(v for (s, _), v in read.items() if s == "square")
+        cells.append(f"{name}: one-object {both / len(objects):.3f}, squares read as squares "
+                     f"{read[('square', 'square')]}/{squares}, caption recall {recall:.3f}")
+    return (f"samplers: the base, caption only, on {len(layouts)} validation layouts "
+            f"({len(objects)} one-object captions): " + " | ".join(cells))
+
+
 def placement(run, host, parts, cfg) -> list[str]:
     configs = sw.configurations(run, host, parts, str(run["dir"] / "locref.safetensors"))
     names = ("base, caption only", "LocRef, trained adapter")
@@ -298,6 +368,8 @@ def main(argv=None) -> list[str]:
              one_object(run, host, parts, cfg), sdedit(run, host, parts)]
     if args.placement:
         lines += placement(run, host, parts, cfg)
+    if args.samplers:
+        lines.append(samplers(run, host, parts, cfg))
     if args.longer:
         lines += [longer_locref(run, host, parts, cfg, base_path),
                   longer_controlnet(run, host, parts, cfg)]

@@ -63,10 +63,10 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
     with pytest.raises(SystemExit, match="holds no finished run"):
         diagnose.main(argv)
     run(bench, tmp_path)
-    lines = diagnose.main([*argv, "--placement", "--longer"])
+    lines = diagnose.main([*argv, "--placement", "--samplers", "--longer"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
-        "longer", "longer"]
+        "samplers", "longer", "longer"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
     objects = sum(len(it.objects) for it in bench.load_heldout(bench.synthetic_paths(held)))
@@ -74,7 +74,9 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
     assert lines[4].count("CFG 1, denoise") == 3 and lines[4].count("CFG 4, denoise") == 3
     assert "base, caption only, AP50 by label" in lines[5] and "no label" in lines[5]
     assert "LocRef, trained adapter, AP50 by label" in lines[6]
-    assert "LocRef adapter at 8 steps" in lines[7] and "seg ControlNet at 8 steps" in lines[8]
+    assert lines[7].count("caption recall") == 6 and "while sigma > 1" in lines[7]
+    assert (tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "validation").is_dir()
+    assert "LocRef adapter at 8 steps" in lines[8] and "seg ControlNet at 8 steps" in lines[9]
     out = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     assert (out / "locref_longer.safetensors").is_file()
     assert (out / "seg_controlnet_longer.safetensors").is_file()
