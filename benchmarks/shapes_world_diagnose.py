@@ -22,7 +22,7 @@
 - --placement (a few minutes): the base's and the LocRef adapter's images on the held-out
   layouts, their AP50 with the labels as in the table (colour + shape), by colour alone, by
   shape alone and with no label (is it the box or the shape that misses?).
-- --samplers (about 15 minutes): the base, caption only, under other sampler settings (CFG 1 and
+- --samplers (about 20 minutes): the base, caption only, under other sampler settings (CFG 1 and
   2, DPM++ 2M, Euler ancestral, guidance only while sigma > 1), scored on validation layouts
   (another seed; never the held-out ones, so no setting is chosen on the test): one-object
   colour + shape and the squares the detector reads as squares, and caption-only recall (is it
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--placement", action="store_true", help="also score the base's and the "
                    "LocRef adapter's images with coarser labels (a few minutes)")
     p.add_argument("--samplers", action="store_true", help="also score the base under other "
-                   "sampler settings on validation layouts (about 15 minutes)")
+                   "sampler settings on validation layouts (about 20 minutes)")
     p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
                    "seg ControlNet twice as long and score them (about an hour)")
     return p.parse_args(argv)
@@ -174,6 +174,19 @@ def by_shape_asked(read: Counter) -> str:
                                          if read[(s, r)]) for s in SHAPES)
 
 
+def one_object_tally(images, objects) -> Counter:
+    """Per image of one (colour, shape) object: how many hold it ("both"), its shape, its
+    colour, and (shape asked, shape read in the named colour) pairs."""
+    tally: Counter = Counter()
+    for image, (c, s) in zip(images, objects):
+        found = detect_shapes(image)
+        tally["both"] += any((d.colour, d.shape) == (c, s) for d in found)
+        tally["shape"] += any(d.shape == s for d in found)
+        tally["colour"] += any(d.colour == c for d in found)
+        tally[(s, shape_read(found, c))] += 1
+    return tally
+
+
 @torch.no_grad()
 def one_object(run, host, parts, cfg) -> str:
     objects = [o for it in run["data"]["heldout"] for o in it.objects]
@@ -181,18 +194,10 @@ def one_object(run, host, parts, cfg) -> str:
     images = base.sample_images(host, parts.patcher, parts, texts,
                                 [run["seed"] * 1000 + i for i in range(len(texts))], cfg,
                                 steps=run["preset"]["sample_steps"], guidance=run["guidance"])
-    both = shape = colour = 0
-    read: Counter = Counter()
-    for image, (c, s) in zip(images, objects):
-        found = detect_shapes(image)
-        both += any((d.colour, d.shape) == (c, s) for d in found)
-        shape += any(d.shape == s for d in found)
-        colour += any(d.colour == c for d in found)
-        read[(s, shape_read(found, c))] += 1
-    n = len(objects)
+    t, n = one_object_tally(images, objects), len(objects)
     return (f"one-object: base, caption only, {n} captions of one held-out object: colour + "
-            f"shape {both / n:.3f}, shape {shape / n:.3f}, colour {colour / n:.3f}; what the "
-            f"detector reads in the named colour, by shape asked: {by_shape_asked(read)}")
+            f"shape {t['both'] / n:.3f}, shape {t['shape'] / n:.3f}, colour {t['colour'] / n:.3f};"
+            f" what the detector reads in the named colour, by shape asked: {by_shape_asked(t)}")
 
 
 @torch.no_grad()
@@ -270,18 +275,15 @@ def samplers(run, host, parts, cfg) -> str:
         singles = base.sample_images(host, patcher, parts, [phrase([o]) for o in objects],
                                      [run["seed"] * 1000 + 500 + i for i in range(len(objects))],
                                      cfg, **kw)
-        both, read = 0, Counter()
-        for image, (c, s) in zip(singles, objects):
-            found = detect_shapes(image)
-            both += any((d.colour, d.shape) == (c, s) for d in found)
-            read[(s, shape_read(found, c))] += 1
+        tally = one_object_tally(singles, objects)
         captioned = base.sample_images(host, patcher, parts, [it.caption for it in layouts],
                                        [run["seed"] * 1000 + i for i in range(len(layouts))],
                                        cfg, **kw)
         recall = summary([score_image(im, it) for im, it in zip(captioned, layouts)])["recall"]
-        squares = sum(v for (s, _), v in read.items() if s == "square")
-        cells.append(f"{name}: one-object {both / len(objects):.3f}, squares read as squares "
-                     f"{read[('square', 'square')]}/{squares}, caption recall {recall:.3f}")
+        squares = sum(s == "square" for _, s in objects)
+        cells.append(f"{name}: one-object {tally['both'] / len(objects):.3f}, squares read as "
+                     f"squares {tally[('square', 'square')]}/{squares}, caption recall "
+                     f"{recall:.3f}")
     return (f"samplers: the base, caption only, on {len(layouts)} validation layouts "
             f"({len(objects)} one-object captions): " + " | ".join(cells))
 
