@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -83,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prediction", default="eps", choices=["eps", "v"],
                    help="what the base UNet predicts (SD-1.5: eps; v is an experiment, "
                         "cached in its own folder)")
+    p.add_argument("--estimate", action="store_true",
+                   help="only time a few steps of every stage on this machine and print the "
+                        "projected minutes (a few minutes; writes estimate.json, trains nothing "
+                        "that is kept)")
     return p.parse_args(argv)
 
 
@@ -385,6 +390,14 @@ def main(argv=None) -> dict:
         log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
     t0, timings = time.perf_counter(), Timings(run)
     host, data = start(run)
+    if args.estimate:  # timings.json stays the run's own
+        from shapes_world_estimate import estimate  # noqa: PLC0415  (this folder)
+
+        stages = SimpleNamespace(stage_locref=stage_locref, configurations=configurations,
+                                 generate=generate, load_pack=load_pack)
+        return {"estimate": estimate(run, host, data, stages,
+                                     data_seconds=time.perf_counter() - t0),
+                "dir": str(run["dir"])}
     timings.mark("data")
     cached = (run["dir"] / "base.safetensors").is_file()
     parts, cfg, base_path = stage_base(run, host, data)

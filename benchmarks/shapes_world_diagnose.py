@@ -21,7 +21,9 @@
   level on does the base lose a shape it was given?).
 - --placement (a few minutes): the base's and the LocRef adapter's images on the held-out
   layouts, their AP50 with the labels as in the table (colour + shape), by colour alone, by
-  shape alone and with no label (is it the box or the shape that misses?).
+  shape alone and with no label (is it the box or the shape that misses?), and their appearance
+  split into colour and shape, and by the reference's shape (does the adapter carry the
+  reference where the base can draw it?).
 - --samplers (about 20 minutes): the base, caption only, under other sampler settings (CFG 1 and
   2, DPM++ 2M, Euler ancestral, guidance only while sigma > 1), scored on validation layouts
   (another seed; never the held-out ones, so no setting is chosen on the test): one-object
@@ -54,7 +56,7 @@ import shapes_world_fgdm as fg  # noqa: E402
 
 from locref_core.composite import square_reference  # noqa: E402
 from locref_core.data.synthetic import phrase  # noqa: E402
-from locref_core.eval.shapes import SHAPES, detect_shapes  # noqa: E402
+from locref_core.eval.shapes import SHAPES, appearance_scores, detect_shapes  # noqa: E402
 from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
 from locref_core.world import base  # noqa: E402
@@ -288,6 +290,23 @@ def samplers(run, host, parts, cfg) -> str:
             f"({len(objects)} one-object captions): " + " | ".join(cells))
 
 
+def appearance_by_shape(images, items) -> str:
+    """Per box, against its own reference: the share that holds its colour, its shape, and both
+    (the table's appearance), then "both" by the reference's shape (is appearance lost only on
+    the shapes the base cannot draw?)."""
+    tally: Counter = Counter()
+    for image, item in zip(images, items):
+        for a in appearance_scores(image, item.boxes, item.objects):
+            shape = a.reference[1]
+            tally.update({"boxes": 1, "colour": a.colour_match, "shape": a.shape_match,
+                          "both": a.match, (shape, "boxes"): 1, (shape, "both"): a.match})
+    n = max(1, tally["boxes"])
+    by_shape = ", ".join(f"{s} {tally[(s, 'both')]}/{tally[(s, 'boxes')]}" for s in SHAPES
+                         if tally[(s, "boxes")])
+    return (f"colour {tally['colour'] / n:.3f}, shape {tally['shape'] / n:.3f}, both "
+            f"{tally['both'] / n:.3f}; both, by the reference's shape: {by_shape}")
+
+
 def placement(run, host, parts, cfg) -> list[str]:
     configs = sw.configurations(run, host, parts, str(run["dir"] / "locref.safetensors"))
     names = ("base, caption only", "LocRef, trained adapter")
@@ -300,7 +319,8 @@ def placement(run, host, parts, cfg) -> list[str]:
             v, lo, hi = bootstrap(relabelled(scores, how), rounds=run["preset"]["bootstrap"],
                                   seed=run["seed"])["AP50"]
             cells.append(f"{label} {v:.3f} [{lo:.3f}, {hi:.3f}]")
-        lines.append(f"placement: {name}, AP50 by label: " + ", ".join(cells))
+        lines.append(f"placement: {name}, AP50 by label: " + ", ".join(cells) +
+                     "; appearance: " + appearance_by_shape(images[name], run["data"]["heldout"]))
     return lines
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 import pytest
 
@@ -74,9 +76,35 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
     assert lines[4].count("CFG 1, denoise") == 3 and lines[4].count("CFG 4, denoise") == 3
     assert "base, caption only, AP50 by label" in lines[5] and "no label" in lines[5]
     assert "LocRef, trained adapter, AP50 by label" in lines[6]
+    for line in lines[5:7]:  # appearance by the reference's shape: every held-out box once
+        assert "appearance: colour " in line and ", shape " in line
+        by_shape = line.split("by the reference's shape: ")[1]
+        counts = re.findall(r"(square|disc|triangle) (\d+)/(\d+)", by_shape)
+        assert sum(int(n) for _, _, n in counts) == objects
+        assert all(int(k) <= int(n) for _, k, n in counts)
     assert lines[7].count("caption recall") == 6 and "while sigma > 1" in lines[7]
     assert (tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "validation").is_dir()
     assert "LocRef adapter at 8 steps" in lines[8] and "seg ControlNet at 8 steps" in lines[9]
     out = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     assert (out / "locref_longer.safetensors").is_file()
     assert (out / "seg_controlnet_longer.safetensors").is_file()
+
+
+def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
+    out = bench.main(["--comfyui", str(comfyui_path()), "--quick", "--cache", str(tmp_path),
+                      "--estimate"])
+    est, folder = out["estimate"], tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}"
+    assert set(est["seconds"]) == {
+        "data", "VAE step", "latents", "UNet step", "LocRef step", "seg factor step",
+        "seg ControlNet step", "LocRef layout", "FG-DM layout", "image scored", "table row"}
+    assert all(v > 0 for v in est["seconds"].values()), est["seconds"]
+    m = est["minutes"]
+    halves = max(m["LocRef half"], m["FG-DM half"])
+    assert m["total"] == pytest.approx(m["data"] + m["VAE"] + m["UNet"] + halves + m["tables"],
+                                       abs=0.3)  # each minute rounded to 0.1
+    assert json.loads((folder / "estimate.json").read_text()) == est
+    assert (folder / "data" / "train").is_dir()  # the run reuses the world's data
+    assert not (folder / "estimate").exists()
+    for name in ("base", "locref", "fgdm_seg", "seg_controlnet"):
+        assert not (folder / f"{name}.safetensors").exists(), name
+    assert not (folder / "timings.json").exists()

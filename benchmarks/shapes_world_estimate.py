@@ -1,0 +1,194 @@
+"""How long would the shapes world take on this machine? `shapes_world.py --estimate` (imported
+by it, not run alone) times a few steps of every stage at the preset's sizes, with the threads
+the run gives each stage, and projects the minutes per stage and in all, before anything is
+trained for real. It writes `estimate.json` in the run's folder and keeps nothing else: the
+models it times are random and thrown away; only the world's data (written once, as the run
+writes it) stays for the run.
+
+Why: the same code takes very different times on different 2-core machines (the UNet's training
+step at batch 32: 0.56 to 0.64 s on one kind of virtual machine, 1.4 s on another), so whether
+the full preset fits a time budget is a property of the machine, and it can be known in a
+couple of minutes instead of hours.
+
+What it leaves out: the two halves after the base run side by side on one core each; they are
+timed here one after the other, so contention between them (memory bandwidth, caches) is not
+counted. The UNet is timed on a few images' captions, already encoded (in the run, each
+caption's first use encodes it once, well under a minute in all). The grid is not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from locref_core.world import base
+from locref_core.world import controlnet as world_cn
+from locref_core.world.evaluate import bootstrap, score_image
+from locref_core.world.models import WorldConfig, build_world, save_world
+
+log = logging.getLogger("shapes_world")
+STEPS = 6  # steps timed per trainer, after WARMUP (the first steps allocate)
+WARMUP = 2
+
+
+class StepClock:
+    """`on_step` for the world's trainers: the seconds per step after the first `warmup`."""
+
+    def __init__(self, warmup: int = WARMUP):
+        self.warmup, self.stamps = warmup, []
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.stamps.append(time.perf_counter())
+
+    @property
+    def seconds(self) -> float:
+        timed = self.stamps[self.warmup - 1:]
+        if len(timed) < 2:
+            raise ValueError(f"StepClock: {len(self.stamps)} steps recorded; time at least "
+                             f"{self.warmup + 1}")
+        return (timed[-1] - timed[0]) / (len(timed) - 1)
+
+
+def per_call(fn: Callable[[int], Any], short: int, long: int) -> float:
+    """Seconds per step of `fn(steps)` (a trainer run that sets itself up each time): the
+    difference between a run of `long` and of `short` steps, so the setup cancels."""
+    times = []
+    for n in (short, long):
+        t = time.perf_counter()
+        fn(n)
+        times.append(time.perf_counter() - t)
+    return max(0.0, (times[1] - times[0]) / (long - short))
+
+
+def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict[str, Any]:
+    """Seconds per unit of every stage on this machine and the projected minutes of the run
+    (`sw`: shapes_world's stage code: stage_locref, configurations, generate, load_pack; `data_seconds`: what starting the host
+    and writing or reading the world's data took). Writes `estimate.json`."""
+    work = run["dir"] / "estimate"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    est = {**run, "dir": work, "tensorboard": False}
+    threads, rate = torch.get_num_threads(), {"data": data_seconds}
+    try:
+        # the base: the run trains it on every core
+        cfg = WorldConfig(seed=run["seed"], prediction=run["prediction"])
+        parts = build_world(host, cfg)
+        images = data["train_images"]
+        clock = StepClock()
+        base.train_vae(parts, images, WARMUP + STEPS, seed=run["seed"], maps=data["train_maps"],
+                       on_step=clock)
+        rate["VAE step"] = clock.seconds
+        t = time.perf_counter()
+        latents = base.encode_latents(parts, images)
+        rate["latents"] = time.perf_counter() - t
+        cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
+        clock, few = StepClock(), data["train_captions"][:4]
+        base.train_unet(host, parts, latents, [few[i % len(few)] for i in range(len(latents))],
+                        WARMUP + STEPS, seed=run["seed"], on_step=clock)
+        rate["UNet step"] = clock.seconds
+        base_path = str(work / "base.safetensors")
+        save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
+        # the two halves: one core each in the run
+        torch.set_num_threads(1)
+        rate.update(half_rates(est, host, parts, cfg, data, base_path, sw))
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(work, ignore_errors=True)
+    return write_estimate(run, rate)
+
+
+def half_rates(est: dict, host, parts, cfg, data: dict, base_path: str, sw) -> dict[str, float]:
+    """Seconds per step of the three adapters' training and per layout of each half's images,
+    and the tables' cost, on one thread."""
+    import shapes_world_fgdm as fgdm  # noqa: PLC0415  (this folder)
+
+    p, rate = est["preset"], {}
+    est = {**est, "preset": dict(p)}
+
+    def trained(name: str, key: str) -> Callable[[int], Any]:
+        def train(steps: int) -> None:
+            est["preset"][key] = steps
+            (est["dir"] / f"{name}.safetensors").unlink(missing_ok=True)
+            shutil.rmtree(est["dir"] / f"{name}_ckpt", ignore_errors=True)
+            stage = sw.stage_locref if name == "locref" else fgdm.stage_factor
+            stage(est, data, base_path)
+        return train
+
+    rate["LocRef step"] = per_call(trained("locref", "locref_steps"), WARMUP, WARMUP + STEPS)
+    rate["seg factor step"] = per_call(trained("fgdm_seg", "factor_steps"), WARMUP,
+                                       WARMUP + STEPS)
+    model, clock = world_cn.build_controlnet(host, parts, seed=est["seed"]), StepClock()
+    world_cn.train_controlnet(host, parts, model, base.encode_latents(parts, data["train_images"]),
+                              (data["train_maps"] + 1) / 2, data["train_captions"],
+                              WARMUP + STEPS, batch=p["controlnet_batch"], seed=est["seed"],
+                              on_step=clock)
+    rate["seg ControlNet step"] = clock.seconds
+    est["data"] = {**data, "heldout": data["heldout"][:1]}
+    t = time.perf_counter()
+    configs = sw.configurations(est, host, parts, str(est["dir"] / "locref.safetensors"))
+    images = sw.generate(est, host, parts, cfg, configs)
+    rate["LocRef layout"] = time.perf_counter() - t  # every configuration's image of a layout
+    t = time.perf_counter()
+    fgdm.generate(est, host, parts, cfg, sw.load_pack(), str(est["dir"] / "fgdm_seg.safetensors"),
+                  world_cn.wrap(host, model), range(1))
+    rate["FG-DM layout"] = time.perf_counter() - t  # N = 1 and N = 10 maps, three images
+    t = time.perf_counter()
+    scores = [score_image(im[0], data["heldout"][0]) for im in images.values()]
+    rate["image scored"] = (time.perf_counter() - t) / len(scores)
+    t = time.perf_counter()
+    bootstrap(scores[:1] * p["heldout"], rounds=p["bootstrap"], seed=est["seed"])
+    rate["table row"] = time.perf_counter() - t
+    return rate
+
+
+def project(preset: dict, rate: dict[str, float], rows: int = 7, fgdm_rows: int = 3
+            ) -> dict[str, float]:
+    """Minutes per stage of the run from `rate` (seconds per step, layout, image or row):
+    `rows` configurations in the LocRef table (the ceiling included) and `fgdm_rows` image rows
+    in the FG-DM table; the two halves after the base side by side."""
+    n = preset["heldout"]
+    first, second = (n + 1) // 2, n // 2
+    m = {"data": rate["data"] / 60,
+         "VAE": (preset["vae_steps"] * rate["VAE step"] + rate["latents"]) / 60,
+         "UNet": preset["unet_steps"] * rate["UNet step"] / 60,
+         "LocRef adapter": preset["locref_steps"] * rate["LocRef step"] / 60,
+         "LocRef images": n * rate["LocRef layout"] / 60,
+         "seg factor": preset["factor_steps"] * rate["seg factor step"] / 60,
+         "seg ControlNet": preset["controlnet_steps"] * rate["seg ControlNet step"] / 60,
+         "FG-DM images, first half": first * rate["FG-DM layout"] / 60,
+         "FG-DM images, second half": second * rate["FG-DM layout"] / 60,
+         "tables": (n * (rows + fgdm_rows) * rate["image scored"]
+                    + rows * rate["table row"]) / 60}
+    m["LocRef half"] = m["LocRef adapter"] + m["LocRef images"] + m["FG-DM images, second half"]
+    m["FG-DM half"] = m["seg factor"] + m["seg ControlNet"] + m["FG-DM images, first half"]
+    m["total"] = m["data"] + m["VAE"] + m["UNet"] + max(m["LocRef half"], m["FG-DM half"]) + m["tables"]
+    return m
+
+
+def write_estimate(run: dict, rate: dict[str, float]) -> dict[str, Any]:
+    minutes = project(run["preset"], rate)
+    result = {"preset": run["name"], "threads": torch.get_num_threads(),
+              "seconds": {k: round(v, 4) for k, v in rate.items()},
+              "minutes": {k: round(v, 1) for k, v in minutes.items()}}
+    (run["dir"] / "estimate.json").write_text(json.dumps(result, indent=1))
+    log.info("estimate (%s preset, this machine): %s", run["name"], format_estimate(result))
+    return result
+
+
+def format_estimate(result: dict[str, Any]) -> str:
+    m, s = result["minutes"], result["seconds"]
+    return (f"about {m['total']:.0f} min from nothing: data {m['data']:.1f}, base {m['VAE']:.1f} "
+            f"(VAE, {s['VAE step']:.2f} s/step) + {m['UNet']:.1f} (UNet, "
+            f"{s['UNet step']:.2f} s/step); then side by side the LocRef half "
+            f"{m['LocRef half']:.1f} (adapter {m['LocRef adapter']:.1f} at "
+            f"{s['LocRef step']:.2f} s/step, images {m['LocRef images']:.1f}, FG-DM images "
+            f"{m['FG-DM images, second half']:.1f}) and the FG-DM half {m['FG-DM half']:.1f} "
+            f"(seg factor {m['seg factor']:.1f}, seg ControlNet {m['seg ControlNet']:.1f}, "
+            f"images {m['FG-DM images, first half']:.1f}); tables {m['tables']:.1f}")
