@@ -6,32 +6,40 @@ models it times are random and thrown away; only the world's data (written once,
 writes it) stays for the run.
 
 Why: the same code takes very different times on different 2-core machines (the UNet's training
-step at batch 32: 0.56 to 0.64 s on one kind of virtual machine, 1.4 s on another), so whether
+step at batch 32: 0.56 to 0.64 s on one kind of virtual machine, about 1.6 s on another), so whether
 the full preset fits a time budget is a property of the machine, and it can be known in a
 couple of minutes instead of hours.
 
-What it leaves out: the two halves after the base run side by side on one core each; they are
-timed here one after the other, so contention between them (memory bandwidth, caches) is not
-counted. The UNet is timed on a few images' captions, already encoded (in the run, each
-caption's first use encodes it once, well under a minute in all). The grid is not counted.
+The two halves after the base run side by side on one core each, and may slow each other
+(memory bandwidth, caches): their stages are timed here while a neighbour process trains the
+world's UNet on the other core, so that is counted. What it leaves out: the UNet is
+timed on a few images' captions, already encoded (in the run, each caption's first use encodes
+it once, well under a minute in all), and the grid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from locref_core.world import base
-from locref_core.world import controlnet as world_cn
-from locref_core.world.evaluate import bootstrap, score_image
-from locref_core.world.models import WorldConfig, build_world, save_world
+if __name__ == "__main__":  # the estimate's neighbour process (`neighbour`)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from locref_core.world import base  # noqa: E402
+from locref_core.world import controlnet as world_cn  # noqa: E402
+from locref_core.world.evaluate import bootstrap, score_image  # noqa: E402
+from locref_core.world.models import WorldConfig, build_world, save_world  # noqa: E402
 
 log = logging.getLogger("shapes_world")
 STEPS = 6  # steps timed per trainer, after WARMUP (the first steps allocate)
@@ -58,7 +66,10 @@ class StepClock:
 
 def per_call(fn: Callable[[int], Any], short: int, long: int) -> float:
     """Seconds per step of `fn(steps)` (a trainer run that sets itself up each time): the
-    difference between a run of `long` and of `short` steps, so the setup cancels."""
+    difference between a run of `long` and of `short` steps, so the setup cancels. A first,
+    untimed run of `short` steps pays what only a process's first run pays (imports, kernels'
+    first calls): timed, it made the difference 15 % too small."""
+    fn(short)
     times = []
     for n in (short, long):
         t = time.perf_counter()
@@ -95,13 +106,49 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         rate["UNet step"] = clock.seconds
         base_path = str(work / "base.safetensors")
         save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
-        # the two halves: one core each in the run
+        # the two halves: one core each in the run, side by side
         torch.set_num_threads(1)
-        rate.update(half_rates(est, host, parts, cfg, data, base_path, sw))
+        with neighbour(run["comfyui"]):
+            rate.update(half_rates(est, host, parts, cfg, data, base_path, sw))
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
     return write_estimate(run, rate)
+
+
+@contextlib.contextmanager
+def neighbour(comfyui: str) -> Iterator[None]:
+    """A second process training the world's UNet on one core (what the other half does in the
+    run) from its first step until the block ends."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--neighbour",
+                             comfyui], stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the estimate's neighbour process ended (exit code "
+                               f"{proc.wait()}) before its first step; its log is above")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def neighbour_main(comfyui: str) -> None:
+    """The neighbour's loop: UNet training steps at batch 16 on one thread, random latents and
+    one caption; prints "ready" after the first step."""
+    from locref_core.train.host import load_host  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    host = load_host(comfyui, cpu=True)
+    parts = build_world(host, WorldConfig())
+    latents = torch.randn(64, 4, 16, 16)
+
+    def ready(step: int, loss: float) -> None:
+        if step == 0:  # the parent reads it on a pipe
+            sys.stdout.write("ready\n")
+            sys.stdout.flush()
+
+    base.train_unet(host, parts, latents, [["a red square"]] * len(latents), 10 ** 9,
+                    batch=16, on_step=ready)
 
 
 def half_rates(est: dict, host, parts, cfg, data: dict, base_path: str, sw) -> dict[str, float]:
@@ -192,3 +239,7 @@ def format_estimate(result: dict[str, Any]) -> str:
             f"{m['FG-DM images, second half']:.1f}) and the FG-DM half {m['FG-DM half']:.1f} "
             f"(seg factor {m['seg factor']:.1f}, seg ControlNet {m['seg ControlNet']:.1f}, "
             f"images {m['FG-DM images, first half']:.1f}); tables {m['tables']:.1f}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--neighbour"]:
+    neighbour_main(sys.argv[2])

@@ -58,8 +58,13 @@ def test_step_clock_skips_the_warmup(est):
         est.StepClock(warmup=2).seconds  # noqa: B018
 
 
-def test_per_call_cancels_the_setup(est):
+def test_per_call_cancels_the_setup_and_the_first_runs_extra(est):
+    calls = []
+
     def fake_trainer(steps):
-        time.sleep(0.05 + 0.01 * steps)  # 50 ms of setup, 10 ms a step
+        first = 0.2 if not calls else 0.0  # what only the first run in a process pays
+        calls.append(steps)
+        time.sleep(first + 0.05 + 0.01 * steps)  # 50 ms of setup, 10 ms a step
 
     assert est.per_call(fake_trainer, 2, 8) == pytest.approx(0.01, abs=0.006)
+    assert calls == [2, 2, 8]
