@@ -5,16 +5,16 @@ trained for real. It writes `estimate.json` in the run's folder and keeps nothin
 models it times are random and thrown away; only the world's data (written once, as the run
 writes it) stays for the run.
 
-Why: the same code takes very different times on different 2-core machines (the UNet's training
-step at batch 32: 0.56 to 0.64 s on one kind of virtual machine, about 1.6 s on another), so whether
-the full preset fits a time budget is a property of the machine, and it can be known in a
-couple of minutes instead of hours.
+Why: the same code takes very different times on different 2-core machines (the UNet's
+training step at batch 32: 0.56 to 0.64 s on one kind of virtual machine, about 1.6 s on
+another), so whether the full preset fits a time budget is a property of the machine, and it can
+be known in a few minutes instead of hours.
 
 The two halves after the base run side by side on one core each, and may slow each other
 (memory bandwidth, caches): their stages are timed here while a neighbour process trains the
-world's UNet on the other core, so that is counted. What it leaves out: the UNet is
-timed on a few images' captions, already encoded (in the run, each caption's first use encodes
-it once, well under a minute in all), and the grid.
+world's UNet on the other core, so that is counted. What it leaves out: the UNet is timed on a
+few images' captions, already encoded (in the run, each caption's first use encodes it once,
+well under a minute in all), and the grid.
 """
 
 from __future__ import annotations
