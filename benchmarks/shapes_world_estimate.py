@@ -80,8 +80,9 @@ def per_call(fn: Callable[[int], Any], short: int, long: int) -> float:
 
 def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict[str, Any]:
     """Seconds per unit of every stage on this machine and the projected minutes of the run
-    (`sw`: shapes_world's stage code: stage_locref, configurations, generate, load_pack; `data_seconds`: what starting the host
-    and writing or reading the world's data took). Writes `estimate.json`."""
+    (`sw`: shapes_world's stage code: stage_locref, configurations, generate, load_pack;
+    `data_seconds`: what starting the host and writing or reading the world's data took).
+    Writes `estimate.json`."""
     work = run["dir"] / "estimate"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -215,7 +216,8 @@ def project(preset: dict, rate: dict[str, float], rows: int = 7, fgdm_rows: int 
                     + rows * rate["table row"]) / 60}
     m["LocRef half"] = m["LocRef adapter"] + m["LocRef images"] + m["FG-DM images, second half"]
     m["FG-DM half"] = m["seg factor"] + m["seg ControlNet"] + m["FG-DM images, first half"]
-    m["total"] = m["data"] + m["VAE"] + m["UNet"] + max(m["LocRef half"], m["FG-DM half"]) + m["tables"]
+    after_base = max(m["LocRef half"], m["FG-DM half"])
+    m["total"] = m["data"] + m["VAE"] + m["UNet"] + after_base + m["tables"]
     return m
 
 
