@@ -87,8 +87,11 @@ def _load_ip_adapter(name: str, tensors: dict[str, torch.Tensor]) -> LocRefAdapt
     return adapter
 
 
-def load_strict(name: str, adapter: LocRefAdapter, tensors: dict[str, torch.Tensor]) -> None:
-    """load_state_dict(strict) with an error that names the file, the counts and the mismatches."""
+def load_strict(name: str, adapter: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                config: str = "adapter config") -> None:
+    """load_state_dict(strict) with an error that names the file, what it should match
+    (`config`: the LocRef adapter's, or FG-DM's factor config), the counts and the
+    mismatches."""
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -102,7 +105,7 @@ def load_strict(name: str, adapter: LocRefAdapter, tensors: dict[str, torch.Tens
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if shapes:
             parts.append(f"{len(shapes)} with the wrong shape (e.g. {shapes[:2]})")
-        raise ValueError(f"{name}: does not match the adapter config "
+        raise ValueError(f"{name}: does not match the {config} "
                          f"({len(expected)} tensors expected): " + "; ".join(parts))
     adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
 

@@ -93,6 +93,26 @@ def test_save_load_round_trip(tmp_path):
         load_factor(str(tmp_path / "x.pth"))
 
 
+def test_a_file_that_does_not_match_its_config_names_the_mismatches(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    adapter = randomised(FactorConfig(kind="depth", time_conditioned=False, **SMALL))
+    good = str(tmp_path / "depth.safetensors")
+    save_factor(adapter, good)
+    with safe_open(good, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    first, second = sorted(tensors)[:2]
+    del tensors[first]
+    tensors[second] = torch.zeros(3, 3)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, metadata=meta)
+    with pytest.raises(ValueError, match=r"bad.safetensors: does not match the factor config "
+                       r"\(\d+ tensors expected\): 1 missing .*1 with the wrong shape"):
+        load_factor(bad)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="kind 'pose'"):
         FactorConfig(kind="pose")

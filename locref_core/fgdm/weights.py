@@ -9,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..filekind import FGDM_FORMAT, require
+from ..weights import load_strict as _load_strict
 from .adapter import FactorAdapter, FactorConfig
 
 FORMAT_NAME, FORMAT_VERSION = FGDM_FORMAT, "1"
@@ -51,14 +52,4 @@ def load_factor(path: str) -> FactorAdapter:
 
 def load_strict(name: str, adapter: FactorAdapter, tensors: dict[str, torch.Tensor]) -> None:
     """load_state_dict(strict) with an error naming the file, counts and mismatches."""
-    expected = adapter.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{name}: does not match the factor config ({len(expected)} tensors expected): "
-            f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
-            f"{unexpected[:3]}, {len(shapes)} with the wrong shape {shapes[:2]}")
-    adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    _load_strict(name, adapter, tensors, config="factor config")
