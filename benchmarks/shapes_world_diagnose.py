@@ -108,7 +108,7 @@ def probe(run, host) -> str:
              for it in items for ref, mask in zip(it.references, it.masks)]
         return torch.stack(x), [o for it in items for o in it.objects]
 
-    train_items = load_heldout(run["data"]["train"])[:800]
+    train_items = load_heldout(run["data"]["train"], limit=800)
     x_tr, o_tr = embed(train_items)
     x_te, o_te = embed(run["data"]["heldout"])
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6

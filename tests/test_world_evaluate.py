@@ -24,9 +24,14 @@ def heldout(tmp_path_factory):
     return load_heldout(paths), images
 
 
-def test_layouts_objects_and_references(heldout):
+def test_layouts_objects_and_references(heldout, tmp_path):
     items, _ = heldout
     assert len(items) == 12
+    paths = make_synthetic_coco(tmp_path, n_images=12, size=64, seed=5, max_objects=3)
+    first = load_heldout(paths, limit=5)  # the first layouts only, the same as in the whole set
+    assert [it.caption for it in first] == [it.caption for it in items[:5]]
+    assert all(torch.equal(a, b) for x, y in zip(first, items) for a, b in
+               zip(x.references, y.references))
     for item in items:
         assert len(item.boxes) == len(item.objects) == len(item.references) >= 1
         assert all(0 <= v <= 1 for box in item.boxes for v in box)

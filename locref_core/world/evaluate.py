@@ -44,8 +44,9 @@ class HeldOut:
         return f"{self.objects[i][0]} {self.objects[i][1]}"
 
 
-def load_heldout(paths: dict[str, Path]) -> list[HeldOut]:
-    """Layouts of a `make_synthetic_coco` set: the first caption names the objects in box order."""
+def load_heldout(paths: dict[str, Path], limit: int | None = None) -> list[HeldOut]:
+    """Layouts of a `make_synthetic_coco` set: the first caption names the objects in box order;
+    the first `limit` images' only, when given."""
     inst = json.loads(Path(paths["instances"]).read_text())
     caps = json.loads(Path(paths["captions"]).read_text())["annotations"]
     first: dict[int, str] = {}
@@ -55,7 +56,7 @@ def load_heldout(paths: dict[str, Path]) -> list[HeldOut]:
     for a in inst["annotations"]:
         anns.setdefault(a["image_id"], []).append(a)
     items = []
-    for im in inst["images"]:
+    for im in inst["images"][:limit]:
         w, h = im["width"], im["height"]
         pixels = np.asarray(Image.open(Path(paths["images"]) / im["file_name"]).convert("RGB"))
         objects = tuple(OBJECT.findall(first[im["id"]]))
