@@ -50,7 +50,8 @@ from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import load_host  # noqa: E402
 from locref_core.train.loop import TrainLog  # noqa: E402
 from locref_core.world import base  # noqa: E402
-from locref_core.world.evaluate import bootstrap, load_heldout, score_image  # noqa: E402
+from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
+                                       score_image)
 from locref_core.world.models import WorldConfig, build_world, load_world, save_world  # noqa: E402
 
 import shapes_world_fgdm as fgdm  # noqa: E402  (this folder)
@@ -227,7 +228,7 @@ def generate(run, host, parts, cfg, configs) -> dict[str, list[torch.Tensor]]:
                 patcher = parts.patcher.clone()
                 install(patcher, build(item))
             images[name].append(base.sample_images(
-                host, patcher, parts, [item.caption], [run["seed"] * 1000 + i], cfg,
+                host, patcher, parts, [item.caption], [sample_seed(run["seed"], i)], cfg,
                 steps=steps, guidance=run["guidance"])[0])
             done += 1
         rate = done / (time.perf_counter() - t0)

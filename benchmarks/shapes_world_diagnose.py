@@ -61,7 +61,8 @@ from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
-from locref_core.world.evaluate import bootstrap, load_heldout, score_image, summary  # noqa: E402
+from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
+                                       score_image, summary)
 
 log = logging.getLogger("shapes_world_diagnose")
 
@@ -194,7 +195,7 @@ def one_object(run, host, parts, cfg) -> str:
     objects = [o for it in run["data"]["heldout"] for o in it.objects]
     texts = [phrase([o]) for o in objects]
     images = base.sample_images(host, parts.patcher, parts, texts,
-                                [run["seed"] * 1000 + i for i in range(len(texts))], cfg,
+                                [sample_seed(run["seed"], i) for i in range(len(texts))], cfg,
                                 steps=run["preset"]["sample_steps"], guidance=run["guidance"])
     t, n = one_object_tally(images, objects), len(objects)
     return (f"one-object: base, caption only, {n} captions of one held-out object: colour + "
@@ -213,7 +214,7 @@ def sdedit(run, host, parts) -> str:
         for denoise in (0.2, 0.6, 1.0):
             read: Counter = Counter()
             for i, item in enumerate(items):
-                seed = run["seed"] * 1000 + i
+                seed = sample_seed(run["seed"], i)
                 noise = torch.randn(latents[i:i + 1].shape,
                                     generator=torch.Generator().manual_seed(seed))
                 latent = host.sample.sample(
@@ -274,12 +275,12 @@ def samplers(run, host, parts, cfg) -> str:
         above = kw.pop("above", None)
         patcher = parts.patcher if above is None else guidance_above(parts.patcher, above)
         kw = {"steps": steps, "guidance": run["guidance"], **kw}
-        singles = base.sample_images(host, patcher, parts, [phrase([o]) for o in objects],
-                                     [run["seed"] * 1000 + 500 + i for i in range(len(objects))],
+        seeds = [sample_seed(run["seed"], 500 + i) for i in range(len(objects))]
+        singles = base.sample_images(host, patcher, parts, [phrase([o]) for o in objects], seeds,
                                      cfg, **kw)
         tally = one_object_tally(singles, objects)
         captioned = base.sample_images(host, patcher, parts, [it.caption for it in layouts],
-                                       [run["seed"] * 1000 + i for i in range(len(layouts))],
+                                       [sample_seed(run["seed"], i) for i in range(len(layouts))],
                                        cfg, **kw)
         recall = summary([score_image(im, it) for im, it in zip(captioned, layouts)])["recall"]
         squares = sum(s == "square" for _, s in objects)
@@ -367,8 +368,9 @@ def longer_controlnet(run, host, parts, cfg) -> str:
         world_cn.save_controlnet(str(out), model, {"preset": run["name"], "diagnose": "longer"})
     control_net = world_cn.wrap(host, model)
     true_maps = fg.read_maps(data["heldout_paths"])
-    images = [fg.draw_from_map(run, host, parts, cfg, control_net, item, run["seed"] * 1000 + i,
-                               fg.as_hint(true_maps[i])) for i, item in enumerate(data["heldout"])]
+    images = [fg.draw_from_map(run, host, parts, cfg, control_net, item,
+                               sample_seed(run["seed"], i), fg.as_hint(true_maps[i]))
+              for i, item in enumerate(data["heldout"])]
     cells = fg.image_recalls(run, sw.scores_of(run, images))
     return (f"longer: seg ControlNet at {2 * p['controlnet_steps']} steps, the held-out image's "
             "own map: image recall colour + shape {:.3f} [{:.3f}, {:.3f}], shape {:.3f} "

@@ -26,7 +26,7 @@ from locref_core.train import fgdm as fgdm_trainer
 from locref_core.train.loop import TrainLog
 from locref_core.world import base
 from locref_core.world import controlnet as world_cn
-from locref_core.world.evaluate import ratio_interval
+from locref_core.world.evaluate import ratio_interval, sample_seed
 
 log = logging.getLogger("shapes_world")
 PALETTE = "coco183"  # the synthetic label maps carry COCO-stuff ids
@@ -138,7 +138,7 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
                                         for k in ("n1", "nbig", "true")}
     t0 = time.perf_counter()
     for done, i in enumerate(indices, start=1):
-        item, seed = items[i], run["seed"] * 1000 + i
+        item, seed = items[i], sample_seed(run["seed"], i)
         for key, n in (("n1", 1), ("nbig", n_big)):
             chosen, recall = sbpc_maps(run, parts, cfg, nodes, model, negative, item, seed, n)
             rows[key]["map_recall"].append(recall)

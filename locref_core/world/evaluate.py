@@ -84,6 +84,12 @@ def _reference(pixels: np.ndarray, ann: dict) -> tuple[torch.Tensor, torch.Tenso
     return crop, torch.from_numpy(mask.copy()).float()
 
 
+def sample_seed(run_seed: int, i: int) -> int:
+    """The sampling seed of the i-th image of a set (layout i) in a run of seed `run_seed`: the
+    same in every configuration, so rows differ only by what they change."""
+    return run_seed * 1000 + i
+
+
 def score_image(image: torch.Tensor, item: HeldOut) -> dict[str, Any]:
     """One generated image (3, H, W) in [0, 1] against its layout."""
     detections = detect_shapes(image)
