@@ -124,7 +124,10 @@ def neighbour(comfyui: str) -> Iterator[None]:
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--neighbour",
                              comfyui], stdout=subprocess.PIPE, text=True)
     try:
-        if proc.stdout.readline().strip() != "ready":
+        for line in proc.stdout:  # anything the host prints before is passed over
+            if line.strip() == "ready":
+                break
+        else:
             raise RuntimeError(f"the estimate's neighbour process ended (exit code "
                                f"{proc.wait()}) before its first step; its log is above")
         yield
