@@ -85,11 +85,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prediction", default="eps", choices=["eps", "v"],
                    help="what the base UNet predicts (SD-1.5: eps; v is an experiment, "
                         "cached in its own folder)")
+    p.add_argument("--unet-channels", type=positive_multiple_of_32, default=32,
+                   help="width of the base UNet (model_channels; a multiple of 32, GroupNorm's "
+                        "groups). The presets are sized for 32; another width is an experiment, "
+                        "cached in its own folder (...-c64)")
     p.add_argument("--estimate", action="store_true",
                    help="only time a few steps of every stage on this machine and print the "
                         "projected minutes (a few minutes; writes estimate.json, trains nothing "
                         "that is kept)")
     return p.parse_args(argv)
+
+
+def positive_multiple_of_32(text: str) -> int:
+    """--unet-channels: the host's UNet normalises in 32 groups, so its width is a multiple of
+    32."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 32 or value % 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 32 (the host's "
+                                         "UNet normalises in 32 groups); try 32, 64 or 96")
+    return value
 
 
 def load_pack() -> dict:
@@ -150,7 +167,7 @@ def stage_base(run: dict, host, data: dict):
         return (*load_world(host, str(path)), str(path))
     p, tb = run["preset"], TrainLog(run["env"], run["tb_args"], "base")
     images, maps = data["train_images"], data["train_maps"]
-    cfg = WorldConfig(seed=run["seed"], prediction=run["prediction"])
+    cfg = world_config(run)
     parts = build_world(host, cfg)
     log.info("base: VAE, %d steps on %d images and their maps", p["vae_steps"], len(images))
     base.train_vae(parts, images, p["vae_steps"], seed=run["seed"], maps=maps,
@@ -316,15 +333,23 @@ class Timings:
         self.path.write_text(json.dumps(self.minutes, indent=1))
 
 
+def world_config(run: dict) -> WorldConfig:
+    """The base's sizes for this run (before its VAE fixes the latent scale)."""
+    return WorldConfig(seed=run["seed"], prediction=run["prediction"],
+                       unet_channels=run["unet_channels"])
+
+
 def make_run(args: argparse.Namespace) -> dict:
     from locref_core.train.common import DistEnv
 
     name = "quick" if args.quick else "full"
     run = {"name": name, "preset": PRESETS[name], "seed": args.seed, "comfyui": args.comfyui,
            "guidance": args.guidance,
-           "prediction": args.prediction,
+           "prediction": args.prediction, "unet_channels": args.unet_channels,
            "dir": Path(args.cache) / (f"{name}-seed{args.seed}-v{RECIPE_VERSION}"
-                                      + ("-vpred" if args.prediction == "v" else ""))}
+                                      + ("-vpred" if args.prediction == "v" else "")
+                                      + (f"-c{args.unet_channels}"
+                                         if args.unet_channels != 32 else ""))}
     run["dir"].mkdir(parents=True, exist_ok=True)
     run["tensorboard"] = importlib.util.find_spec("tensorboard") is not None
     run["env"], run["tb_args"] = DistEnv(), argparse.Namespace(
@@ -395,7 +420,8 @@ def main(argv=None) -> dict:
         from shapes_world_estimate import estimate  # noqa: PLC0415  (this folder)
 
         stages = SimpleNamespace(stage_locref=stage_locref, configurations=configurations,
-                                 generate=generate, load_pack=load_pack)
+                                 generate=generate, load_pack=load_pack,
+                                 world_config=world_config)
         return {"estimate": estimate(run, host, data, stages,
                                      data_seconds=time.perf_counter() - t0),
                 "dir": str(run["dir"])}

@@ -1,5 +1,6 @@
 """What limits the shapes world's numbers? Diagnostics on a finished run's cache (the same
---cache, --quick, --seed and --prediction as `shapes_world.py`); each prints one line.
+--cache, --quick, --seed, --prediction and --unet-channels as `shapes_world.py`); each prints
+one line.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
         [--placement] [--samplers] [--longer]
@@ -75,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prediction", default="eps", choices=["eps", "v"],
                    help="the base of that run (shapes_world.py --prediction)")
+    p.add_argument("--unet-channels", default="32",
+                   help="the base's width of that run (shapes_world.py --unet-channels)")
     p.add_argument("--placement", action="store_true", help="also score the base's and the "
                    "LocRef adapter's images with coarser labels (a few minutes)")
     p.add_argument("--samplers", action="store_true", help="also score the base under other "
@@ -382,6 +385,7 @@ def main(argv=None) -> list[str]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = sw.make_run(sw.parse_args(["--comfyui", args.comfyui, "--cache", args.cache,
                                      "--seed", str(args.seed), "--prediction", args.prediction,
+                                     "--unet-channels", args.unet_channels,
                                      *(["--quick"] if args.quick else [])]))
     if not (run["dir"] / "seg_controlnet.safetensors").is_file():
         raise SystemExit(f"{run['dir']} holds no finished run; run benchmarks/shapes_world.py "

@@ -80,7 +80,8 @@ def per_call(fn: Callable[[int], Any], short: int, long: int) -> float:
 
 def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict[str, Any]:
     """Seconds per unit of every stage on this machine and the projected minutes of the run
-    (`sw`: shapes_world's stage code: stage_locref, configurations, generate, load_pack;
+    (`sw`: shapes_world's stage code: stage_locref, configurations, generate, load_pack,
+    world_config;
     `data_seconds`: what starting the host and writing or reading the world's data took).
     Writes `estimate.json`."""
     work = run["dir"] / "estimate"
@@ -90,7 +91,7 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
     threads, rate = torch.get_num_threads(), {"data": data_seconds}
     try:
         # the base: the run trains it on every core
-        cfg = WorldConfig(seed=run["seed"], prediction=run["prediction"])
+        cfg = sw.world_config(run)
         parts = build_world(host, cfg)
         images = data["train_images"]
         clock = StepClock()
@@ -109,7 +110,7 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
         # the two halves: one core each in the run, side by side
         torch.set_num_threads(1)
-        with neighbour(run["comfyui"]):
+        with neighbour(run["comfyui"], run["unet_channels"]):
             rate.update(half_rates(est, host, parts, cfg, data, base_path, sw))
     finally:
         torch.set_num_threads(threads)
@@ -118,11 +119,11 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
 
 
 @contextlib.contextmanager
-def neighbour(comfyui: str) -> Iterator[None]:
-    """A second process training the world's UNet on one core (what the other half does in the
-    run) from its first step until the block ends."""
+def neighbour(comfyui: str, channels: int) -> Iterator[None]:
+    """A second process training the world's UNet (`channels` wide) on one core (what the other
+    half does in the run) from its first step until the block ends."""
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--neighbour",
-                             comfyui], stdout=subprocess.PIPE, text=True)
+                             comfyui, str(channels)], stdout=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # anything the host prints before is passed over
             if line.strip() == "ready":
@@ -136,14 +137,14 @@ def neighbour(comfyui: str) -> Iterator[None]:
         proc.wait()
 
 
-def neighbour_main(comfyui: str) -> None:
+def neighbour_main(comfyui: str, channels: int) -> None:
     """The neighbour's loop: UNet training steps at batch 16 on one thread, random latents and
     one caption; prints "ready" after the first step."""
     from locref_core.train.host import load_host  # noqa: PLC0415
 
     torch.set_num_threads(1)
     host = load_host(comfyui, cpu=True)
-    parts = build_world(host, WorldConfig())
+    parts = build_world(host, WorldConfig(unet_channels=channels))
     latents = torch.randn(64, 4, 16, 16)
 
     def ready(step: int, loss: float) -> None:
@@ -247,4 +248,4 @@ def format_estimate(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--neighbour"]:
-    neighbour_main(sys.argv[2])
+    neighbour_main(sys.argv[2], int(sys.argv[3]))

@@ -16,8 +16,9 @@ def bench():
     return load_benchmark("shapes_world")
 
 
-def run(bench, cache):
-    return bench.main(["--comfyui", str(comfyui_path()), "--quick", "--cache", str(cache)])
+def run(bench, cache, *flags):
+    return bench.main(["--comfyui", str(comfyui_path()), "--quick", "--cache", str(cache),
+                       *flags])
 
 
 def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path, caplog):
@@ -108,3 +109,16 @@ def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
     for name in ("base", "locref", "fgdm_seg", "seg_controlnet"):
         assert not (folder / f"{name}.safetensors").exists(), name
     assert not (folder / "timings.json").exists()
+
+
+def test_a_wider_base_runs_every_stage_in_its_own_folder(bench, tmp_path):
+    from safetensors import safe_open
+
+    out = run(bench, tmp_path, "--unet-channels", "64")
+    folder = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}-c64"
+    assert out["dir"] == str(folder)
+    with safe_open(str(folder / "base.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["config"])["unet_channels"] == 64
+    assert len(out["table"].splitlines()) == 2 + 7 and len(out["table_fgdm"].splitlines()) == 2 + 4
+    for name in ("locref", "fgdm_seg", "seg_controlnet"):  # each adapter fits the wider UNet
+        assert (folder / f"{name}.safetensors").is_file(), name
