@@ -81,9 +81,8 @@ def per_call(fn: Callable[[int], Any], short: int, long: int) -> float:
 def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict[str, Any]:
     """Seconds per unit of every stage on this machine and the projected minutes of the run
     (`sw`: shapes_world's stage code: stage_locref, configurations, generate, load_pack,
-    world_config;
-    `data_seconds`: what starting the host and writing or reading the world's data took).
-    Writes `estimate.json`."""
+    world_config; `data_seconds`: what starting the host and writing or reading the world's data
+    took). Writes `estimate.json`."""
     work = run["dir"] / "estimate"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -111,7 +110,7 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         # the two halves: one core each in the run, side by side
         torch.set_num_threads(1)
         with neighbour(run["comfyui"], run["unet_channels"]):
-            rate.update(half_rates(est, host, parts, cfg, data, base_path, sw))
+            rate.update(half_rates(est, host, parts, cfg, data, latents, base_path, sw))
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
@@ -156,31 +155,32 @@ def neighbour_main(comfyui: str, channels: int) -> None:
                     batch=16, on_step=ready)
 
 
-def half_rates(est: dict, host, parts, cfg, data: dict, base_path: str, sw) -> dict[str, float]:
+def half_rates(est: dict, host, parts, cfg, data: dict, latents: torch.Tensor, base_path: str,
+               sw) -> dict[str, float]:
     """Seconds per step of the three adapters' training and per layout of each half's images,
-    and the tables' cost, on one thread."""
+    and the tables' cost, on one thread (`latents`: the training images' through the base's
+    frozen VAE)."""
     import shapes_world_fgdm as fgdm  # noqa: PLC0415  (this folder)
 
     p, rate = est["preset"], {}
     est = {**est, "preset": dict(p)}
 
-    def trained(name: str, key: str) -> Callable[[int], Any]:
+    def trained(stage: Callable, name: str, key: str) -> Callable[[int], Any]:
         def train(steps: int) -> None:
             est["preset"][key] = steps
             (est["dir"] / f"{name}.safetensors").unlink(missing_ok=True)
             shutil.rmtree(est["dir"] / f"{name}_ckpt", ignore_errors=True)
-            stage = sw.stage_locref if name == "locref" else fgdm.stage_factor
             stage(est, data, base_path)
         return train
 
-    rate["LocRef step"] = per_call(trained("locref", "locref_steps"), WARMUP, WARMUP + STEPS)
-    rate["seg factor step"] = per_call(trained("fgdm_seg", "factor_steps"), WARMUP,
-                                       WARMUP + STEPS)
+    rate["LocRef step"] = per_call(trained(sw.stage_locref, "locref", "locref_steps"), WARMUP,
+                                   WARMUP + STEPS)
+    rate["seg factor step"] = per_call(trained(fgdm.stage_factor, "fgdm_seg", "factor_steps"),
+                                       WARMUP, WARMUP + STEPS)
     model, clock = world_cn.build_controlnet(host, parts, seed=est["seed"]), StepClock()
-    world_cn.train_controlnet(host, parts, model, base.encode_latents(parts, data["train_images"]),
-                              (data["train_maps"] + 1) / 2, data["train_captions"],
-                              WARMUP + STEPS, batch=p["controlnet_batch"], seed=est["seed"],
-                              on_step=clock)
+    world_cn.train_controlnet(host, parts, model, latents, (data["train_maps"] + 1) / 2,
+                              data["train_captions"], WARMUP + STEPS,
+                              batch=p["controlnet_batch"], seed=est["seed"], on_step=clock)
     rate["seg ControlNet step"] = clock.seconds
     est["data"] = {**data, "heldout": data["heldout"][:1]}
     t = time.perf_counter()
