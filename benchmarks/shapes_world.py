@@ -171,15 +171,18 @@ def stage_base(run: dict, host, data: dict):
     parts = build_world(host, cfg)
     log.info("base: VAE, %d steps on %d images and their maps", p["vae_steps"], len(images))
     base.train_vae(parts, images, p["vae_steps"], seed=run["seed"], maps=maps,
-                   on_step=lambda s, v: tb.scalars(s + 1, {"vae_l1": v}))
+                   on_step=lambda s, v: tb.scalars(s + 1, {"vae_l1": v}),
+                   checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/vae", p["vae_steps"]))
     latents = base.encode_latents(parts, images)
     cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
     captions = data["train_captions"]
     log.info("base: UNet, %d steps", p["unet_steps"])
     base.train_unet(host, parts, latents, captions, p["unet_steps"], seed=run["seed"],
-                    on_step=lambda s, v: tb.scalars(s + 1, {"unet_loss": v}))
+                    on_step=lambda s, v: tb.scalars(s + 1, {"unet_loss": v}),
+                    checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/unet", p["unet_steps"]))
     tb.close()
     save_world(str(path), parts, cfg, {"preset": run["name"]})
+    shutil.rmtree(run["dir"] / "base_ckpt", ignore_errors=True)  # base.safetensors holds it all
     return parts, cfg, str(path)
 
 
@@ -325,10 +328,14 @@ class Timings:
         self.earlier = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.minutes: dict[str, float] = {}
 
-    def mark(self, stage: str, cached: bool = False) -> None:
+    def mark(self, stage: str, cached: bool = False, resumed: bool = False) -> None:
+        """`resumed`: the stage continued from a checkpoint, so its minutes are only the part
+        this run did; it is listed under "resumed" so that nobody reads them as the stage's."""
         now = time.perf_counter()
         took = round((now - self.t) / 60, 2)
         self.minutes[stage] = self.earlier.get(stage, took) if cached else took
+        if resumed and not cached:
+            self.minutes.setdefault("resumed", []).append(stage)
         self.t = now
         self.path.write_text(json.dumps(self.minutes, indent=1))
 
@@ -378,12 +385,14 @@ def fgdm_branch(argv: list[str]) -> None:
     parts, cfg, base_path = stage_base(run, host, data)
     timings = Timings(run, "timings_fgdm.json")
     cached = (run["dir"] / "fgdm_seg.safetensors").is_file()
+    resumed = fgdm.resumes(run, "fgdm_seg_ckpt")
     factor_path = fgdm.stage_factor(run, data, base_path)
-    timings.mark("fgdm seg factor", cached)
+    timings.mark("fgdm seg factor", cached, resumed)
     cached = (run["dir"] / "seg_controlnet.safetensors").is_file()
+    resumed = fgdm.resumes(run, fgdm.CONTROLNET_CHECKPOINTS)
     control_net = fgdm.stage_controlnet(run, host, parts, data, data["train_images"],
                                         data["train_maps"], data["train_captions"])
-    timings.mark("seg controlnet", cached)
+    timings.mark("seg controlnet", cached, resumed)
     first, _ = fgdm.halves(len(data["heldout"]))
     fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
                                       control_net, first), "first")
@@ -427,16 +436,18 @@ def main(argv=None) -> dict:
                 "dir": str(run["dir"])}
     timings.mark("data")
     cached = (run["dir"] / "base.safetensors").is_file()
+    resumed = fgdm.resumes(run, "base_ckpt/vae", "base_ckpt/unet")
     parts, cfg, base_path = stage_base(run, host, data)
-    timings.mark("base", cached)
+    timings.mark("base", cached, resumed)
     threads = torch.get_num_threads()
     branch = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
                                "--fgdm-branch"])
     try:
         torch.set_num_threads(1)
         cached = (run["dir"] / "locref.safetensors").is_file()
+        resumed = fgdm.resumes(run, "locref_ckpt")
         locref_path = stage_locref(run, data, base_path)
-        timings.mark("locref adapter", cached)
+        timings.mark("locref adapter", cached, resumed)
         images = generate(run, host, parts, cfg, configurations(run, host, parts, locref_path))
         images[CEILING] = reconstructions(run, parts)
         scores = {k: scores_of(run, v) for k, v in images.items()}

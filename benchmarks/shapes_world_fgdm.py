@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from locref_core.data.factor_dataset import FactorDataset
 from locref_core.data.synthetic import SHAPE_CLASSES
 from locref_core.train import fgdm as fgdm_trainer
+from locref_core.train.common import list_checkpoints
 from locref_core.train.loop import TrainLog
 from locref_core.world import base
 from locref_core.world import controlnet as world_cn
@@ -30,6 +32,8 @@ from locref_core.world.evaluate import ratio_interval, sample_seed
 
 log = logging.getLogger("shapes_world")
 PALETTE = "coco183"  # the synthetic label maps carry COCO-stuff ids
+CHECKPOINTS_PER_STAGE = 20  # a training stage stopped part-way loses at most 1/20 of its steps
+CONTROLNET_CHECKPOINTS = "seg_controlnet_ckpt"
 
 
 def read_maps(paths: dict, size: int = 64) -> torch.Tensor:
@@ -38,6 +42,18 @@ def read_maps(paths: dict, size: int = 64) -> torch.Tensor:
     ds = FactorDataset(paths["images"], paths["labels"], captions_json=paths["captions"],
                        kind="seg", palette=PALETTE, size=size)
     return torch.stack([ds[i]["condition"] for i in range(len(ds))])
+
+
+def loop_checkpoints(run: dict, folder: str, steps: int) -> base.LoopCheckpoints:
+    """Checkpoints of one of the run's own training loops, in `run["dir"]/folder`: a rerun of a
+    stopped run continues the stage from the newest one (same weights as a run never stopped)."""
+    return base.LoopCheckpoints(run["dir"] / folder, max(1, steps // CHECKPOINTS_PER_STAGE),
+                                {"stage": folder, "steps": steps, "seed": run["seed"]})
+
+
+def resumes(run: dict, *folders: str) -> bool:
+    """Whether a stage about to run will continue from checkpoints in one of `folders`."""
+    return any(list_checkpoints(str(run["dir"] / f)) for f in folders)
 
 
 def cached_training(run: dict, tag: str, name: str, trainer_main, base_path: str,
@@ -49,15 +65,24 @@ def cached_training(run: dict, tag: str, name: str, trainer_main, base_path: str
     if out.is_file():
         log.info("%s: cached %s", tag, out)
         return str(out)
-    trainer_main([
+    trainer_main(trainer_argv(run, tag, name, base_path, steps, batch, data_args))
+    return str(out)
+
+
+def trainer_argv(run: dict, tag: str, name: str, base_path: str, steps: int, batch: int,
+                 data_args: list[str]) -> list[str]:
+    """The trainer's flags for one of the run's stages: checkpoints in `<name>_ckpt` every
+    1/CHECKPOINTS_PER_STAGE of the steps, and `--resume` from there when a stopped run left
+    one (the trainer then ends with the weights of a run never stopped)."""
+    ckpt = run["dir"] / f"{name}_ckpt"
+    return [
         "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu", *data_args,
         "--size", "64", "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0",
         "--lr", "1e-4", "--seed", str(run["seed"]), "--log-every", str(max(1, steps // 20)),
-        "--text-cache", str(base.WORLD_CAPTIONS),
-        "--out", str(out), "--ckpt-dir", str(run["dir"] / f"{name}_ckpt"),
-        "--ckpt-every", str(steps),
-        *(["--tensorboard", str(run["dir"] / "tb" / tag)] if run["tensorboard"] else [])])
-    return str(out)
+        "--text-cache", str(base.WORLD_CAPTIONS), "--out", str(run["dir"] / f"{name}.safetensors"),
+        "--ckpt-dir", str(ckpt), "--ckpt-every", str(max(1, steps // CHECKPOINTS_PER_STAGE)),
+        *(["--resume", str(ckpt)] if list_checkpoints(str(ckpt)) else []),
+        *(["--tensorboard", str(run["dir"] / "tb" / tag)] if run["tensorboard"] else [])]
 
 
 def stage_factor(run: dict, data: dict, base_path: str) -> str:
@@ -84,12 +109,14 @@ def stage_controlnet(run: dict, host, parts, data: dict, images: torch.Tensor,
     model = world_cn.build_controlnet(host, parts, seed=run["seed"])
     latents = base.encode_latents(parts, images)
     log.info("seg ControlNet: %d steps", p["controlnet_steps"])
-    world_cn.train_controlnet(host, parts, model, latents, (maps + 1) / 2, captions,
-                              p["controlnet_steps"], batch=p["controlnet_batch"],
-                              seed=run["seed"],
-                              on_step=lambda s, v: tb.scalars(s + 1, {"controlnet_eps_mse": v}))
+    steps = p["controlnet_steps"]
+    world_cn.train_controlnet(host, parts, model, latents, (maps + 1) / 2, captions, steps,
+                              batch=p["controlnet_batch"], seed=run["seed"],
+                              on_step=lambda s, v: tb.scalars(s + 1, {"controlnet_eps_mse": v}),
+                              checkpoints=loop_checkpoints(run, CONTROLNET_CHECKPOINTS, steps))
     tb.close()
     world_cn.save_controlnet(str(path), model, {"preset": run["name"]})
+    shutil.rmtree(run["dir"] / CONTROLNET_CHECKPOINTS, ignore_errors=True)
     return world_cn.wrap(host, model)
 
 

@@ -39,3 +39,33 @@ def test_a_width_groupnorm_cannot_split_is_refused(sw, bad, capsys):
         sw.parse_args(["--comfyui", "x", "--unet-channels", bad])
     err = capsys.readouterr().err
     assert f"'{bad}' is not a positive multiple of 32" in err and "try 32, 64 or 96" in err
+
+
+def test_a_stopped_trainer_stage_continues_from_its_checkpoints(sw, tmp_path):
+    """The pack's trainers checkpoint a twentieth of the way, and a rerun passes --resume only
+    when a complete checkpoint is there (the trainer's own flags, as its parser reads them)."""
+    from locref_core.train import locref
+    from locref_core.train.common import STATE_FILE
+
+    run = sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path)]))
+    argv = lambda: sw.fgdm.trainer_argv(run, "locref", "locref", "base.safetensors", 3000, 8,  # noqa: E731
+                                        ["--images", "i", "--instances", "j"])
+    ckpt = run["dir"] / "locref_ckpt"
+    first = locref.build_parser().parse_args(argv())
+    assert first.resume is None and first.ckpt_every == 150 and first.ckpt_dir == str(ckpt)
+    (ckpt / "step_00000150").mkdir(parents=True)  # being written when the run stopped
+    assert locref.build_parser().parse_args(argv()).resume is None
+    (ckpt / "step_00000150" / STATE_FILE).write_bytes(b"")
+    assert locref.build_parser().parse_args(argv()).resume == str(ckpt)
+
+
+def test_a_resumed_stage_keeps_its_minutes_apart(sw, tmp_path):
+    run = {"dir": tmp_path}
+    timings = sw.Timings(run)
+    timings.mark("base", resumed=True)
+    timings.mark("locref adapter")
+    assert timings.minutes["resumed"] == ["base"]
+    rerun = sw.Timings(run)  # cached stages keep the minutes they took, and are not resumed
+    rerun.mark("base", cached=True, resumed=True)
+    assert "resumed" not in rerun.minutes
+    assert rerun.minutes["base"] == timings.minutes["base"]

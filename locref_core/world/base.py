@@ -10,6 +10,7 @@ is frozen, and the pack's own trainers (LocRef, FG-DM) adapt it like SD-1.5.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..train.common import DistEnv, Progress
+from ..train.common import (DistEnv, Progress, list_checkpoints, load_checkpoint,
+                            save_checkpoint)
 from ..train.host import (SD15Parts, TextCache, diffuse, encode_text, ensure_loaded, freeze,
                           predict_eps)
 from .models import WorldConfig, set_latent_scale
@@ -27,9 +29,55 @@ KL_WEIGHT = 1e-5  # keeps the latents near N(0, 1) without blurring flat colours
 WORLD_CAPTIONS = 8192  # captions kept encoded while training (2048 images have ~2.7k: 0.6 GB)
 
 
+class LoopCheckpoints:
+    """A training loop's state every `every` steps in `folder`, in the pack's trainer checkpoint
+    format (the trained module's weights as safetensors, `config` in their metadata; optimizer,
+    generator, losses so far and the EMA in a state file read back with weights_only=True). A
+    loop given a folder that already holds a checkpoint continues from the newest one and ends
+    with the weights a loop never stopped would have (the same draws from the same generator),
+    so a long stage stopped part-way (a machine taken back, Ctrl-C) loses at most `every`
+    steps."""
+
+    def __init__(self, folder: str, every: int, config: dict[str, Any]):
+        if every < 1:
+            raise ValueError(f"checkpoint every {every} steps: must be >= 1")
+        self.folder, self.every = str(folder), every
+        self.config = json.dumps(config, sort_keys=True)
+
+    def resume(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               g: torch.Generator, average: EMA | None = None) -> list[float]:
+        """Restore the newest checkpoint, if any (ValueError if it was made with another
+        config); returns the losses of the steps it covers (empty: start from step 0)."""
+        if not list_checkpoints(self.folder):
+            return []
+        try:
+            saved = load_checkpoint(self.folder, module, optimizer, self.config)["extra"]
+        except ValueError as err:
+            raise ValueError(f"{err}. These checkpoints are of another run: delete "
+                             f"{self.folder} to train this stage from its start") from None
+        g.set_state(saved["generator"])
+        if average is not None:
+            average.n = int(saved["ema_n"])
+            for shadow, value in zip(average.shadow, saved["ema"], strict=True):
+                shadow.copy_(value)
+        return saved["losses"].tolist()
+
+    def after(self, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              g: torch.Generator, losses: Sequence[float], average: EMA | None = None,
+              total: int | None = None) -> None:
+        """After `step` steps: a checkpoint when `step` is a multiple of `every` or `total`."""
+        if step % self.every and step != total:
+            return
+        extra = {"generator": g.get_state(), "losses": torch.tensor(losses, dtype=torch.float64)}
+        if average is not None:
+            extra.update(ema=[s.clone() for s in average.shadow], ema_n=average.n)
+        save_checkpoint(self.folder, step, module, optimizer, self.config, {}, extra)
+
+
 def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 16,
               lr: float = 1e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
-              maps: torch.Tensor | None = None) -> list[float]:
+              maps: torch.Tensor | None = None,
+              checkpoints: LoopCheckpoints | None = None) -> list[float]:
     """Fit the AutoencoderKL to images (N, 3, H, W) in [-1, 1] and, when given, maps (M, 3, H, W)
     in [-1, 1] (a quarter of every batch): L1 + MSE reconstruction of a sampled latent plus a
     small KL; `lr` for the first half, then decayed linearly to 0. Returns the per-step L1; the
@@ -40,14 +88,17 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
     pixel off by 1 as for one off by 100) a 1000-step VAE reached AP50 0.26-0.45 (colours
     shifted, shapes mottled). With L1 + MSE (MSE pulls hardest on the largest errors) at a
     constant lr it reached 0.84 at 1000 steps and 0.85 at 1500. With the decay, 0.92 at step
-    1250 of 1500. All on the same data and seed, images only in the batches."""
+    1250 of 1500. All on the same data and seed, images only in the batches.
+
+    `checkpoints`: continue from (and write) checkpoints of this loop."""
     ae = parts.vae.first_stage_model
     ae.requires_grad_(True).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
+    losses = checkpoints.resume(ae, opt, g) if checkpoints else []
+    progress = Progress(DistEnv(), steps, len(losses), every=max(1, steps // 20))
     n_maps = 0 if maps is None else batch // 4
-    for step in range(steps):
+    for step in range(len(losses), steps):
         x = images[torch.randint(0, len(images), (batch - n_maps,), generator=g)]
         if n_maps:
             x = torch.cat([x, maps[torch.randint(0, len(maps), (n_maps,), generator=g)]])
@@ -64,6 +115,8 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
         opt.step()
         losses.append(l1.item())
         progress.update(step, losses[-1], kl=kl.item())
+        if checkpoints:
+            checkpoints.after(step + 1, ae, opt, g, losses, total=steps)
         if on_step:
             on_step(step, losses[-1])
     freeze(ae)
@@ -137,22 +190,24 @@ def objective(host: SimpleNamespace, parts: SD15Parts, error: torch.Tensor,
 def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
                captions: Sequence[Sequence[str]], steps: int, batch: int = 32,
                lr: float = 3e-4, null_prob: float = 0.1, seed: int = 0,
-               on_step: Callable[[int, float], None] | None = None, ema: float = 0.999
-               ) -> list[float]:
+               on_step: Callable[[int, float], None] | None = None, ema: float = 0.999,
+               checkpoints: LoopCheckpoints | None = None) -> list[float]:
     """Text-to-image training of the UNet on unscaled VAE latents (N, 4, h, w) and each image's
     captions: epsilon MSE at uniform DDPM timesteps through the host's own sampling maths, a
     random caption of the image, the empty caption for `null_prob` of the rows (CFG), random
-    horizontal flips. The UNet ends with its weights' EMA (`ema` 0: the last step's), frozen."""
+    horizontal flips. The UNet ends with its weights' EMA (`ema` 0: the last step's), frozen.
+    `checkpoints`: continue from (and write) checkpoints of this loop."""
     unet = parts.unet
     unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     average = EMA(list(unet.parameters()), ema) if ema else None
     g = torch.Generator().manual_seed(seed)
+    losses = checkpoints.resume(unet, opt, g, average) if checkpoints else []
     process_in = parts.patcher.model.latent_format.process_in
-    progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
+    progress = Progress(DistEnv(), steps, len(losses), every=max(1, steps // 20))
     texts = TextCache(WORLD_CAPTIONS)  # the world's captions, each encoded once
     ensure_loaded(host, parts)
-    for step in range(steps):
+    for step in range(len(losses), steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0 = process_in(latents[idx])
         flip = torch.rand(batch, generator=g) < 0.5
@@ -168,6 +223,8 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
             average.update()
         losses.append(loss.item())
         progress.update(step, losses[-1])
+        if checkpoints:
+            checkpoints.after(step + 1, unet, opt, g, losses, average, total=steps)
         if on_step:
             on_step(step, losses[-1])
     if average:

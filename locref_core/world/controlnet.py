@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..train.common import DistEnv, Progress
 from ..train.host import (SD15Parts, TextCache, encode_text, ensure_loaded, freeze, predict_eps,
                           reinit)
-from .base import WORLD_CAPTIONS, noised, objective, pick_captions
+from .base import WORLD_CAPTIONS, LoopCheckpoints, noised, objective, pick_captions
 
 log = logging.getLogger(__name__)
 FORMAT = "locref-shapes-world-seg-controlnet"
@@ -78,19 +78,22 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
                      latents: torch.Tensor, maps: torch.Tensor,
                      captions: Sequence[Sequence[str]], steps: int, batch: int = 16,
                      lr: float = 1e-4, null_prob: float = 0.5, seed: int = 0,
-                     on_step: Callable[[int, float], None] | None = None) -> list[float]:
+                     on_step: Callable[[int, float], None] | None = None,
+                     checkpoints: LoopCheckpoints | None = None) -> list[float]:
     """The base's own objective (`objective`: v's MSE for a v base) with the ControlNet's
     residuals, the base frozen, on unscaled image latents (N, 4, h, w), their maps
     (N, 3, H, W) in [0, 1] and captions; half the captions are dropped (ControlNet's recipe: the
-    map alone must carry the layout). Trains only `model`."""
+    map alone must carry the layout). Trains only `model`; `checkpoints`: continue from (and
+    write) checkpoints of this loop."""
     model.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
+    losses = checkpoints.resume(model, opt, g) if checkpoints else []
     process_in = parts.patcher.model.latent_format.process_in
-    progress, losses = Progress(DistEnv(), steps, every=max(1, steps // 20)), []
+    progress = Progress(DistEnv(), steps, len(losses), every=max(1, steps // 20))
     texts = TextCache(WORLD_CAPTIONS)  # the world's captions, each encoded once
     ensure_loaded(host, parts)
-    for step in range(steps):
+    for step in range(len(losses), steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0 = process_in(latents[idx])
         hint = hint_for(host, maps[idx], x0.shape[-1])
@@ -105,6 +108,8 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
         opt.step()
         losses.append(loss.item())
         progress.update(step, losses[-1])
+        if checkpoints:
+            checkpoints.after(step + 1, model, opt, g, losses, total=steps)
         if on_step:
             on_step(step, losses[-1])
     freeze(model)

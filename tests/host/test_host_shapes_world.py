@@ -21,7 +21,8 @@ def run(bench, cache, *flags):
                        *flags])
 
 
-def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path, caplog):
+def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path, caplog,
+                                                                 monkeypatch):
     first = run(bench, tmp_path / "a")
     rows = first["table"].splitlines()[2:]
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == [
@@ -56,8 +57,32 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
     # the FG-DM half logs in its own process: its stages are cached when their files stay
     assert {w: (out / f"{w}.safetensors").stat().st_mtime_ns for w in weights} == stamps
     assert (cached["table"], cached["table_fgdm"]) == (first["table"], first["table_fgdm"])
-    again = run(bench, tmp_path / "b")  # from nothing, same seed
+    # from nothing, same seed: stopped after the base UNet's step 5 of 10, then run again
+    train_unet = bench.base.train_unet
+
+    def stopped(*args, on_step, **kwargs):
+        def step(s, loss):
+            on_step(s, loss)
+            if s + 1 == 5:
+                raise Stopped
+        return train_unet(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(bench.base, "train_unet", stopped)
+    with pytest.raises(Stopped):
+        run(bench, tmp_path / "b")
+    monkeypatch.undo()
+    out_b = tmp_path / "b" / out.name
+    assert (out_b / "base_ckpt" / "unet" / "step_00000005").is_dir()
+    with caplog.at_level(logging.INFO):
+        again = run(bench, tmp_path / "b")
+    assert "resumed from" in caplog.text and "step_00000005 at step 5" in caplog.text
+    assert again["timings"]["resumed"] == ["base"]
+    assert not (out_b / "base_ckpt").exists()  # base.safetensors holds it all
     assert (again["table"], again["table_fgdm"]) == (first["table"], first["table_fgdm"])
+
+
+class Stopped(Exception):
+    """Stands for a run stopped part-way (Ctrl-C, the machine taken back)."""
 
 
 def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):

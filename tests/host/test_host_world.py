@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,50 @@ def read_events(folder):
     tags = acc.Tags()
     return {"scalars": {t: [e.value for e in acc.Scalars(t)] for t in tags["scalars"]},
             "images": {t: [e.step for e in acc.Images(t)] for t in tags["images"]}}
+
+
+class Stopped(Exception):
+    """Stands for a run stopped part-way (Ctrl-C, the machine taken back)."""
+
+
+def stop_after(n: int):
+    def on_step(step: int, loss: float) -> None:
+        if step + 1 == n:
+            raise Stopped
+    return on_step
+
+
+def test_a_stopped_base_continues_from_its_checkpoints_to_the_same_weights(host, data,
+                                                                           tmp_path):
+    from locref_core.train.common import list_checkpoints, weights_digest
+
+    files = sorted(glob.glob(str(data["images"] / "*.png")))
+    images = torch.stack([load_rgb(f) * 2 - 1 for f in files])
+    captions = [["a red square"], ["a blue disc"]] * 4
+    ckpt = lambda name, steps: base.LoopCheckpoints(tmp_path / name, 2, {"steps": steps})  # noqa: E731
+
+    never = build_world(host, WorldConfig())  # a run never stopped
+    vae_losses = base.train_vae(never, images, steps=4, batch=4)
+    unet_losses = base.train_unet(host, never, base.encode_latents(never, images), captions,
+                                  steps=5, batch=4)
+
+    first = build_world(host, WorldConfig())  # stopped in the VAE after its step 3
+    with pytest.raises(Stopped):
+        base.train_vae(first, images, 4, 4, checkpoints=ckpt("vae", 4), on_step=stop_after(3))
+    second = build_world(host, WorldConfig())  # a new process: the VAE from its step 2 ...
+    assert base.train_vae(second, images, 4, 4, checkpoints=ckpt("vae", 4)) == vae_losses
+    with pytest.raises(Stopped):  # ... then stopped in the UNet after its step 3
+        base.train_unet(host, second, base.encode_latents(second, images), captions, 5, 4,
+                        checkpoints=ckpt("unet", 5), on_step=stop_after(3))
+    assert [Path(c).name for c in list_checkpoints(str(tmp_path / "unet"))] == ["step_00000002"]
+    third = build_world(host, WorldConfig())  # the VAE done, the UNet from its step 2, EMA too
+    assert base.train_vae(third, images, 4, 4, checkpoints=ckpt("vae", 4)) == vae_losses
+    latents = base.encode_latents(third, images)
+    assert base.train_unet(host, third, latents, captions, 5, 4,
+                           checkpoints=ckpt("unet", 5)) == unet_losses
+    for name in ("unet", "vae"):
+        parts = lambda p: p.unet if name == "unet" else p.vae.first_stage_model  # noqa: E731
+        assert weights_digest(parts(third)) == weights_digest(parts(never)), name
+    with pytest.raises(ValueError, match=r"another run: delete .*unet to train this stage"):
+        base.train_unet(host, build_world(host, WorldConfig()), latents, captions, 6, 4,
+                        checkpoints=ckpt("unet", 6))

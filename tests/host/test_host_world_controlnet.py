@@ -137,3 +137,31 @@ def test_sbpc_node_samples_latents_at_the_vae_own_factor(host, world):
     with pytest.raises(ValueError, match="must be a multiple of 4"):
         nodes["FGDMSBPCSelect"]().select(model, pos, neg, parts.vae, 1, 1, 2.0, "euler",
                                          "normal", 66, 64, 0, "tv", "coco183", 64, 64)
+
+
+class Stopped(Exception):
+    """Stands for a run stopped part-way."""
+
+
+def test_a_stopped_controlnet_continues_from_its_checkpoints_to_the_same_weights(host, world,
+                                                                                 tmp_path):
+    from locref_core.train.common import weights_digest
+
+    parts, _ = world
+    maps, latents = maps_and_latents()
+    kw = {"steps": 3, "batch": 2, "lr": 1e-3, "null_prob": 0.5}
+    never = wcn.build_controlnet(host, parts, seed=0)
+    losses = wcn.train_controlnet(host, parts, never, latents, maps, CAPTIONS, **kw)
+
+    def stop_after_2(step, loss):
+        if step + 1 == 2:
+            raise Stopped
+
+    ckpt = lambda: base.LoopCheckpoints(tmp_path, 1, {"steps": 3})  # noqa: E731
+    with pytest.raises(Stopped):
+        wcn.train_controlnet(host, parts, wcn.build_controlnet(host, parts, seed=0), latents,
+                             maps, CAPTIONS, checkpoints=ckpt(), on_step=stop_after_2, **kw)
+    model = wcn.build_controlnet(host, parts, seed=1)  # the checkpoint replaces these weights
+    assert wcn.train_controlnet(host, parts, model, latents, maps, CAPTIONS,
+                                checkpoints=ckpt(), **kw) == losses
+    assert weights_digest(model) == weights_digest(never)
