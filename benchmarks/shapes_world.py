@@ -188,12 +188,16 @@ def stage_base(run: dict, host, data: dict):
 
 def stage_locref(run: dict, data: dict, base_path: str) -> str:
     """The LocRef adapter, trained on the world by the pack's own trainer (cached)."""
-    p, train = run["preset"], data["train"]
+    p = run["preset"]
     return fgdm.cached_training(run, "locref", "locref", locref_trainer.main, base_path,
-                                p["locref_steps"], p["locref_batch"], [
-                                    "--images", str(train["images"]),
-                                    "--instances", str(train["instances"]),
-                                    "--captions", str(train["captions"]), "--ref-size", "32"])
+                                p["locref_steps"], p["locref_batch"],
+                                locref_data_args(data["train"]))
+
+
+def locref_data_args(train: dict) -> list[str]:
+    """The LocRef trainer's data flags for the world's training set (references at 32 px)."""
+    return ["--images", str(train["images"]), "--instances", str(train["instances"]),
+            "--captions", str(train["captions"]), "--ref-size", "32"]
 
 
 def layout_of(item, with_refs: bool = True) -> Layout:
@@ -236,9 +240,10 @@ def configurations(run, host, parts, locref_path):
             "regional prompts (box text, no adapter)": lambda item: text_state(nodes, parts, item)}
 
 
-def generate(run, host, parts, cfg, configs) -> dict[str, list[torch.Tensor]]:
-    """Every configuration on every held-out layout, same seeds; progress with ETA."""
-    items, steps = run["data"]["heldout"], run["preset"]["sample_steps"]
+def generate(run, host, parts, cfg, configs, items=None) -> dict[str, list[torch.Tensor]]:
+    """Every configuration on every held-out layout (or on `items`), the same seed per layout;
+    progress with ETA."""
+    items, steps = items or run["data"]["heldout"], run["preset"]["sample_steps"]
     total, done, t0 = len(items) * len(configs), 0, time.perf_counter()
     images: dict[str, list[torch.Tensor]] = {name: [] for name in configs}
     for i, item in enumerate(items):

@@ -3,7 +3,7 @@
 one line.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
-        [--placement] [--samplers] [--longer]
+        [--placement] [--samplers] [--adapter-lr LR ...] [--longer]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?).
@@ -30,6 +30,10 @@ one line.
   (another seed; never the held-out ones, so no setting is chosen on the test): one-object
   colour + shape and the squares the detector reads as squares, and caption-only recall (is it
   the sampler that rounds the squares?).
+- --adapter-lr LR [LR ...] (about an hour each on 2 cores): the LocRef adapter trained as the
+  run trains it (its steps, batch and seed) at other learning rates, and each scored with the
+  run's own (1e-4, the pack's default) on the validation layouts: AP50, appearance, leakage and
+  recall (does the adapter learn faster at another rate, in the same steps?).
 - --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
   twice its steps and the seg ControlNet trained as many steps again (fresh optimizer), each
   scored as in the tables (does more training help?).
@@ -82,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "LocRef adapter's images with coarser labels (a few minutes)")
     p.add_argument("--samplers", action="store_true", help="also score the base under other "
                    "sampler settings on validation layouts (about 20 minutes)")
+    p.add_argument("--adapter-lr", type=float, nargs="+", metavar="LR", default=[],
+                   help="also train the LocRef adapter at these learning rates (the run's "
+                   "steps and batch; about an hour each on 2 cores) and score each with the "
+                   "run's own (lr 1e-4) on the validation layouts")
     p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
                    "seg ControlNet twice as long and score them (about an hour)")
     return p.parse_args(argv)
@@ -329,29 +337,45 @@ def placement(run, host, parts, cfg) -> list[str]:
 
 
 def longer_locref(run, host, parts, cfg, base_path: str) -> str:
-    p, train = run["preset"], run["data"]["train"]
-    work = run["dir"] / "diagnose"
-    ckpt = work / "locref_ckpt"
-    if not ckpt.exists():
+    p = run["preset"]
+    name, steps = "diagnose/locref_longer", 2 * p["locref_steps"]
+    ckpt = run["dir"] / f"{name}_ckpt"
+    if not ckpt.exists():  # continued from the run's last checkpoint
         shutil.copytree(run["dir"] / "locref_ckpt", ckpt)
-    out = work / "locref_longer.safetensors"
-    steps = 2 * p["locref_steps"]
-    if not out.is_file():
-        locref_trainer.main([
-            "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu",
-            "--images", str(train["images"]), "--instances", str(train["instances"]),
-            "--captions", str(train["captions"]), "--ref-size", "32", "--size", "64",
-            "--batch-size", str(p["locref_batch"]), "--steps", str(steps), "--num-workers", "0",
-            "--lr", "1e-4", "--seed", str(run["seed"]), "--log-every", str(max(1, steps // 20)),
-            "--text-cache", str(base.WORLD_CAPTIONS), "--out", str(out), "--ckpt-dir", str(ckpt),
-            "--ckpt-every", str(p["locref_steps"]), "--resume", str(ckpt)])
+    out = fg.cached_training(run, "locref_longer", name, locref_trainer.main, base_path, steps,
+                             p["locref_batch"], sw.locref_data_args(run["data"]["train"]))
     name = "LocRef, trained adapter"
     images = sw.generate(run, host, parts, cfg,
-                         {name: sw.configurations(run, host, parts, str(out))[name]})
+                         {name: sw.configurations(run, host, parts, out)[name]})
     stats = bootstrap(sw.scores_of(run, images[name]), rounds=run["preset"]["bootstrap"],
                       seed=run["seed"])
     return (f"longer: LocRef adapter at {steps} steps: " +
             ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in stats.items()))
+
+
+def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str:
+    """The LocRef adapter trained as the run trains it but at other learning rates (cached in
+    diagnose/), each scored with the run's own adapter on the validation layouts, so that a
+    rate can be chosen without looking at the held-out ones."""
+    p, layouts = run["preset"], validation_layouts(run)
+    paths = {fg.TRAINER_LR: str(run["dir"] / "locref.safetensors")}
+    (run["dir"] / "diagnose").mkdir(exist_ok=True)
+    for lr in rates:
+        paths[lr] = paths.get(lr) or fg.cached_training(
+            run, f"locref_lr{lr:g}", f"diagnose/locref_lr{lr:g}", locref_trainer.main, base_path,
+            p["locref_steps"], p["locref_batch"], sw.locref_data_args(run["data"]["train"]), lr)
+    name, cells = "LocRef, trained adapter", []
+    for lr, path in paths.items():
+        images = sw.generate(run, host, parts, cfg,
+                             {name: sw.configurations(run, host, parts, path)[name]}, layouts)
+        stats = bootstrap([score_image(im, it) for im, it in zip(images[name], layouts)],
+                          rounds=p["bootstrap"], seed=run["seed"])
+        own = " (the run's)" if lr == fg.TRAINER_LR else ""
+        cells.append(f"lr {lr:g}{own}: " + ", ".join(
+            f"{k} {stats[k][0]:.3f} [{stats[k][1]:.3f}, {stats[k][2]:.3f}]"
+            for k in ("AP50", "appearance", "leakage", "recall")))
+    return (f"adapter-lr: the LocRef adapter at {p['locref_steps']} steps, on {len(layouts)} "
+            "validation layouts: " + " | ".join(cells))
 
 
 def longer_controlnet(run, host, parts, cfg) -> str:
@@ -398,6 +422,8 @@ def main(argv=None) -> list[str]:
         lines += placement(run, host, parts, cfg)
     if args.samplers:
         lines.append(samplers(run, host, parts, cfg))
+    if args.adapter_lr:
+        lines.append(adapter_lr(run, host, parts, cfg, base_path, args.adapter_lr))
     if args.longer:
         lines += [longer_locref(run, host, parts, cfg, base_path),
                   longer_controlnet(run, host, parts, cfg)]

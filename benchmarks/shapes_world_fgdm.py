@@ -34,6 +34,7 @@ log = logging.getLogger("shapes_world")
 PALETTE = "coco183"  # the synthetic label maps carry COCO-stuff ids
 CHECKPOINTS_PER_STAGE = 20  # a training stage stopped part-way loses at most 1/20 of its steps
 CONTROLNET_CHECKPOINTS = "seg_controlnet_ckpt"
+TRAINER_LR = 1e-4  # the pack's trainers' default (SD-1.5's adapters train at 1e-4)
 
 
 def read_maps(paths: dict, size: int = 64) -> torch.Tensor:
@@ -57,7 +58,7 @@ def resumes(run: dict, *folders: str) -> bool:
 
 
 def cached_training(run: dict, tag: str, name: str, trainer_main, base_path: str,
-                    steps: int, batch: int, data_args: list[str]) -> str:
+                    steps: int, batch: int, data_args: list[str], lr: float = TRAINER_LR) -> str:
     """`run["dir"]/<name>.safetensors`, trained by one of the pack's trainers (`trainer_main`,
     its CLI entry) on the frozen world base unless it is cached; checkpoints in `<name>_ckpt`,
     TensorBoard curves in `tb/<tag>`. `data_args` are the trainer's own data flags."""
@@ -65,20 +66,21 @@ def cached_training(run: dict, tag: str, name: str, trainer_main, base_path: str
     if out.is_file():
         log.info("%s: cached %s", tag, out)
         return str(out)
-    trainer_main(trainer_argv(run, tag, name, base_path, steps, batch, data_args))
+    trainer_main(trainer_argv(run, tag, name, base_path, steps, batch, data_args, lr))
     return str(out)
 
 
 def trainer_argv(run: dict, tag: str, name: str, base_path: str, steps: int, batch: int,
-                 data_args: list[str]) -> list[str]:
-    """The trainer's flags for one of the run's stages: checkpoints in `<name>_ckpt` every
-    1/CHECKPOINTS_PER_STAGE of the steps, and `--resume` from there when a stopped run left
-    one (the trainer then ends with the weights of a run never stopped)."""
+                 data_args: list[str], lr: float = TRAINER_LR) -> list[str]:
+    """The trainer's flags for one of the run's stages (`name` may hold a subfolder of the
+    run's): checkpoints in `<name>_ckpt` every 1/CHECKPOINTS_PER_STAGE of the steps, and
+    `--resume` from there when a stopped run left one (the trainer then ends with the weights
+    of a run never stopped)."""
     ckpt = run["dir"] / f"{name}_ckpt"
     return [
         "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu", *data_args,
         "--size", "64", "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0",
-        "--lr", "1e-4", "--seed", str(run["seed"]), "--log-every", str(max(1, steps // 20)),
+        "--lr", f"{lr:g}", "--seed", str(run["seed"]), "--log-every", str(max(1, steps // 20)),
         "--text-cache", str(base.WORLD_CAPTIONS), "--out", str(run["dir"] / f"{name}.safetensors"),
         "--ckpt-dir", str(ckpt), "--ckpt-every", str(max(1, steps // CHECKPOINTS_PER_STAGE)),
         *(["--resume", str(ckpt)] if list_checkpoints(str(ckpt)) else []),

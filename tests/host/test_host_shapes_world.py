@@ -91,10 +91,11 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
     with pytest.raises(SystemExit, match="holds no finished run"):
         diagnose.main(argv)
     run(bench, tmp_path)
-    lines = diagnose.main([*argv, "--placement", "--samplers", "--longer"])
+    lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4", "1e-4",
+                           "--longer"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
-        "samplers", "longer", "longer"]
+        "samplers", "adapter-lr", "longer", "longer"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
     objects = sum(len(it.objects) for it in bench.load_heldout(bench.synthetic_paths(held)))
@@ -110,8 +111,13 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
         assert all(int(k) <= int(n) for _, k, n in counts)
     assert lines[7].count("caption recall") == 6 and "while sigma > 1" in lines[7]
     assert (tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "validation").is_dir()
-    assert "LocRef adapter at 8 steps" in lines[8] and "seg ControlNet at 8 steps" in lines[9]
+    rates = re.findall(r"lr ([0-9.e-]+)( \(the run's\))?: AP50", lines[8])
+    assert rates == [("0.0001", " (the run's)"), ("0.0003", "")]  # 1e-4: the run's, not retrained
+    assert "on 4 validation layouts" in lines[8] and lines[8].count("appearance") == 2
+    assert "LocRef adapter at 8 steps" in lines[9] and "seg ControlNet at 8 steps" in lines[10]
     out = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
+    assert (out / "locref_lr0.0003.safetensors").is_file()
+    assert not (out / "locref_lr0.0001.safetensors").exists()
     assert (out / "locref_longer.safetensors").is_file()
     assert (out / "seg_controlnet_longer.safetensors").is_file()
 
