@@ -3,7 +3,7 @@
 one line.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
-        [--placement] [--samplers] [--adapter-lr LR ...] [--longer]
+        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--skip-basics]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?).
@@ -20,6 +20,9 @@ one line.
   sampler's 20 steps) and denoised by the base with their own caption at CFG 1 and at the
   benchmark's guidance: recall, and what the detector reads for each shape (from which noise
   level on does the base lose a shape it was given?).
+The five lines above always run (about 12 minutes on the full preset) unless `--skip-basics`
+asks for only the lines of the questions below.
+
 - --placement (a few minutes): the base's and the LocRef adapter's images on the held-out
   layouts, their AP50 with the labels as in the table (colour + shape), by colour alone, by
   shape alone and with no label (is it the box or the shape that misses?), and their appearance
@@ -30,8 +33,8 @@ one line.
   (another seed; never the held-out ones, so no setting is chosen on the test): one-object
   colour + shape and the squares the detector reads as squares, and caption-only recall (is it
   the sampler that rounds the squares?).
-- --adapter-lr LR [LR ...] (about an hour each on 2 cores): the LocRef adapter trained as the
-  run trains it (its steps, batch and seed) at other learning rates, and each scored with the
+- --adapter-lr LR [LR ...] (about an hour each): the LocRef adapter trained as the run trains
+  it (its steps, batch, seed and one thread) at other learning rates, and each scored with the
   run's own (1e-4, the pack's default) on the validation layouts: AP50, appearance, leakage and
   recall (does the adapter learn faster at another rate, in the same steps?).
 - --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
@@ -42,6 +45,7 @@ one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -88,11 +92,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "sampler settings on validation layouts (about 20 minutes)")
     p.add_argument("--adapter-lr", type=float, nargs="+", metavar="LR", default=[],
                    help="also train the LocRef adapter at these learning rates (the run's "
-                   "steps and batch; about an hour each on 2 cores) and score each with the "
+                   "steps, batch and one thread; about an hour each) and score each with the "
                    "run's own (lr 1e-4) on the validation layouts")
     p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
                    "seg ControlNet twice as long and score them (about an hour)")
-    return p.parse_args(argv)
+    p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
+                   "questions asked above, without the five that always run (vae-noise, probe, "
+                   "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
+    args = p.parse_args(argv)
+    if args.skip_basics and not (args.placement or args.samplers or args.adapter_lr
+                                 or args.longer):
+        p.error("--skip-basics leaves nothing to do: add --placement, --samplers, "
+                "--adapter-lr LR or --longer")
+    return args
+
+
+def interval(name: str, stat) -> str:
+    """`name value [low, high]`, a bootstrap statistic as the diagnose lines print it."""
+    value, low, high = stat
+    return f"{name} {value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 @torch.no_grad()
@@ -328,9 +346,9 @@ def placement(run, host, parts, cfg) -> list[str]:
         scores = sw.scores_of(run, images[name])
         cells = []
         for label, how in LABELLINGS.items():
-            v, lo, hi = bootstrap(relabelled(scores, how), rounds=run["preset"]["bootstrap"],
-                                  seed=run["seed"])["AP50"]
-            cells.append(f"{label} {v:.3f} [{lo:.3f}, {hi:.3f}]")
+            cells.append(interval(label, bootstrap(relabelled(scores, how),
+                                                   rounds=run["preset"]["bootstrap"],
+                                                   seed=run["seed"])["AP50"]))
         lines.append(f"placement: {name}, AP50 by label: " + ", ".join(cells) +
                      "; appearance: " + appearance_by_shape(images[name], run["data"]["heldout"]))
     return lines
@@ -350,7 +368,18 @@ def longer_locref(run, host, parts, cfg, base_path: str) -> str:
     stats = bootstrap(sw.scores_of(run, images[name]), rounds=run["preset"]["bootstrap"],
                       seed=run["seed"])
     return (f"longer: LocRef adapter at {steps} steps: " +
-            ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in stats.items()))
+            ", ".join(interval(k, v) for k, v in stats.items()))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread inside (the run trains its LocRef adapter so), as before after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str:
@@ -361,9 +390,11 @@ def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str
     paths = {fg.TRAINER_LR: str(run["dir"] / "locref.safetensors")}
     (run["dir"] / "diagnose").mkdir(exist_ok=True)
     for lr in rates:
-        paths[lr] = paths.get(lr) or fg.cached_training(
-            run, f"locref_lr{lr:g}", f"diagnose/locref_lr{lr:g}", locref_trainer.main, base_path,
-            p["locref_steps"], p["locref_batch"], sw.locref_data_args(run["data"]["train"]), lr)
+        with one_thread():  # as the run trains its own, so a rerun gives the same weights
+            paths[lr] = paths.get(lr) or fg.cached_training(
+                run, f"locref_lr{lr:g}", f"diagnose/locref_lr{lr:g}", locref_trainer.main,
+                base_path, p["locref_steps"], p["locref_batch"],
+                sw.locref_data_args(run["data"]["train"]), lr)
     name, cells = "LocRef, trained adapter", []
     for lr, path in paths.items():
         images = sw.generate(run, host, parts, cfg,
@@ -372,8 +403,7 @@ def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str
                           rounds=p["bootstrap"], seed=run["seed"])
         own = " (the run's)" if lr == fg.TRAINER_LR else ""
         cells.append(f"lr {lr:g}{own}: " + ", ".join(
-            f"{k} {stats[k][0]:.3f} [{stats[k][1]:.3f}, {stats[k][2]:.3f}]"
-            for k in ("AP50", "appearance", "leakage", "recall")))
+            interval(k, stats[k]) for k in ("AP50", "appearance", "leakage", "recall")))
     return (f"adapter-lr: the LocRef adapter at {p['locref_steps']} steps, on {len(layouts)} "
             "validation layouts: " + " | ".join(cells))
 
@@ -400,8 +430,8 @@ def longer_controlnet(run, host, parts, cfg) -> str:
               for i, item in enumerate(data["heldout"])]
     cells = fg.image_recalls(run, sw.scores_of(run, images))
     return (f"longer: seg ControlNet at {2 * p['controlnet_steps']} steps, the held-out image's "
-            "own map: image recall colour + shape {:.3f} [{:.3f}, {:.3f}], shape {:.3f} "
-            "[{:.3f}, {:.3f}]".format(*cells[0], *cells[1]))
+            f"own map: image recall {interval('colour + shape', cells[0])}, "
+            f"{interval('shape', cells[1])}")
 
 
 def main(argv=None) -> list[str]:
@@ -416,8 +446,9 @@ def main(argv=None) -> list[str]:
                          "with the same --cache, --quick and --seed first")
     host, data = sw.start(run)
     parts, cfg, base_path = sw.stage_base(run, host, data)
-    lines = [vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts),
-             one_object(run, host, parts, cfg), sdedit(run, host, parts)]
+    lines = [] if args.skip_basics else [
+        vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts),
+        one_object(run, host, parts, cfg), sdedit(run, host, parts)]
     if args.placement:
         lines += placement(run, host, parts, cfg)
     if args.samplers:

@@ -69,3 +69,27 @@ def test_a_resumed_stage_keeps_its_minutes_apart(sw, tmp_path):
     rerun.mark("base", cached=True, resumed=True)
     assert "resumed" not in rerun.minutes
     assert rerun.minutes["base"] == timings.minutes["base"]
+
+
+@pytest.fixture(scope="module")
+def diagnose(sw):
+    spec = importlib.util.spec_from_file_location(
+        "shapes_world_diagnose", ROOT / "benchmarks" / "shapes_world_diagnose.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
+    args = diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--adapter-lr", "3e-4"])
+    assert args.skip_basics and args.adapter_lr == [3e-4]
+    assert not diagnose.parse_args(["--comfyui", "x"]).skip_basics
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
+    err = capsys.readouterr().err
+    assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
+
+
+def test_diagnose_interval_text(diagnose):
+    assert diagnose.interval("AP50", (0.3071, 0.2349, 0.39749)) == "AP50 0.307 [0.235, 0.397]"
+    assert diagnose.interval("no label", (1, 0, 1)) == "no label 1.000 [0.000, 1.000]"

@@ -120,6 +120,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
     assert not (out / "locref_lr0.0001.safetensors").exists()
     assert (out / "locref_longer.safetensors").is_file()
     assert (out / "seg_controlnet_longer.safetensors").is_file()
+    # only the question asked, from the cache: the same line, none of the five basics
+    assert diagnose.main([*argv, "--skip-basics", "--adapter-lr", "3e-4"]) == [lines[8]]
 
 
 def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
