@@ -1,6 +1,6 @@
 """What limits the shapes world's numbers? Diagnostics on a finished run's cache (the same
 --cache, --quick, --seed, --prediction and --unet-channels as `shapes_world.py`); each prints
-one line.
+one line. A question can be asked as soon as the models it reads are saved.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--skip-basics]
@@ -434,6 +434,18 @@ def longer_controlnet(run, host, parts, cfg) -> str:
             f"{interval('shape', cells[1])}")
 
 
+def missing_models(run: dict, args: argparse.Namespace) -> list[str]:
+    """The run's model files that the questions asked need and its cache lacks: the base always,
+    the seg ControlNet for the basics and --longer, the LocRef adapter for --placement,
+    --adapter-lr and --longer (so a question can be asked while the run's other half trains)."""
+    needed = ["base.safetensors"]
+    if args.placement or args.adapter_lr or args.longer:
+        needed.append("locref.safetensors")
+    if not args.skip_basics or args.longer:
+        needed.append("seg_controlnet.safetensors")
+    return [name for name in needed if not (run["dir"] / name).is_file()]
+
+
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -441,9 +453,11 @@ def main(argv=None) -> list[str]:
                                      "--seed", str(args.seed), "--prediction", args.prediction,
                                      "--unet-channels", args.unet_channels,
                                      *(["--quick"] if args.quick else [])]))
-    if not (run["dir"] / "seg_controlnet.safetensors").is_file():
-        raise SystemExit(f"{run['dir']} holds no finished run; run benchmarks/shapes_world.py "
-                         "with the same --cache, --quick and --seed first")
+    missing = missing_models(run, args)
+    if missing:
+        raise SystemExit(f"{run['dir']} holds no finished run ({', '.join(missing)} missing); "
+                         "run benchmarks/shapes_world.py with the same --cache, --quick and "
+                         "--seed first")
     host, data = sw.start(run)
     parts, cfg, base_path = sw.stage_base(run, host, data)
     lines = [] if args.skip_basics else [

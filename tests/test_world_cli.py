@@ -93,3 +93,25 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
 def test_diagnose_interval_text(diagnose):
     assert diagnose.interval("AP50", (0.3071, 0.2349, 0.39749)) == "AP50 0.307 [0.235, 0.397]"
     assert diagnose.interval("no label", (1, 0, 1)) == "no label 1.000 [0.000, 1.000]"
+
+
+def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_path):
+    def missing(*flags):
+        args = diagnose.parse_args(["--comfyui", "x", "--cache", str(tmp_path), *flags])
+        run = sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path)]))
+        return diagnose.missing_models(run, args)
+
+    everything = ["base.safetensors", "seg_controlnet.safetensors"]
+    assert missing() == everything
+    assert missing("--placement") == [everything[0], "locref.safetensors", everything[1]]
+    folder = tmp_path / f"full-seed0-v{sw.RECIPE_VERSION}"
+    folder.mkdir(exist_ok=True)  # make_run makes it
+    (folder / "base.safetensors").touch()
+    assert missing("--skip-basics", "--samplers") == []
+    assert missing("--skip-basics", "--adapter-lr", "3e-4") == ["locref.safetensors"]
+    (folder / "locref.safetensors").touch()
+    assert missing("--skip-basics", "--adapter-lr", "3e-4", "--placement") == []
+    assert missing("--skip-basics", "--longer") == ["seg_controlnet.safetensors"]
+    assert missing("--adapter-lr", "3e-4") == ["seg_controlnet.safetensors"]
+    (folder / "seg_controlnet.safetensors").touch()
+    assert missing("--longer") == []
