@@ -10,14 +10,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def sw():
+def load_benchmark(name: str):
+    """The script `benchmarks/<name>.py` as a module (the folder is not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("shapes_world",
-                                                  ROOT / "benchmarks" / "shapes_world.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def sw():
+    return load_benchmark("shapes_world")
 
 
 def test_each_width_and_prediction_has_its_own_cache(sw, tmp_path):
@@ -73,11 +77,7 @@ def test_a_resumed_stage_keeps_its_minutes_apart(sw, tmp_path):
 
 @pytest.fixture(scope="module")
 def diagnose(sw):
-    spec = importlib.util.spec_from_file_location(
-        "shapes_world_diagnose", ROOT / "benchmarks" / "shapes_world_diagnose.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("shapes_world_diagnose")
 
 
 def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
