@@ -444,29 +444,28 @@ def main(argv=None) -> dict:
     resumed = fgdm.resumes(run, "base_ckpt/vae", "base_ckpt/unet")
     parts, cfg, base_path = stage_base(run, host, data)
     timings.mark("base", cached, resumed)
-    threads = torch.get_num_threads()
     branch = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
                                "--fgdm-branch"])
     try:
-        torch.set_num_threads(1)
-        cached = (run["dir"] / "locref.safetensors").is_file()
-        resumed = fgdm.resumes(run, "locref_ckpt")
-        locref_path = stage_locref(run, data, base_path)
-        timings.mark("locref adapter", cached, resumed)
-        images = generate(run, host, parts, cfg, configurations(run, host, parts, locref_path))
-        images[CEILING] = reconstructions(run, parts)
-        scores = {k: scores_of(run, v) for k, v in images.items()}
-        timings.mark("locref images")
-        # then half of the FG-DM images, so both cores work until the end
-        factor_path, control_net = wait_for_fgdm_models(run, branch, host, parts)
-        timings.mark("waiting for the seg ControlNet")
-        _, second = fgdm.halves(len(data["heldout"]))
-        fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
-                                          control_net, second), "second")
-        timings.mark("fgdm images, second half")
+        with base.one_thread():
+            cached = (run["dir"] / "locref.safetensors").is_file()
+            resumed = fgdm.resumes(run, "locref_ckpt")
+            locref_path = stage_locref(run, data, base_path)
+            timings.mark("locref adapter", cached, resumed)
+            configs = configurations(run, host, parts, locref_path)
+            images = generate(run, host, parts, cfg, configs)
+            images[CEILING] = reconstructions(run, parts)
+            scores = {k: scores_of(run, v) for k, v in images.items()}
+            timings.mark("locref images")
+            # then half of the FG-DM images, so both cores work until the end
+            factor_path, control_net = wait_for_fgdm_models(run, branch, host, parts)
+            timings.mark("waiting for the seg ControlNet")
+            _, second = fgdm.halves(len(data["heldout"]))
+            fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
+                                              control_net, second), "second")
+            timings.mark("fgdm images, second half")
     finally:
         code = branch.wait()
-        torch.set_num_threads(threads)
     if code != 0:
         raise RuntimeError(f"the FG-DM half failed (exit code {code}); its log, prefixed "
                            "fgdm-branch, is above")

@@ -45,7 +45,6 @@ asks for only the lines of the questions below.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import shutil
@@ -371,17 +370,6 @@ def longer_locref(run, host, parts, cfg, base_path: str) -> str:
             ", ".join(interval(k, v) for k, v in stats.items()))
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Torch on one thread inside (the run trains its LocRef adapter so), as before after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str:
     """The LocRef adapter trained as the run trains it but at other learning rates (cached in
     diagnose/), each scored with the run's own adapter on the validation layouts, so that a
@@ -390,7 +378,7 @@ def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str
     paths = {fg.TRAINER_LR: str(run["dir"] / "locref.safetensors")}
     (run["dir"] / "diagnose").mkdir(exist_ok=True)
     for lr in rates:
-        with one_thread():  # as the run trains its own, so a rerun gives the same weights
+        with base.one_thread():  # as the run trains its own, so a rerun gives the same weights
             paths[lr] = paths.get(lr) or fg.cached_training(
                 run, f"locref_lr{lr:g}", f"diagnose/locref_lr{lr:g}", locref_trainer.main,
                 base_path, p["locref_steps"], p["locref_batch"],

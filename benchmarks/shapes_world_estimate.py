@@ -87,7 +87,7 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     est = {**run, "dir": work, "tensorboard": False}
-    threads, rate = torch.get_num_threads(), {"data": data_seconds}
+    rate = {"data": data_seconds}
     try:
         # the base: the run trains it on every core
         cfg = sw.world_config(run)
@@ -108,11 +108,9 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         base_path = str(work / "base.safetensors")
         save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
         # the two halves: one core each in the run, side by side
-        torch.set_num_threads(1)
-        with neighbour(run["comfyui"], run["unet_channels"]):
+        with base.one_thread(), neighbour(run["comfyui"], run["unet_channels"]):
             rate.update(half_rates(est, host, parts, cfg, data, latents, base_path, sw))
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
     return write_estimate(run, rate)
 

@@ -10,9 +10,10 @@ is frozen, and the pack's own trainers (LocRef, FG-DM) adapt it like SD-1.5.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,6 +28,20 @@ from .models import WorldConfig, set_latent_scale
 log = logging.getLogger(__name__)
 KL_WEIGHT = 1e-5  # keeps the latents near N(0, 1) without blurring flat colours
 WORLD_CAPTIONS = 8192  # captions kept encoded while training (2048 images have ~2.7k: 0.6 GB)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread inside, as many as before after (also when the block raises). The
+    world's run trains each half after the base on one core, and a model trained on another
+    thread count differs in its last bits, so whoever retrains one of those models to compare it
+    (the diagnose, the estimate) does it here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class LoopCheckpoints:
