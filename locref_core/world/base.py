@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..train.common import (DistEnv, Progress, list_checkpoints, load_checkpoint,
                             save_checkpoint)
@@ -42,6 +44,59 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's part of every batch when the base trains in `world` processes (the
+    world's run: two processes of one thread each, about 1.5 times the images per second of one
+    process on two threads). Every process draws the whole batch from the same generator and
+    computes rows `rows(batch)` of it; after each backward `average` all-reduces the gradients
+    and the logged losses over the processes (the default process group). Every loss here is a
+    mean over equal shares of the batch, so the average is the whole batch's loss and gradient:
+    the processes train on the batches one process would (the same draws, so the checkpoints
+    are one process's), and only the sums' rounding differs, as between thread counts. Only
+    rank 0 writes checkpoints and logs."""
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"Share(rank={self.rank}, world={self.world}): the rank must be in "
+                             f"0..world - 1")
+
+    def rows(self, batch: int) -> slice:
+        """This process's rows of a batch of `batch` (a multiple of `world`)."""
+        if batch % self.world:
+            raise ValueError(f"batch {batch} cannot be shared by {self.world} processes: use a "
+                             f"multiple of {self.world}")
+        n = batch // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    @property
+    def env(self) -> DistEnv:
+        return DistEnv(rank=self.rank, world_size=self.world)
+
+    def average(self, params: Iterable[torch.nn.Parameter], *values: torch.Tensor
+                ) -> list[float]:
+        """After backward: the gradients of `params` replaced by their mean over the processes
+        (one all-reduce); returns the mean of each scalar in `values`."""
+        if self.world == 1:
+            return [v.item() for v in values]
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads]
+                         + [torch.stack([v.detach().reshape(()) for v in values]).to(grads[0])])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return flat[offset:].tolist()
+
+
+ALONE = Share()
 
 
 class LoopCheckpoints:
@@ -92,7 +147,7 @@ class LoopCheckpoints:
 def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 16,
               lr: float = 1e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
               maps: torch.Tensor | None = None,
-              checkpoints: LoopCheckpoints | None = None) -> list[float]:
+              checkpoints: LoopCheckpoints | None = None, share: Share = ALONE) -> list[float]:
     """Fit the AutoencoderKL to images (N, 3, H, W) in [-1, 1] and, when given, maps (M, 3, H, W)
     in [-1, 1] (a quarter of every batch): L1 + MSE reconstruction of a sampled latent plus a
     small KL; `lr` for the first half, then decayed linearly to 0. Returns the per-step L1; the
@@ -105,21 +160,25 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
     constant lr it reached 0.84 at 1000 steps and 0.85 at 1500. With the decay, 0.92 at step
     1250 of 1500. All on the same data and seed, images only in the batches.
 
-    `checkpoints`: continue from (and write) checkpoints of this loop."""
+    `checkpoints`: continue from (and write, on rank 0) checkpoints of this loop. `share`: this
+    process's part of each batch when several train it together."""
     ae = parts.vae.first_stage_model
     ae.requires_grad_(True).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     losses = checkpoints.resume(ae, opt, g) if checkpoints else []
-    progress = Progress(DistEnv(), steps, len(losses), every=max(1, steps // 20))
+    progress = Progress(share.env, steps, len(losses), every=max(1, steps // 20))
     n_maps = 0 if maps is None else batch // 4
+    rows = share.rows(batch)
     for step in range(len(losses), steps):
         x = images[torch.randint(0, len(images), (batch - n_maps,), generator=g)]
         if n_maps:
             x = torch.cat([x, maps[torch.randint(0, len(maps), (n_maps,), generator=g)]])
+        x = x[rows]
         mean, logvar = ae.quant_conv(ae.encoder(x)).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
-        z = mean + torch.randn(mean.shape, generator=g) * (0.5 * logvar).exp()
+        noise = torch.randn((batch, *mean.shape[1:]), generator=g)[rows]  # the whole batch's
+        z = mean + noise * (0.5 * logvar).exp()
         error = ae.decode(z) - x
         l1 = error.abs().mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
@@ -127,10 +186,11 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
             group["lr"] = lr * min(1.0, 2.0 * (1.0 - step / steps))
         opt.zero_grad(set_to_none=True)
         (l1 + error.square().mean() + KL_WEIGHT * kl).backward()
+        l1_mean, kl_mean = share.average(ae.parameters(), l1, kl)
         opt.step()
-        losses.append(l1.item())
-        progress.update(step, losses[-1], kl=kl.item())
-        if checkpoints:
+        losses.append(l1_mean)
+        progress.update(step, losses[-1], kl=kl_mean)
+        if checkpoints and share.rank == 0:
             checkpoints.after(step + 1, ae, opt, g, losses, total=steps)
         if on_step:
             on_step(step, losses[-1])
@@ -206,12 +266,13 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
                captions: Sequence[Sequence[str]], steps: int, batch: int = 32,
                lr: float = 3e-4, null_prob: float = 0.1, seed: int = 0,
                on_step: Callable[[int, float], None] | None = None, ema: float = 0.999,
-               checkpoints: LoopCheckpoints | None = None) -> list[float]:
+               checkpoints: LoopCheckpoints | None = None, share: Share = ALONE) -> list[float]:
     """Text-to-image training of the UNet on unscaled VAE latents (N, 4, h, w) and each image's
     captions: epsilon MSE at uniform DDPM timesteps through the host's own sampling maths, a
     random caption of the image, the empty caption for `null_prob` of the rows (CFG), random
     horizontal flips. The UNet ends with its weights' EMA (`ema` 0: the last step's), frozen.
-    `checkpoints`: continue from (and write) checkpoints of this loop."""
+    `checkpoints`: continue from (and write, on rank 0) checkpoints of this loop. `share`: this
+    process's part of each batch when several train it together."""
     unet = parts.unet
     unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -219,26 +280,29 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
     g = torch.Generator().manual_seed(seed)
     losses = checkpoints.resume(unet, opt, g, average) if checkpoints else []
     process_in = parts.patcher.model.latent_format.process_in
-    progress = Progress(DistEnv(), steps, len(losses), every=max(1, steps // 20))
+    progress = Progress(share.env, steps, len(losses), every=max(1, steps // 20))
     texts = TextCache(WORLD_CAPTIONS)  # the world's captions, each encoded once
     ensure_loaded(host, parts)
+    rows = share.rows(batch)
     for step in range(len(losses), steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0 = process_in(latents[idx])
         flip = torch.rand(batch, generator=g) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        context = encode_text(parts.clip, pick_captions(captions, idx, null_prob, g), texts)
-        noise, x, sigma = noised(parts, x0, g)
+        texts_of_rows = pick_captions(captions, idx, null_prob, g)[rows]
+        noise, x, sigma = (t[rows] for t in noised(parts, x0, g))  # the whole batch's draws
+        context = encode_text(parts.clip, texts_of_rows, texts)
         error = (predict_eps(host, parts.patcher, x, sigma, context) - noise).square()
         loss = objective(host, parts, error, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        (value,) = share.average(unet.parameters(), loss)
         opt.step()
         if average:
             average.update()
-        losses.append(loss.item())
+        losses.append(value)
         progress.update(step, losses[-1])
-        if checkpoints:
+        if checkpoints and share.rank == 0:
             checkpoints.after(step + 1, unet, opt, g, losses, average, total=steps)
         if on_step:
             on_step(step, losses[-1])
