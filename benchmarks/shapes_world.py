@@ -20,9 +20,7 @@ preset, the seed and RECIPE_VERSION) and the run writes `table.md`, `table_fgdm.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
 import glob
 import importlib.util
 import json
@@ -31,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,10 +61,6 @@ log = logging.getLogger("shapes_world")
 # 2 = the VAE trains on L1 + MSE with its learning rate decayed over the second half.
 # (--prediction v: a base that predicts v, trained on v's MSE, cached in "...-v2-vpred".)
 RECIPE_VERSION = 2
-# The base trains in two processes of one thread each (base.Share: the same batches, about 1.5
-# times the images per second of one process on two threads on a 2-core Xeon)
-BASE_PROCESSES = 2
-RENDEZVOUS = "base_rendezvous"  # the file where the base's processes meet
 PRESETS = {  # what each stage does; the full preset is sized for ~90 minutes on 2 CPU cores
     "quick": {"train_images": 32, "heldout": 4, "vae_steps": 10, "unet_steps": 10,
               "locref_steps": 4, "locref_batch": 2, "factor_steps": 4, "factor_batch": 2,
@@ -167,91 +160,30 @@ def read_captions(paths: dict, n: int) -> list[list[str]]:
 
 
 def stage_base(run: dict, host, data: dict):
-    """The frozen base: VAE (images and maps), then the text-to-image UNet (cached), trained by
-    this process and a second one (`base_peer`), one thread each, each computing half of every
-    batch (`base.Share`)."""
+    """The frozen base: VAE (images and maps), then the text-to-image UNet (cached)."""
     path = run["dir"] / "base.safetensors"
     if path.is_file():
         log.info("base: cached %s", path)
         return (*load_world(host, str(path)), str(path))
-    (run["dir"] / RENDEZVOUS).unlink(missing_ok=True)
-    peer = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *peer_argv(run),
-                             "--base-peer"])
-    finished = False
-    try:
-        with base.one_thread(), joined(run, rank=0) as share:
-            parts, cfg = train_base(run, host, data, share)
-        finished = True
-    finally:
-        if not finished:  # stopped or failed here: the peer would wait for this process
-            peer.kill()
-        code = peer.wait()
-    if code != 0:
-        raise RuntimeError(f"the base's second process failed (exit code {code}); its log, "
-                           "prefixed base-peer, is above")
-    save_world(str(path), parts, cfg, {"preset": run["name"]})
-    shutil.rmtree(run["dir"] / "base_ckpt", ignore_errors=True)  # base.safetensors holds it all
-    return parts, cfg, str(path)
-
-
-def train_base(run: dict, host, data: dict, share: base.Share):
-    """Both base processes' training: the VAE, its latent scale, the UNet (rank 0 logs, writes
-    the curves and the checkpoints). Returns the trained parts and their config."""
-    p, main_rank = run["preset"], share.rank == 0
-    tb = TrainLog(run["env"], run["tb_args"], "base") if main_rank else None
+    p, tb = run["preset"], TrainLog(run["env"], run["tb_args"], "base")
     images, maps = data["train_images"], data["train_maps"]
     cfg = world_config(run)
     parts = build_world(host, cfg)
-    if main_rank:
-        log.info("base: VAE, %d steps on %d images and their maps (%d processes)",
-                 p["vae_steps"], len(images), share.world)
+    log.info("base: VAE, %d steps on %d images and their maps", p["vae_steps"], len(images))
     base.train_vae(parts, images, p["vae_steps"], seed=run["seed"], maps=maps,
-                   on_step=(lambda s, v: tb.scalars(s + 1, {"vae_l1": v})) if tb else None,
-                   checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/vae", p["vae_steps"]),
-                   share=share)
+                   on_step=lambda s, v: tb.scalars(s + 1, {"vae_l1": v}),
+                   checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/vae", p["vae_steps"]))
     latents = base.encode_latents(parts, images)
     cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
-    if main_rank:
-        log.info("base: UNet, %d steps", p["unet_steps"])
-    base.train_unet(host, parts, latents, data["train_captions"], p["unet_steps"],
-                    seed=run["seed"],
-                    on_step=(lambda s, v: tb.scalars(s + 1, {"unet_loss": v})) if tb else None,
-                    checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/unet", p["unet_steps"]),
-                    share=share)
-    if tb:
-        tb.close()
-    return parts, cfg
-
-
-def peer_argv(run: dict) -> list[str]:
-    """The flags that make the same run (the same cache folder) in another process."""
-    argv = ["--comfyui", run["comfyui"], "--cache", str(run["dir"].parent), "--seed",
-            str(run["seed"]), "--prediction", run["prediction"], "--unet-channels",
-            str(run["unet_channels"])]
-    return [*argv, "--quick"] if run["name"] == "quick" else argv
-
-
-@contextlib.contextmanager
-def joined(run: dict, rank: int) -> Iterator[base.Share]:
-    """The base's process group (gloo, met through a file in the run's folder), as `rank`."""
-    torch.distributed.init_process_group(
-        "gloo", init_method=(run["dir"] / RENDEZVOUS).as_uri(), rank=rank,
-        world_size=BASE_PROCESSES, timeout=datetime.timedelta(minutes=10))
-    try:
-        yield base.Share(rank, BASE_PROCESSES)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def base_peer(argv: list[str]) -> None:
-    """The base's second process (rank 1, one thread): trains its half of every batch, keeps
-    nothing (rank 0 saves the base)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s base-peer %(message)s")
-    torch.set_num_threads(1)
-    run = make_run(parse_args(argv))
-    host, data = start(run)
-    with joined(run, rank=1) as share:
-        train_base(run, host, data, share)
+    captions = data["train_captions"]
+    log.info("base: UNet, %d steps", p["unet_steps"])
+    base.train_unet(host, parts, latents, captions, p["unet_steps"], seed=run["seed"],
+                    on_step=lambda s, v: tb.scalars(s + 1, {"unet_loss": v}),
+                    checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/unet", p["unet_steps"]))
+    tb.close()
+    save_world(str(path), parts, cfg, {"preset": run["name"]})
+    shutil.rmtree(run["dir"] / "base_ckpt", ignore_errors=True)  # base.safetensors holds it all
+    return parts, cfg, str(path)
 
 
 def stage_locref(run: dict, data: dict, base_path: str) -> str:
@@ -488,9 +420,8 @@ def wait_for_fgdm_models(run: dict, branch: subprocess.Popen, host, parts):
 
 
 def main(argv=None) -> dict:
-    """Data here; the base here and in a second process, one core each; then the LocRef half here
-    and the FG-DM half in a second process, one core each (thread and process counts are fixed,
-    so a rerun reproduces every number)."""
+    """Data and base here (all cores); then the LocRef half here and the FG-DM half in a second
+    process, one core each (thread counts are fixed, so a rerun reproduces every number)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -504,7 +435,7 @@ def main(argv=None) -> dict:
 
         stages = SimpleNamespace(stage_locref=stage_locref, configurations=configurations,
                                  generate=generate, load_pack=load_pack,
-                                 world_config=world_config, base_processes=BASE_PROCESSES)
+                                 world_config=world_config)
         return {"estimate": estimate(run, host, data, stages,
                                      data_seconds=time.perf_counter() - t0),
                 "dir": str(run["dir"])}
@@ -562,7 +493,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     if "--fgdm-branch" in sys.argv:
         fgdm_branch([a for a in sys.argv[1:] if a != "--fgdm-branch"])
-    elif "--base-peer" in sys.argv:
-        base_peer([a for a in sys.argv[1:] if a != "--base-peer"])
     else:
         main()

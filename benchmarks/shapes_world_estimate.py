@@ -10,19 +10,17 @@ training step at batch 32: 0.56 to 0.64 s on one kind of virtual machine, about 
 another), so whether the full preset fits a time budget is a property of the machine, and it can
 be known in a few minutes instead of hours.
 
-After the data, the run works in two processes of one core each (the base's two shares of every
-batch, then the two halves side by side), which may slow each other (memory bandwidth, caches):
-every stage is timed here on one thread while a neighbour process trains the world's UNet on
-the other core, so that is counted. What it leaves out: the base's gradient all-reduce between
-its two processes, the UNet is timed on a few images' captions, already encoded (in the run,
-each caption's first use encodes it once, well under a minute in all), and the grid.
+The two halves after the base run side by side on one core each, and may slow each other
+(memory bandwidth, caches): their stages are timed here while a neighbour process trains the
+world's UNet on the other core, so that is counted. What it leaves out: the UNet is timed on a
+few images' captions, already encoded (in the run, each caption's first use encodes it once,
+well under a minute in all), and the grid.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import logging
 import shutil
@@ -46,8 +44,6 @@ from locref_core.world.models import WorldConfig, build_world, save_world  # noq
 log = logging.getLogger("shapes_world")
 STEPS = 6  # steps timed per trainer, after WARMUP (the first steps allocate)
 WARMUP = 2
-VAE_BATCH = inspect.signature(base.train_vae).parameters["batch"].default  # the run's batches
-UNET_BATCH = inspect.signature(base.train_unet).parameters["batch"].default
 
 
 class StepClock:
@@ -93,29 +89,26 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
     est = {**run, "dir": work, "tensorboard": False}
     rate = {"data": data_seconds}
     try:
-        # everything on one thread beside a neighbour on the other core, as in the run: the
-        # base's processes each compute 1 / sw.base_processes of every batch (their gradients'
-        # all-reduce is not timed), then the two halves
+        # the base: the run trains it on every core
+        cfg = sw.world_config(run)
+        parts = build_world(host, cfg)
+        images = data["train_images"]
+        clock = StepClock()
+        base.train_vae(parts, images, WARMUP + STEPS, seed=run["seed"], maps=data["train_maps"],
+                       on_step=clock)
+        rate["VAE step"] = clock.seconds
+        t = time.perf_counter()
+        latents = base.encode_latents(parts, images)
+        rate["latents"] = time.perf_counter() - t
+        cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
+        clock, few = StepClock(), data["train_captions"][:4]
+        base.train_unet(host, parts, latents, [few[i % len(few)] for i in range(len(latents))],
+                        WARMUP + STEPS, seed=run["seed"], on_step=clock)
+        rate["UNet step"] = clock.seconds
+        base_path = str(work / "base.safetensors")
+        save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
+        # the two halves: one core each in the run, side by side
         with base.one_thread(), neighbour(run["comfyui"], run["unet_channels"]):
-            cfg = sw.world_config(run)
-            parts = build_world(host, cfg)
-            images = data["train_images"]
-            clock = StepClock()
-            base.train_vae(parts, images, WARMUP + STEPS, batch=VAE_BATCH // sw.base_processes,
-                           seed=run["seed"], maps=data["train_maps"], on_step=clock)
-            rate["VAE step"] = clock.seconds
-            t = time.perf_counter()
-            latents = base.encode_latents(parts, images)
-            rate["latents"] = time.perf_counter() - t
-            cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
-            clock, few = StepClock(), data["train_captions"][:4]
-            base.train_unet(host, parts, latents,
-                            [few[i % len(few)] for i in range(len(latents))], WARMUP + STEPS,
-                            batch=UNET_BATCH // sw.base_processes, seed=run["seed"],
-                            on_step=clock)
-            rate["UNet step"] = clock.seconds
-            base_path = str(work / "base.safetensors")
-            save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
             rate.update(half_rates(est, host, parts, cfg, data, latents, base_path, sw))
     finally:
         shutil.rmtree(work, ignore_errors=True)
