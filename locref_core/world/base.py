@@ -48,15 +48,19 @@ def one_thread() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Share:
-    """This process's part of every batch when the base trains in `world` processes (the
-    world's run: two processes of one thread each, about 1.5 times the images per second of one
-    process on two threads). Every process draws the whole batch from the same generator and
+    """This process's part of every batch when the base trains in `world` processes. Every
+    process draws the whole batch from the same generator and
     computes rows `rows(batch)` of it; after each backward `average` all-reduces the gradients
     and the logged losses over the processes (the default process group). Every loss here is a
     mean over equal shares of the batch, so the average is the whole batch's loss and gradient:
     the processes train on the batches one process would (the same draws, so the checkpoints
     are one process's), and only the sums' rounding differs, as between thread counts. Only
-    rank 0 writes checkpoints and logs."""
+    rank 0 writes checkpoints and logs.
+
+    The world's run does not use it: on a 2-core Xeon, two one-thread processes trained the
+    32-channel UNet at 0.93 times and the VAE at 1.02 times the speed of one process on two
+    threads (`benchmarks/base_processes.py`; the gradients' all-reduce eats what the second
+    process gains). It is there for machines where that benchmark says otherwise."""
 
     rank: int = 0
     world: int = 1

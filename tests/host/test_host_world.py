@@ -198,8 +198,8 @@ def test_a_stopped_base_continues_from_its_checkpoints_to_the_same_weights(host,
 
 def _train_shared(rank: int, world: int, comfyui: str, store: str, images: torch.Tensor,
                   captions: list, out: str) -> None:
-    """One of `world` processes training a base together (base.Share), as the world's run
-    trains its base; each saves its weights and losses to `out` + its rank."""
+    """One of `world` processes training a base together (base.Share); each saves its weights
+    and losses to `out` + its rank."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -221,9 +221,10 @@ def _train_shared(rank: int, world: int, comfyui: str, store: str, images: torch
 
 
 def test_two_processes_train_the_batches_one_process_trains(host, data, tmp_path):
-    """The world's run trains its base in two processes, each computing half of every batch:
-    they end with the same weights as each other, and with one process's weights and losses up
-    to the sums' rounding (a process computing the wrong rows would see other images)."""
+    """Two processes training the base together (base.Share, each computing half of every
+    batch, as benchmarks/base_processes.py times them) end with the same weights as each other,
+    and with one process's weights and losses up to the sums' rounding (a process computing the
+    wrong rows would see other images)."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -252,3 +253,18 @@ def test_two_processes_train_the_batches_one_process_trains(host, data, tmp_path
         base.Share(1, 2).rows(5)
     with pytest.raises(ValueError, match="the rank must be in 0..world - 1"):
         base.Share(2, 2)
+
+
+def test_base_processes_benchmark_times_both_sides():
+    """benchmarks/base_processes.py: one process on two threads against two sharing processes,
+    each a fresh process (or two) that trains; a timing per round and side, and their ratio."""
+    from harness_env import load_benchmark
+
+    bench = load_benchmark("base_processes")
+    out = bench.main(["--comfyui", str(comfyui_path()), "--stage", "vae", "--steps", "3",
+                      "--warmup", "1", "--rounds", "1"])
+    assert [len(v) for v in out["times"].values()] == [1, 1]
+    one, two = (v[0] for v in out["times"].values())
+    assert one > 0 and two > 0 and out["ratio"] == pytest.approx(one / two)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--comfyui", "x", "--steps", "2", "--warmup", "1"])
