@@ -38,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--comfyui", required=True, help="ComfyUI checkout (its classes are used)")
     p.add_argument("--stage", choices=sorted(BATCH), default="unet", help="what is trained")
     p.add_argument("--unet-channels", type=int, default=32, help="width of the world's UNet")
-    p.add_argument("--steps", type=int, default=24, help="training steps per measurement")
-    p.add_argument("--warmup", type=int, default=4, help="first steps not timed")
+    p.add_argument("--steps", type=int, default=40, help="training steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="first steps not timed")
     p.add_argument("--rounds", type=int, default=3, help="measurements of each side")
     args = p.parse_args(argv)
     if args.steps < args.warmup + 2 or args.warmup < 1 or args.rounds < 1:
