@@ -3,7 +3,7 @@
 one line. A question can be asked as soon as the models it reads are saved.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
-        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--skip-basics]
+        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?).
@@ -23,6 +23,9 @@ one line. A question can be asked as soon as the models it reads are saved.
 The five lines above always run (about 12 minutes on the full preset) unless `--skip-basics`
 asks for only the lines of the questions below.
 
+- --drawing (with --skip-basics): only the one-object and sdedit lines, which read nothing but
+  the base, so they can be asked as soon as the base is saved, while both halves still train
+  (does a new base, for example a wider one, draw what it is told?).
 - --placement (a few minutes): the base's and the LocRef adapter's images on the held-out
   layouts, their AP50 with the labels as in the table (colour + shape), by colour alone, by
   shape alone and with no label (is it the box or the shape that misses?), and their appearance
@@ -98,10 +101,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
+    p.add_argument("--drawing", action="store_true", help="with --skip-basics: also the "
+                   "one-object and sdedit lines, which need only the base")
     args = p.parse_args(argv)
+    if args.drawing and not args.skip_basics:
+        p.error("--drawing is a part of the basics, which run anyway: add --skip-basics to ask "
+                "only --drawing (and the other questions given)")
     if args.skip_basics and not (args.placement or args.samplers or args.adapter_lr
-                                 or args.longer):
-        p.error("--skip-basics leaves nothing to do: add --placement, --samplers, "
+                                 or args.longer or args.drawing):
+        p.error("--skip-basics leaves nothing to do: add --drawing, --placement, --samplers, "
                 "--adapter-lr LR or --longer")
     return args
 
@@ -425,7 +433,8 @@ def longer_controlnet(run, host, parts, cfg) -> str:
 def missing_models(run: dict, args: argparse.Namespace) -> list[str]:
     """The run's model files that the questions asked need and its cache lacks: the base always,
     the seg ControlNet for the basics and --longer, the LocRef adapter for --placement,
-    --adapter-lr and --longer (so a question can be asked while the run's other half trains)."""
+    --adapter-lr and --longer (so a question can be asked while the run's other half trains;
+    --drawing and --samplers read only the base)."""
     needed = ["base.safetensors"]
     if args.placement or args.adapter_lr or args.longer:
         needed.append("locref.safetensors")
@@ -451,6 +460,8 @@ def main(argv=None) -> list[str]:
     lines = [] if args.skip_basics else [
         vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts),
         one_object(run, host, parts, cfg), sdedit(run, host, parts)]
+    if args.drawing:  # only with --skip-basics: the basics' two lines that read the base alone
+        lines += [one_object(run, host, parts, cfg), sdedit(run, host, parts)]
     if args.placement:
         lines += placement(run, host, parts, cfg)
     if args.samplers:

@@ -88,6 +88,10 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--drawing"]).drawing
+    with pytest.raises(SystemExit):  # the basics hold the drawing lines already
+        diagnose.parse_args(["--comfyui", "x", "--drawing"])
+    assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
 
 
 def test_diagnose_interval_text(diagnose):
@@ -108,6 +112,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     folder.mkdir(exist_ok=True)  # make_run makes it
     (folder / "base.safetensors").touch()
     assert missing("--skip-basics", "--samplers") == []
+    assert missing("--skip-basics", "--drawing") == []  # the base alone
     assert missing("--skip-basics", "--adapter-lr", "3e-4") == ["locref.safetensors"]
     (folder / "locref.safetensors").touch()
     assert missing("--skip-basics", "--adapter-lr", "3e-4", "--placement") == []

@@ -122,6 +122,10 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
     assert (out / "seg_controlnet_longer.safetensors").is_file()
     # only the question asked, from the cache: the same line, none of the five basics
     assert diagnose.main([*argv, "--skip-basics", "--adapter-lr", "3e-4"]) == [lines[8]]
+    # the drawing lines need only the base: asked without the LocRef adapter or the ControlNet
+    for name in ("locref.safetensors", "seg_controlnet.safetensors"):
+        (tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / name).unlink()
+    assert diagnose.main([*argv, "--skip-basics", "--drawing"]) == lines[3:5]
 
 
 def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
