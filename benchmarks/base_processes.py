@@ -15,6 +15,7 @@ alternate for `--rounds` rounds and the medians are compared.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import statistics
 import subprocess
@@ -28,8 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from locref_core.world import base  # noqa: E402
+
 log = logging.getLogger("base_processes")
-BATCH = {"unet": 32, "vae": 16}  # the run's (base.train_unet / base.train_vae defaults)
+BATCH = {stage: inspect.signature(train).parameters["batch"].default  # the run's batches
+         for stage, train in (("unet", base.train_unet), ("vae", base.train_vae))}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +59,6 @@ def worker(comfyui: str, stage: str, channels: int, steps: int, warmup: int, ran
     import torch.distributed as dist
 
     from locref_core.train.host import load_host
-    from locref_core.world import base
     from locref_core.world.models import WorldConfig, build_world
 
     torch.set_num_threads(2 if world == 1 else 1)

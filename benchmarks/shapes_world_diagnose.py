@@ -458,9 +458,8 @@ def main(argv=None) -> list[str]:
     host, data = sw.start(run)
     parts, cfg, base_path = sw.stage_base(run, host, data)
     lines = [] if args.skip_basics else [
-        vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts),
-        one_object(run, host, parts, cfg), sdedit(run, host, parts)]
-    if args.drawing:  # only with --skip-basics: the basics' two lines that read the base alone
+        vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts)]
+    if not args.skip_basics or args.drawing:  # the basics' two lines that read the base alone
         lines += [one_object(run, host, parts, cfg), sdedit(run, host, parts)]
     if args.placement:
         lines += placement(run, host, parts, cfg)

@@ -55,7 +55,9 @@ class Share:
     mean over equal shares of the batch, so the average is the whole batch's loss and gradient:
     the processes train on the batches one process would (the same draws, so the checkpoints
     are one process's), and only the sums' rounding differs, as between thread counts. Only
-    rank 0 writes checkpoints and logs.
+    rank 0 writes checkpoints and logs. (Not the trainers' `wrap_ddp`: DDP hooks a module's
+    forward, and these loops call the host's sampling maths and the VAE's encoder and decoder,
+    not the modules themselves.)
 
     The world's run does not use it: on a 2-core Xeon, two one-thread processes trained the
     32-channel UNet at 0.93 times and the VAE at 1.02 times the speed of one process on two
