@@ -15,11 +15,14 @@ one line. A question can be asked as soon as the models it reads are saved.
   read its map?).
 - one-object: the base, caption only, one held-out object per caption ("a red square"), each
   image's detections: how often it holds the named colour and shape, the shape, the colour, and
-  which shape the detector reads for each one asked (does the base draw what it is told?).
+  which shape the detector reads for each one asked, and the squares read as squares split by
+  the side drawn, under or over half-way between the world's smallest and largest box (does the
+  base draw what it is told? are only its small squares lost?).
 - sdedit: the held-out images encoded, noised part of the way (denoise 0.2, 0.6, 1.0 of the
   sampler's 20 steps) and denoised by the base with their own caption at CFG 1 and at the
-  benchmark's guidance: recall, and what the detector reads for each shape (from which noise
-  level on does the base lose a shape it was given?).
+  benchmark's guidance: recall, what the detector reads for each shape, and the squares kept
+  split by their side as given (from which noise level on does the base lose a shape it was
+  given?).
 The five lines above always run (about 12 minutes on the full preset) unless `--skip-basics`
 asks for only the lines of the questions below.
 
@@ -213,9 +216,30 @@ def by_shape_asked(read: Counter) -> str:
                                          if read[(s, r)]) for s in SHAPES)
 
 
+# The world's images are 64 px and its boxes 12..25 px a side (size // 5 .. 2 * size // 5):
+# objects below the half-way side, 18.5 px, count as small.
+SMALL_SIDE = 18.5 / 64
+
+
+def side_class(box) -> str:
+    """ "small" or "large": a normalised xyxy box's longer side against SMALL_SIDE."""
+    return "small" if max(box[2] - box[0], box[3] - box[1]) < SMALL_SIDE else "large"
+
+
+def squares_by_side(read: Counter) -> str:
+    """ "squares read as squares by side: small 3 of 20, large 5 of 31" from counts of
+    ("square", side class, shape read)."""
+    cells = [f"{side} {read[('square', side, 'square')]} of "
+             f"{sum(n for k, n in read.items() if k[:2] == ('square', side))}"
+             for side in ("small", "large")]
+    return (f"squares read as squares by side (small: under {SMALL_SIDE * 64:g} of 64 px): "
+            + ", ".join(cells))
+
+
 def one_object_tally(images, objects) -> Counter:
     """Per image of one (colour, shape) object: how many hold it ("both"), its shape, its
-    colour, and (shape asked, shape read in the named colour) pairs."""
+    colour, (shape asked, shape read in the named colour) pairs, and (shape asked, side class
+    of the named colour's best detection, shape read) triples where that colour is found."""
     tally: Counter = Counter()
     for image, (c, s) in zip(images, objects):
         found = detect_shapes(image)
@@ -223,6 +247,9 @@ def one_object_tally(images, objects) -> Counter:
         tally["shape"] += any(d.shape == s for d in found)
         tally["colour"] += any(d.colour == c for d in found)
         tally[(s, shape_read(found, c))] += 1
+        same = [d for d in found if d.colour == c]  # best score first
+        if same:
+            tally[(s, side_class(same[0].box), same[0].shape)] += 1
     return tally
 
 
@@ -236,7 +263,8 @@ def one_object(run, host, parts, cfg) -> str:
     t, n = one_object_tally(images, objects), len(objects)
     return (f"one-object: base, caption only, {n} captions of one held-out object: colour + "
             f"shape {t['both'] / n:.3f}, shape {t['shape'] / n:.3f}, colour {t['colour'] / n:.3f};"
-            f" what the detector reads in the named colour, by shape asked: {by_shape_asked(t)}")
+            f" what the detector reads in the named colour, by shape asked: {by_shape_asked(t)};"
+            f" {squares_by_side(t)} (the side drawn)")
 
 
 @torch.no_grad()
@@ -258,11 +286,13 @@ def sdedit(run, host, parts) -> str:
                     positive[i], negative, latents[i:i + 1],
                     denoise=denoise, disable_pbar=True, seed=seed)
                 found = detect_shapes(parts.vae.decode(latent).movedim(-1, 1)[0])
-                for c, s in item.objects:
+                for (c, s), box in zip(item.objects, item.boxes):
                     read[(s, shape_read(found, c))] += 1
+                    read[(s, side_class(box), shape_read(found, c))] += 1
                     read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
             cells.append(f"CFG {guidance:g}, denoise {denoise:g}: recall "
-                         f"{read['recalled'] / n:.3f} ({by_shape_asked(read)})")
+                         f"{read['recalled'] / n:.3f} ({by_shape_asked(read)}; "
+                         f"{squares_by_side(read)})")
     return ("sdedit: the held-out images noised part way and denoised with their caption, what "
             "the detector reads in each object's colour: " + " | ".join(cells))
 

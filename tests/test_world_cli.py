@@ -120,3 +120,24 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--adapter-lr", "3e-4") == ["seg_controlnet.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()
     assert missing("--longer") == []
+
+
+def test_diagnose_counts_squares_by_the_side_drawn(diagnose):
+    from test_eval_shapes import draw
+
+    # two small squares (12 px; one painted as a disc), one large (24 px), a large disc, and a
+    # square asked for in a colour the image lacks (counted as "nothing", with no side)
+    images = [draw([("square", "red", 10, 10, 12)]), draw([("disc", "red", 10, 10, 12)]),
+              draw([("square", "blue", 20, 20, 24)]), draw([("disc", "green", 5, 5, 24)]),
+              draw([("square", "red", 10, 10, 12)])]
+    objects = [("red", "square"), ("red", "square"), ("blue", "square"), ("green", "disc"),
+               ("blue", "square")]
+    tally = diagnose.one_object_tally(images, objects)
+    assert tally["both"] == 3
+    assert tally[("square", "small", "square")] == 1 and tally[("square", "small", "disc")] == 1
+    assert tally[("square", "large", "square")] == 1 and tally[("disc", "large", "disc")] == 1
+    assert tally[("square", "nothing")] == 1
+    text = diagnose.squares_by_side(tally)
+    assert text.endswith("small 1 of 2, large 1 of 1")
+    assert diagnose.side_class((0.1, 0.1, 0.1 + 18 / 64, 0.3)) == "small"
+    assert diagnose.side_class((0.1, 0.1, 0.3, 0.1 + 19 / 64)) == "large"
