@@ -93,6 +93,11 @@ def test_single_process_fallback_and_step_generators(monkeypatch):
     env = init_distributed("cpu")
     assert (env.rank, env.world_size, env.is_main, env.distributed) == (0, 1, True, False)
     Progress(env, total=2, every=1).update(0, 1.0, kl=0.5)  # logs, no process group needed
+    # losses a caller already averaged over ranks are not reduced again (no process group here:
+    # an all-reduce would raise)
+    Progress(DistEnv(rank=1, world_size=2), total=2, every=1, averaged=True).update(0, 1.0)
+    with pytest.raises(ValueError, match="process group"):
+        Progress(DistEnv(rank=1, world_size=2), total=2, every=1).update(0, 1.0)
     draw = [torch.rand(2, generator=step_generator(0, s, r)) for s, r in [(5, 0), (5, 1), (6, 0)]]
     assert torch.equal(draw[0], torch.rand(2, generator=step_generator(0, 5, 0)))
     assert not torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])

@@ -145,22 +145,27 @@ def sharded_batches(dataset: Dataset, batch_size: int, env: DistEnv, seed: int,
 
 
 class Progress:
-    """Rank-0 progress lines: step, loss (this step and running mean), steps/s, ETA."""
+    """Rank-0 progress lines: step, loss (this step and running mean), steps/s, ETA.
+    `averaged`: the losses handed in are already the mean over the ranks (the caller
+    all-reduced them), so the running mean is not reduced again."""
 
-    def __init__(self, env: DistEnv, total: int, start: int = 0, every: int = 10):
+    def __init__(self, env: DistEnv, total: int, start: int = 0, every: int = 10,
+                 averaged: bool = False):
         self.env, self.total, self.every = env, total, max(1, every)
+        self.averaged = averaged
         self.start_step, self.t0 = start, time.perf_counter()
         self.window: list[float] = []
 
     def update(self, step: int, loss: float, **extra: float) -> None:
-        """Call on every rank after each step (the logged loss is averaged over ranks)."""
+        """Call on every rank after each step (the logged loss is averaged over ranks unless
+        it already is)."""
         self.window.append(loss)
         done = step + 1
         if done % self.every and done != self.total:
             return
         mean = torch.tensor([sum(self.window) / len(self.window)], dtype=torch.float64,
                             device=self.env.device)  # nccl reduces device tensors only
-        if self.env.distributed:
+        if self.env.distributed and not self.averaged:
             dist.all_reduce(mean)
             mean /= self.env.world_size
         self.window = []

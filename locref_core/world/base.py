@@ -173,7 +173,8 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     losses = checkpoints.resume(ae, opt, g) if checkpoints else []
-    progress = Progress(share.env, steps, len(losses), every=max(1, steps // 20))
+    progress = Progress(share.env, steps, len(losses), every=max(1, steps // 20),
+                        averaged=True)  # share.average returns the losses' mean
     n_maps = 0 if maps is None else batch // 4
     rows = share.rows(batch)
     for step in range(len(losses), steps):
@@ -286,7 +287,8 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
     g = torch.Generator().manual_seed(seed)
     losses = checkpoints.resume(unet, opt, g, average) if checkpoints else []
     process_in = parts.patcher.model.latent_format.process_in
-    progress = Progress(share.env, steps, len(losses), every=max(1, steps // 20))
+    progress = Progress(share.env, steps, len(losses), every=max(1, steps // 20),
+                        averaged=True)  # share.average returns the losses' mean
     texts = TextCache(WORLD_CAPTIONS)  # the world's captions, each encoded once
     ensure_loaded(host, parts)
     rows = share.rows(batch)
