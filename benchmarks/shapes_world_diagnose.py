@@ -204,10 +204,15 @@ def relabelled(scores: list[dict], how) -> list[dict]:
                      for k in ("truth", "detections")}} for s in scores]
 
 
+def best_in(found, colour: str):
+    """The best-scored detection in `colour`, or None."""
+    return next((d for d in found if d.colour == colour), None)  # best score first
+
+
 def shape_read(found, colour: str) -> str:
     """The shape of the best-scored detection in `colour`, or "nothing"."""
-    same = [d.shape for d in found if d.colour == colour]  # best score first
-    return same[0] if same else "nothing"
+    best = best_in(found, colour)
+    return best.shape if best else "nothing"
 
 
 def by_shape_asked(read: Counter) -> str:
@@ -247,9 +252,9 @@ def one_object_tally(images, objects) -> Counter:
         tally["shape"] += any(d.shape == s for d in found)
         tally["colour"] += any(d.colour == c for d in found)
         tally[(s, shape_read(found, c))] += 1
-        same = [d for d in found if d.colour == c]  # best score first
-        if same:
-            tally[(s, side_class(same[0].box), same[0].shape)] += 1
+        best = best_in(found, c)
+        if best:
+            tally[(s, side_class(best.box), best.shape)] += 1
     return tally
 
 
@@ -287,8 +292,9 @@ def sdedit(run, host, parts) -> str:
                     denoise=denoise, disable_pbar=True, seed=seed)
                 found = detect_shapes(parts.vae.decode(latent).movedim(-1, 1)[0])
                 for (c, s), box in zip(item.objects, item.boxes):
-                    read[(s, shape_read(found, c))] += 1
-                    read[(s, side_class(box), shape_read(found, c))] += 1
+                    shape = shape_read(found, c)
+                    read[(s, shape)] += 1
+                    read[(s, side_class(box), shape)] += 1
                     read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
             cells.append(f"CFG {guidance:g}, denoise {denoise:g}: recall "
                          f"{read['recalled'] / n:.3f} ({by_shape_asked(read)}; "
