@@ -188,9 +188,8 @@ def test_a_stopped_base_continues_from_its_checkpoints_to_the_same_weights(host,
     latents = base.encode_latents(third, images)
     assert base.train_unet(host, third, latents, captions, 5, 4,
                            checkpoints=ckpt("unet", 5)) == unet_losses
-    for name in ("unet", "vae"):
-        parts = lambda p: p.unet if name == "unet" else p.vae.first_stage_model  # noqa: E731
-        assert weights_digest(parts(third)) == weights_digest(parts(never)), name
+    for name, part in (("unet", lambda p: p.unet), ("vae", lambda p: p.vae.first_stage_model)):
+        assert weights_digest(part(third)) == weights_digest(part(never)), name
     with pytest.raises(ValueError, match=r"another run: delete .*unet to train this stage"):
         base.train_unet(host, build_world(host, WorldConfig()), latents, captions, 6, 4,
                         checkpoints=ckpt("unet", 6))
