@@ -55,6 +55,7 @@ import dataclasses
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from collections import Counter
@@ -262,6 +263,7 @@ def one_object_tally(images, objects) -> Counter:
 def one_object(run, host, parts, cfg) -> str:
     objects = [o for it in run["data"]["heldout"] for o in it.objects]
     texts = [phrase([o]) for o in objects]
+    log.info("one-object: drawing %d images, one object each", len(texts))
     images = base.sample_images(host, parts.patcher, parts, texts,
                                 [sample_seed(run["seed"], i) for i in range(len(texts))], cfg,
                                 steps=run["preset"]["sample_steps"], guidance=run["guidance"])
@@ -279,26 +281,28 @@ def sdedit(run, host, parts) -> str:
     negative = [[encode_text(parts.clip, [""]), {}]]
     positive = [[[encode_text(parts.clip, [item.caption]), {}]] for item in items]
     n, cells = sum(len(it.objects) for it in items), []
-    for guidance in (1.0, run["guidance"]):
-        for denoise in (0.2, 0.6, 1.0):
-            read: Counter = Counter()
-            for i, item in enumerate(items):
-                seed = sample_seed(run["seed"], i)
-                noise = torch.randn(latents[i:i + 1].shape,
-                                    generator=torch.Generator().manual_seed(seed))
-                latent = host.sample.sample(
-                    parts.patcher, noise, steps, guidance, "euler", "normal",
-                    positive[i], negative, latents[i:i + 1],
-                    denoise=denoise, disable_pbar=True, seed=seed)
-                found = detect_shapes(parts.vae.decode(latent).movedim(-1, 1)[0])
-                for (c, s), box in zip(item.objects, item.boxes):
-                    shape = shape_read(found, c)
-                    read[(s, shape)] += 1
-                    read[(s, side_class(box), shape)] += 1
-                    read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
-            cells.append(f"CFG {guidance:g}, denoise {denoise:g}: recall "
-                         f"{read['recalled'] / n:.3f} ({by_shape_asked(read)}; "
-                         f"{squares_by_side(read)})")
+    settings = [(g, d) for g in (1.0, run["guidance"]) for d in (0.2, 0.6, 1.0)]
+    for guidance, denoise in settings:
+        read: Counter = Counter()
+        for i, item in enumerate(items):
+            seed = sample_seed(run["seed"], i)
+            noise = torch.randn(latents[i:i + 1].shape,
+                                generator=torch.Generator().manual_seed(seed))
+            latent = host.sample.sample(
+                parts.patcher, noise, steps, guidance, "euler", "normal",
+                positive[i], negative, latents[i:i + 1],
+                denoise=denoise, disable_pbar=True, seed=seed)
+            found = detect_shapes(parts.vae.decode(latent).movedim(-1, 1)[0])
+            for (c, s), box in zip(item.objects, item.boxes):
+                shape = shape_read(found, c)
+                read[(s, shape)] += 1
+                read[(s, side_class(box), shape)] += 1
+                read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
+        cells.append(f"CFG {guidance:g}, denoise {denoise:g}: recall "
+                     f"{read['recalled'] / n:.3f} ({by_shape_asked(read)}; "
+                     f"{squares_by_side(read)})")
+        log.info("sdedit: %d of %d settings done (%s)", len(cells), len(settings),
+                 cells[-1].split(" (")[0])
     return ("sdedit: the held-out images noised part way and denoised with their caption, what "
             "the detector reads in each object's colour: " + " | ".join(cells))
 
@@ -493,21 +497,27 @@ def main(argv=None) -> list[str]:
                          "--seed first")
     host, data = sw.start(run)
     parts, cfg, base_path = sw.stage_base(run, host, data)
-    lines = [] if args.skip_basics else [
-        vae_noise(run, parts), probe(run, host), controlnet_eps(run, host, parts)]
+    asked = [] if args.skip_basics else [
+        lambda: [vae_noise(run, parts)], lambda: [probe(run, host)],
+        lambda: [controlnet_eps(run, host, parts)]]
     if not args.skip_basics or args.drawing:  # the basics' two lines that read the base alone
-        lines += [one_object(run, host, parts, cfg), sdedit(run, host, parts)]
+        asked += [lambda: [one_object(run, host, parts, cfg)], lambda: [sdedit(run, host, parts)]]
     if args.placement:
-        lines += placement(run, host, parts, cfg)
+        asked.append(lambda: placement(run, host, parts, cfg))
     if args.samplers:
-        lines.append(samplers(run, host, parts, cfg))
+        asked.append(lambda: [samplers(run, host, parts, cfg)])
     if args.adapter_lr:
-        lines.append(adapter_lr(run, host, parts, cfg, base_path, args.adapter_lr))
+        asked.append(lambda: [adapter_lr(run, host, parts, cfg, base_path, args.adapter_lr)])
     if args.longer:
-        lines += [longer_locref(run, host, parts, cfg, base_path),
-                  longer_controlnet(run, host, parts, cfg)]
-    for line in lines:
-        log.info("%s", line)
+        asked += [lambda: [longer_locref(run, host, parts, cfg, base_path)],
+                  lambda: [longer_controlnet(run, host, parts, cfg)]]
+    lines, t0 = [], time.perf_counter()
+    for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
+        for line in ask():
+            log.info("%s", line)
+            lines.append(line)
+        log.info("diagnose: %d of %d questions answered, %.1f min so far", n, len(asked),
+                 (time.perf_counter() - t0) / 60)
     return lines
 
 

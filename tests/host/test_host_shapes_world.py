@@ -85,7 +85,7 @@ class Stopped(Exception):
     """Stands for a run stopped part-way (Ctrl-C, the machine taken back)."""
 
 
-def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
+def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     diagnose = load_benchmark("shapes_world_diagnose")
     argv = ["--comfyui", str(comfyui_path()), "--quick", "--cache", str(tmp_path)]
     with pytest.raises(SystemExit, match="holds no finished run"):
@@ -125,7 +125,15 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path):
     # the drawing lines need only the base: asked without the LocRef adapter or the ControlNet
     for name in ("locref.safetensors", "seg_controlnet.safetensors"):
         (tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / name).unlink()
-    assert diagnose.main([*argv, "--skip-basics", "--drawing"]) == lines[3:5]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="shapes_world_diagnose"):
+        assert diagnose.main([*argv, "--skip-basics", "--drawing"]) == lines[3:5]
+    said = [r.getMessage() for r in caplog.records if r.name == "shapes_world_diagnose"]
+    one, two = (next(i for i, m in enumerate(said) if m.startswith(f"diagnose: {n} of 2 "))
+                for n in (1, 2))
+    # each line logged as soon as it is known, before the next question is asked
+    assert said.index(lines[3]) < one < said.index(lines[4]) < two
+    assert sum(m.startswith("sdedit: ") and "settings done" in m for m in said[one:two]) == 6
 
 
 def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
