@@ -298,11 +298,9 @@ def sdedit(run, host, parts) -> str:
                 read[(s, shape)] += 1
                 read[(s, side_class(box), shape)] += 1
                 read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
-        cells.append(f"CFG {guidance:g}, denoise {denoise:g}: recall "
-                     f"{read['recalled'] / n:.3f} ({by_shape_asked(read)}; "
-                     f"{squares_by_side(read)})")
-        log.info("sdedit: %d of %d settings done (%s)", len(cells), len(settings),
-                 cells[-1].split(" (")[0])
+        head = f"CFG {guidance:g}, denoise {denoise:g}: recall {read['recalled'] / n:.3f}"
+        cells.append(f"{head} ({by_shape_asked(read)}; {squares_by_side(read)})")
+        log.info("sdedit: %d of %d settings done (%s)", len(cells), len(settings), head)
     return ("sdedit: the held-out images noised part way and denoised with their caption, what "
             "the detector reads in each object's colour: " + " | ".join(cells))
 
