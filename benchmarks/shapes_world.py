@@ -14,7 +14,9 @@ and of the maps.
 
 Every stage caches its result under --cache (a rerun skips what is done; the cache key holds the
 preset, the seed and RECIPE_VERSION) and the run writes `table.md`, `table_fgdm.md`, `grid.png`,
-`timings.json` (minutes per stage that ran) and TensorBoard event files there.
+`timings.json` (minutes per stage that ran) and TensorBoard event files there. A run stopped
+part-way (Ctrl-C, the machine taken back) continues from its training checkpoints and keeps the
+images it had drawn until its tables are written.
 """
 
 from __future__ import annotations
@@ -261,6 +263,36 @@ def generate(run, host, parts, cfg, configs, items=None) -> dict[str, list[torch
     return images
 
 
+def locref_images(run, host, parts, cfg, configs) -> tuple[dict[str, list[torch.Tensor]], bool]:
+    """Every configuration's images and whether they were kept: read back from
+    `locref_images.safetensors` where a run stopped after drawing them left it (the run removes
+    it once its tables are written), else drawn and saved there (renamed into place once whole).
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = run["dir"] / "locref_images.safetensors"
+    if path.is_file():
+        kept = load_file(str(path))
+        if set(kept) == set(configs):
+            log.info("locref images: kept from a run stopped part-way (%s)", path)
+            return {name: list(kept[name]) for name in configs}, True
+        log.info("locref images: %s holds other configurations (%s); drawing them again",
+                 path, ", ".join(sorted(kept)))
+    images = generate(run, host, parts, cfg, configs)
+    partial = path.with_name(path.name + ".partial")
+    save_file({name: torch.stack(v).contiguous() for name, v in images.items()}, str(partial))
+    partial.replace(path)
+    return images, False
+
+
+def drop_kept_images(run: dict) -> None:
+    """Once the tables are written: a later rerun draws every image again (a kept image would
+    hide a change in the code that draws it)."""
+    for path in (run["dir"] / "locref_images.safetensors", fgdm.rows_path(run, "first"),
+                 fgdm.rows_path(run, "second")):
+        path.unlink(missing_ok=True)
+
+
 @torch.no_grad()
 def reconstructions(run, parts) -> list[torch.Tensor]:
     """The held-out images through the base's VAE (encode, decode): the best any configuration
@@ -399,9 +431,13 @@ def fgdm_branch(argv: list[str]) -> None:
                                         data["train_maps"], data["train_captions"])
     timings.mark("seg controlnet", cached, resumed)
     first, _ = fgdm.halves(len(data["heldout"]))
-    fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
-                                      control_net, first), "first")
-    timings.mark("fgdm images, first half")
+    kept = fgdm.rows_path(run, "first").is_file()
+    if kept:
+        log.info("fgdm images, first half: kept from a run stopped part-way")
+    else:
+        fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
+                                          control_net, first), "first")
+    timings.mark("fgdm images, first half", kept)
 
 
 def wait_for_fgdm_models(run: dict, branch: subprocess.Popen, host, parts):
@@ -453,17 +489,24 @@ def main(argv=None) -> dict:
             locref_path = stage_locref(run, data, base_path)
             timings.mark("locref adapter", cached, resumed)
             configs = configurations(run, host, parts, locref_path)
-            images = generate(run, host, parts, cfg, configs)
+            images, kept = locref_images(run, host, parts, cfg, configs)
             images[CEILING] = reconstructions(run, parts)
             scores = {k: scores_of(run, v) for k, v in images.items()}
-            timings.mark("locref images")
+            table = write_table(run, scores)
+            log.info("LocRef table (%s, seed %d), in %s while the FG-DM half goes on:\n%s",
+                     run["name"], args.seed, run["dir"] / "table.md", table)
+            timings.mark("locref images", kept)
             # then half of the FG-DM images, so both cores work until the end
             factor_path, control_net = wait_for_fgdm_models(run, branch, host, parts)
             timings.mark("waiting for the seg ControlNet")
             _, second = fgdm.halves(len(data["heldout"]))
-            fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
-                                              control_net, second), "second")
-            timings.mark("fgdm images, second half")
+            kept = fgdm.rows_path(run, "second").is_file()
+            if kept:
+                log.info("fgdm images, second half: kept from a run stopped part-way")
+            else:
+                fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(),
+                                                  factor_path, control_net, second), "second")
+            timings.mark("fgdm images, second half", kept)
     finally:
         code = branch.wait()
     if code != 0:
@@ -471,7 +514,6 @@ def main(argv=None) -> dict:
                            "fgdm-branch, is above")
     timings.mark("waiting for the FG-DM half")
     rows = fgdm.join_rows(fgdm.load_rows(run, "first"), fgdm.load_rows(run, "second"))
-    table = write_table(run, scores)
     table_fgdm = fgdm.write_table(run, scores["base, caption only"], rows,
                                   lambda imgs: scores_of(run, imgs))
     columns = {GRID_TITLES[k]: v for k, v in images.items()}
@@ -480,6 +522,7 @@ def main(argv=None) -> dict:
                     f"SBPC N={n_big} map": [m.permute(2, 0, 1) for m in rows["nbig"]["maps"]],
                     f"SBPC N={n_big}": rows["nbig"]["images"]})
     grid = write_grid(run, columns)
+    drop_kept_images(run)
     timings.mark("tables and grid")
     minutes = (time.perf_counter() - t0) / 60
     branch_minutes = json.loads((run["dir"] / "timings_fgdm.json").read_text())

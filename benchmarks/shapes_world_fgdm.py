@@ -229,14 +229,22 @@ def save_rows(run: dict, rows: dict, part: str) -> Path:
     """One process's images, chosen N = 10 maps and maps' recalls (`part`: which half)."""
     tensors = {f"{k}_images": torch.stack(rows[k]["images"]).contiguous() for k in rows}
     tensors["nbig_maps"] = torch.cat(rows["nbig"]["maps"]).contiguous()
-    path = run["dir"] / f"fgdm_rows_{part}.safetensors"
-    save_file(tensors, str(path), metadata={
+    path = rows_path(run, part)
+    partial = path.with_name(path.name + ".partial")  # renamed once whole: a run stopped while
+    save_file(tensors, str(partial), metadata={       # writing leaves no half-written rows
         "map_recall": json.dumps({k: rows[k]["map_recall"] for k in rows})})
+    partial.replace(path)
     return path
 
 
+def rows_path(run: dict, part: str) -> Path:
+    """Where one half's rows wait for the tables; the run removes them once its tables are
+    written, so only a run stopped part-way leaves them (and a rerun reads them)."""
+    return run["dir"] / f"fgdm_rows_{part}.safetensors"
+
+
 def load_rows(run: dict, part: str) -> dict:
-    path = run["dir"] / f"fgdm_rows_{part}.safetensors"
+    path = rows_path(run, part)
     with safe_open(str(path), framework="pt") as f:
         recalls = json.loads(f.metadata()["map_recall"])
     tensors = load_file(str(path))

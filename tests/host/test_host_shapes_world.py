@@ -38,9 +38,11 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
     out = tmp_path / "a" / f"quick-seed0-v{bench.RECIPE_VERSION}"
     for name in ("table.md", "table_fgdm.md", "grid.png", "timings.json", "timings_fgdm.json",
                  "base.safetensors", "locref.safetensors", "fgdm_seg.safetensors",
-                 "seg_controlnet.safetensors", "fgdm_rows_first.safetensors",
-                 "fgdm_rows_second.safetensors"):
+                 "seg_controlnet.safetensors"):
         assert (out / name).is_file(), name
+    kept = ("locref_images.safetensors", "fgdm_rows_first.safetensors",
+            "fgdm_rows_second.safetensors")
+    assert not [name for name in kept if (out / name).exists()]  # dropped once tables are out
     assert set(first["timings"]) == {"data", "base", "locref adapter", "locref images",
                                      "waiting for the seg ControlNet",
                                      "fgdm images, second half", "waiting for the FG-DM half",
@@ -51,9 +53,25 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
         "base", "locref", "fgdm"}  # base (with the seg ControlNet), LocRef and factor curves
     weights = ("base", "locref", "fgdm_seg", "seg_controlnet")
     stamps = {w: (out / f"{w}.safetensors").stat().st_mtime_ns for w in weights}
+    # again, stopped while it waits for the seg ControlNet (the FG-DM half, in its own
+    # process, still draws its first half): the LocRef table is out and the images are kept
+    def stopped_waiting(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(bench, "wait_for_fgdm_models", stopped_waiting)
+    with caplog.at_level(logging.INFO), pytest.raises(Stopped):
+        run(bench, tmp_path / "a")
+    monkeypatch.undo()
+    assert "base: cached" in caplog.text and "locref: cached" in caplog.text
+    assert (f"LocRef table (quick, seed 0), in {out / 'table.md'} while the FG-DM half goes on:"
+            f"\n{first['table']}\n") in caplog.text  # drawn again from the cached models
+    assert [(out / name).is_file() for name in kept] == [True, True, False]
+    caplog.clear()
     with caplog.at_level(logging.INFO):
         cached = run(bench, tmp_path / "a")
-    assert "base: cached" in caplog.text and "locref: cached" in caplog.text
+    assert "locref images: kept from a run stopped part-way" in caplog.text
+    assert "generated " not in caplog.text  # no LocRef image drawn again
+    assert not [name for name in kept if (out / name).exists()]
     # the FG-DM half logs in its own process: its stages are cached when their files stay
     assert {w: (out / f"{w}.safetensors").stat().st_mtime_ns for w in weights} == stamps
     assert (cached["table"], cached["table_fgdm"]) == (first["table"], first["table_fgdm"])
