@@ -59,6 +59,7 @@ import time
 from pathlib import Path
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -259,6 +260,17 @@ def one_object_tally(images, objects) -> Counter:
     return tally
 
 
+def every_tenth(what: str) -> Callable[[int, int], None]:
+    """An `on_image` that logs `what: k of n images, ETA` at every tenth of the list."""
+    t0 = time.perf_counter()
+
+    def on_image(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            eta = (total - done) * (time.perf_counter() - t0) / done
+            log.info("%s: %d of %d images, ETA %.0f s", what, done, total, eta)
+    return on_image
+
+
 @torch.no_grad()
 def one_object(run, host, parts, cfg) -> str:
     objects = [o for it in run["data"]["heldout"] for o in it.objects]
@@ -266,7 +278,8 @@ def one_object(run, host, parts, cfg) -> str:
     log.info("one-object: drawing %d images, one object each", len(texts))
     images = base.sample_images(host, parts.patcher, parts, texts,
                                 [sample_seed(run["seed"], i) for i in range(len(texts))], cfg,
-                                steps=run["preset"]["sample_steps"], guidance=run["guidance"])
+                                steps=run["preset"]["sample_steps"], guidance=run["guidance"],
+                                on_image=every_tenth("one-object"))
     t, n = one_object_tally(images, objects), len(objects)
     return (f"one-object: base, caption only, {n} captions of one held-out object: colour + "
             f"shape {t['both'] / n:.3f}, shape {t['shape'] / n:.3f}, colour {t['colour'] / n:.3f};"

@@ -324,11 +324,13 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
 def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: Sequence[str],
                   seeds: Sequence[int], cfg: WorldConfig, steps: int = 20, guidance: float = 4.0,
                   sampler: str = "euler", negative: str = "", control_net: Any = None,
-                  maps: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                  maps: Sequence[torch.Tensor] | None = None,
+                  on_image: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from `patcher` (the base or a patched clone) through the
     host's own sampler (comfy.sample.sample, what KSampler calls), one seed per text; with a
     `control_net` (the host's CONTROL_NET) each image gets its map (1, H, W, 3) in [0, 1] as the
-    hint, attached as ControlNetApplyAdvanced does."""
+    hint, attached as ControlNetApplyAdvanced does. `on_image(done, total)` after each image
+    (progress for long lists)."""
     from .controlnet import with_control
 
     side = cfg.size // cfg.downscale
@@ -343,4 +345,6 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
         latent = host.sample.sample(patcher, noise, steps, guidance, sampler, "normal", pos,
                                     negative_cond, empty, disable_pbar=True, seed=int(seed))
         out.append(parts.vae.decode(latent).movedim(-1, 1))  # (1, 3, H, W) in [0, 1]
+        if on_image is not None:
+            on_image(i + 1, len(texts))
     return torch.cat(out)

@@ -151,6 +151,9 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                 for n in (1, 2))
     # each line logged as soon as it is known, before the next question is asked
     assert said.index(lines[3]) < one < said.index(lines[4]) < two
+    drawing = [m for m in said[:said.index(lines[3])] if m.startswith("one-object: ")]
+    assert drawing[0] == f"one-object: drawing {objects} images, one object each"
+    assert drawing[-1] == f"one-object: {objects} of {objects} images, ETA 0 s"
     assert sum(m.startswith("sdedit: ") and "settings done" in m for m in said[one:two]) == 6
 
 
