@@ -63,6 +63,9 @@ log = logging.getLogger("shapes_world")
 # 2 = the VAE trains on L1 + MSE with its learning rate decayed over the second half.
 # (--prediction v: a base that predicts v, trained on v's MSE, cached in "...-v2-vpred".)
 RECIPE_VERSION = 2
+# --vae-downscale -> the VAE's channel multipliers (one downsampling per multiplier after the
+# first); 4 is WorldConfig's default, every run before the flag existed
+VAE_MULT = {4: (1, 2, 2), 2: (1, 2)}
 PRESETS = {  # what each stage does; the full preset is sized for ~90 minutes on 2 CPU cores
     "quick": {"train_images": 32, "heldout": 4, "vae_steps": 10, "unet_steps": 10,
               "locref_steps": 4, "locref_batch": 2, "factor_steps": 4, "factor_batch": 2,
@@ -91,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="width of the base UNet (model_channels; a multiple of 32, GroupNorm's "
                         "groups). The presets are sized for 32; another width is an experiment, "
                         "cached in its own folder (...-c64)")
+    p.add_argument("--vae-downscale", type=int, default=4, choices=[2, 4],
+                   help="how much the base's VAE shrinks the 64 px images: 4 gives 16 x 16 "
+                        "latents (a small square spans 3 to 4), 2 gives 32 x 32 and a UNet "
+                        "about four times as costly a step. 2 is an experiment, cached in its "
+                        "own folder (...-f2)")
     p.add_argument("--estimate", action="store_true",
                    help="only time a few steps of every stage on this machine and print the "
                         "projected minutes (a few minutes; writes estimate.json, trains nothing "
@@ -380,7 +388,8 @@ class Timings:
 def world_config(run: dict) -> WorldConfig:
     """The base's sizes for this run (before its VAE fixes the latent scale)."""
     return WorldConfig(seed=run["seed"], prediction=run["prediction"],
-                       unet_channels=run["unet_channels"])
+                       unet_channels=run["unet_channels"],
+                       vae_mult=VAE_MULT[run["vae_downscale"]])
 
 
 def make_run(args: argparse.Namespace) -> dict:
@@ -390,10 +399,13 @@ def make_run(args: argparse.Namespace) -> dict:
     run = {"name": name, "preset": PRESETS[name], "seed": args.seed, "comfyui": args.comfyui,
            "guidance": args.guidance,
            "prediction": args.prediction, "unet_channels": args.unet_channels,
+           "vae_downscale": args.vae_downscale,
            "dir": Path(args.cache) / (f"{name}-seed{args.seed}-v{RECIPE_VERSION}"
                                       + ("-vpred" if args.prediction == "v" else "")
                                       + (f"-c{args.unet_channels}"
-                                         if args.unet_channels != 32 else ""))}
+                                         if args.unet_channels != 32 else "")
+                                      + (f"-f{args.vae_downscale}"
+                                         if args.vae_downscale != 4 else ""))}
     run["dir"].mkdir(parents=True, exist_ok=True)
     run["tensorboard"] = importlib.util.find_spec("tensorboard") is not None
     run["env"], run["tb_args"] = DistEnv(), argparse.Namespace(

@@ -1,6 +1,7 @@
 """What limits the shapes world's numbers? Diagnostics on a finished run's cache (the same
---cache, --quick, --seed, --prediction and --unet-channels as `shapes_world.py`); each prints
-one line. A question can be asked as soon as the models it reads are saved.
+--cache, --quick, --seed, --prediction, --unet-channels and --vae-downscale as
+`shapes_world.py`); each prints one line. A question can be asked as soon as the models it reads
+are saved.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--skip-basics [--drawing]]
@@ -93,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the base of that run (shapes_world.py --prediction)")
     p.add_argument("--unet-channels", default="32",
                    help="the base's width of that run (shapes_world.py --unet-channels)")
+    p.add_argument("--vae-downscale", default="4",
+                   help="the base's VAE of that run (shapes_world.py --vae-downscale)")
     p.add_argument("--placement", action="store_true", help="also score the base's and the "
                    "LocRef adapter's images with coarser labels (a few minutes)")
     p.add_argument("--samplers", action="store_true", help="also score the base under other "
@@ -500,6 +503,7 @@ def main(argv=None) -> list[str]:
     run = sw.make_run(sw.parse_args(["--comfyui", args.comfyui, "--cache", args.cache,
                                      "--seed", str(args.seed), "--prediction", args.prediction,
                                      "--unet-channels", args.unet_channels,
+                                     "--vae-downscale", args.vae_downscale,
                                      *(["--quick"] if args.quick else [])]))
     missing = missing_models(run, args)
     if missing:

@@ -108,7 +108,8 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         base_path = str(work / "base.safetensors")
         save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
         # the two halves: one core each in the run, side by side
-        with base.one_thread(), neighbour(run["comfyui"], run["unet_channels"]):
+        with base.one_thread(), neighbour(run["comfyui"], run["unet_channels"],
+                                          run["vae_downscale"]):
             rate.update(half_rates(est, host, parts, cfg, data, latents, base_path, sw))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -116,11 +117,13 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
 
 
 @contextlib.contextmanager
-def neighbour(comfyui: str, channels: int) -> Iterator[None]:
-    """A second process training the world's UNet (`channels` wide) on one core (what the other
-    half does in the run) from its first step until the block ends."""
+def neighbour(comfyui: str, channels: int, downscale: int = 4) -> Iterator[None]:
+    """A second process training the world's UNet (`channels` wide, on latents of a
+    /`downscale` VAE) on one core (what the other half does in the run) from its first step
+    until the block ends."""
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--neighbour",
-                             comfyui, str(channels)], stdout=subprocess.PIPE, text=True)
+                             comfyui, str(channels), str(downscale)], stdout=subprocess.PIPE,
+                            text=True)
     try:
         for line in proc.stdout:  # anything the host prints before is passed over
             if line.strip() == "ready":
@@ -134,7 +137,7 @@ def neighbour(comfyui: str, channels: int) -> Iterator[None]:
         proc.wait()
 
 
-def neighbour_main(comfyui: str, channels: int) -> None:
+def neighbour_main(comfyui: str, channels: int, downscale: int) -> None:
     """The neighbour's loop: UNet training steps at batch 16 on one thread, random latents and
     one caption; prints "ready" after the first step."""
     from locref_core.train.host import load_host  # noqa: PLC0415
@@ -142,7 +145,8 @@ def neighbour_main(comfyui: str, channels: int) -> None:
     torch.set_num_threads(1)
     host = load_host(comfyui, cpu=True)
     parts = build_world(host, WorldConfig(unet_channels=channels))
-    latents = torch.randn(64, 4, 16, 16)
+    side = WorldConfig().size // downscale
+    latents = torch.randn(64, 4, side, side)
 
     def ready(step: int, loss: float) -> None:
         if step == 0:  # the parent reads it on a pipe
@@ -246,4 +250,4 @@ def format_estimate(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--neighbour"]:
-    neighbour_main(sys.argv[2], int(sys.argv[3]))
+    neighbour_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

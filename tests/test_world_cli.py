@@ -35,6 +35,18 @@ def test_each_width_and_prediction_has_its_own_cache(sw, tmp_path):
     wide = run_dir("--unet-channels", "64", "--quick", "--prediction", "v")
     assert wide["dir"].name == f"quick-seed0-v{sw.RECIPE_VERSION}-vpred-c64"
     assert sw.world_config(wide).unet_channels == 64 and sw.world_config(wide).prediction == "v"
+    assert sw.world_config(plain).downscale == sw.world_config(wide).downscale == 4
+    fine = run_dir("--vae-downscale", "2")
+    assert fine["dir"].name == f"full-seed0-v{sw.RECIPE_VERSION}-f2"
+    assert sw.world_config(fine).downscale == 2 and sw.world_config(fine).unet_channels == 32
+    both = run_dir("--unet-channels", "64", "--vae-downscale", "2")
+    assert both["dir"].name == f"full-seed0-v{sw.RECIPE_VERSION}-c64-f2"
+
+
+def test_only_the_two_vae_downscales_are_offered(sw, capsys):
+    with pytest.raises(SystemExit):
+        sw.parse_args(["--comfyui", "x", "--vae-downscale", "8"])
+    assert "invalid choice: 8 (choose from 2, 4)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["48", "0", "-32", "wide"])

@@ -177,14 +177,19 @@ def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
     assert not (folder / "timings.json").exists()
 
 
-def test_a_wider_base_runs_every_stage_in_its_own_folder(bench, tmp_path):
+@pytest.mark.parametrize(("flag", "value", "suffix", "field", "saved"), [
+    ("--unet-channels", "64", "-c64", "unet_channels", 64),
+    ("--vae-downscale", "2", "-f2", "vae_mult", [1, 2])])
+def test_another_base_runs_every_stage_in_its_own_folder(bench, tmp_path, flag, value, suffix,
+                                                         field, saved):
+    """A wider UNet, or a VAE that keeps 32 x 32 latents of the 64 px images."""
     from safetensors import safe_open
 
-    out = run(bench, tmp_path, "--unet-channels", "64")
-    folder = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}-c64"
+    out = run(bench, tmp_path, flag, value)
+    folder = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}{suffix}"
     assert out["dir"] == str(folder)
     with safe_open(str(folder / "base.safetensors"), framework="pt") as f:
-        assert json.loads(f.metadata()["config"])["unet_channels"] == 64
+        assert json.loads(f.metadata()["config"])[field] == saved
     assert len(out["table"].splitlines()) == 2 + 7 and len(out["table_fgdm"].splitlines()) == 2 + 4
-    for name in ("locref", "fgdm_seg", "seg_controlnet"):  # each adapter fits the wider UNet
+    for name in ("locref", "fgdm_seg", "seg_controlnet"):  # each adapter fits that base
         assert (folder / f"{name}.safetensors").is_file(), name
