@@ -96,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cached in its own folder (...-c64)")
     p.add_argument("--vae-downscale", type=int, default=4, choices=[2, 4],
                    help="how much the base's VAE shrinks the 64 px images: 4 gives 16 x 16 "
-                        "latents (a small square spans 3 to 4), 2 gives 32 x 32 and a UNet "
-                        "about four times as costly a step. 2 is an experiment, cached in its "
+                        "latents (a small square spans 3 to 4), 2 gives 32 x 32 (four times the "
+                        "positions for the UNet). 2 is an experiment, cached in its "
                         "own folder (...-f2)")
     p.add_argument("--estimate", action="store_true",
                    help="only time a few steps of every stage on this machine and print the "
