@@ -54,6 +54,7 @@ from locref_core.train.loop import TrainLog  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
                                        score_image)
+from locref_core.weights import save_whole  # noqa: E402
 from locref_core.world.models import WorldConfig, build_world, load_world, save_world  # noqa: E402
 
 import shapes_world_fgdm as fgdm  # noqa: E402  (this folder)
@@ -271,14 +272,19 @@ def generate(run, host, parts, cfg, configs, items=None) -> dict[str, list[torch
     return images
 
 
+def kept_locref_path(run: dict) -> Path:
+    """Where the LocRef images of a run stopped before its tables wait for the rerun."""
+    return run["dir"] / "locref_images.safetensors"
+
+
 def locref_images(run, host, parts, cfg, configs) -> tuple[dict[str, list[torch.Tensor]], bool]:
     """Every configuration's images and whether they were kept: read back from
     `locref_images.safetensors` where a run stopped after drawing them left it (the run removes
     it once its tables are written), else drawn and saved there (renamed into place once whole).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    path = run["dir"] / "locref_images.safetensors"
+    path = kept_locref_path(run)
     if path.is_file():
         kept = load_file(str(path))
         if set(kept) == set(configs):
@@ -287,16 +293,14 @@ def locref_images(run, host, parts, cfg, configs) -> tuple[dict[str, list[torch.
         log.info("locref images: %s holds other configurations (%s); drawing them again",
                  path, ", ".join(sorted(kept)))
     images = generate(run, host, parts, cfg, configs)
-    partial = path.with_name(path.name + ".partial")
-    save_file({name: torch.stack(v).contiguous() for name, v in images.items()}, str(partial))
-    partial.replace(path)
+    save_whole({name: torch.stack(v).contiguous() for name, v in images.items()}, path)
     return images, False
 
 
 def drop_kept_images(run: dict) -> None:
     """Once the tables are written: a later rerun draws every image again (a kept image would
     hide a change in the code that draws it)."""
-    for path in (run["dir"] / "locref_images.safetensors", fgdm.rows_path(run, "first"),
+    for path in (kept_locref_path(run), fgdm.rows_path(run, "first"),
                  fgdm.rows_path(run, "second")):
         path.unlink(missing_ok=True)
 
@@ -443,12 +447,8 @@ def fgdm_branch(argv: list[str]) -> None:
                                         data["train_maps"], data["train_captions"])
     timings.mark("seg controlnet", cached, resumed)
     first, _ = fgdm.halves(len(data["heldout"]))
-    kept = fgdm.rows_path(run, "first").is_file()
-    if kept:
-        log.info("fgdm images, first half: kept from a run stopped part-way")
-    else:
-        fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(), factor_path,
-                                          control_net, first), "first")
+    kept = fgdm.draw_half(run, "first", lambda: fgdm.generate(
+        run, host, parts, cfg, load_pack(), factor_path, control_net, first))
     timings.mark("fgdm images, first half", kept)
 
 
@@ -512,12 +512,8 @@ def main(argv=None) -> dict:
             factor_path, control_net = wait_for_fgdm_models(run, branch, host, parts)
             timings.mark("waiting for the seg ControlNet")
             _, second = fgdm.halves(len(data["heldout"]))
-            kept = fgdm.rows_path(run, "second").is_file()
-            if kept:
-                log.info("fgdm images, second half: kept from a run stopped part-way")
-            else:
-                fgdm.save_rows(run, fgdm.generate(run, host, parts, cfg, load_pack(),
-                                                  factor_path, control_net, second), "second")
+            kept = fgdm.draw_half(run, "second", lambda: fgdm.generate(
+                run, host, parts, cfg, load_pack(), factor_path, control_net, second))
             timings.mark("fgdm images, second half", kept)
     finally:
         code = branch.wait()

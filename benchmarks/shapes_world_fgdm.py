@@ -15,17 +15,19 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from locref_core.data.factor_dataset import FactorDataset
 from locref_core.data.synthetic import SHAPE_CLASSES
 from locref_core.train import fgdm as fgdm_trainer
 from locref_core.train.common import list_checkpoints
 from locref_core.train.loop import TrainLog
+from locref_core.weights import save_whole
 from locref_core.world import base
 from locref_core.world import controlnet as world_cn
 from locref_core.world.evaluate import ratio_interval, sample_seed
@@ -230,11 +232,19 @@ def save_rows(run: dict, rows: dict, part: str) -> Path:
     tensors = {f"{k}_images": torch.stack(rows[k]["images"]).contiguous() for k in rows}
     tensors["nbig_maps"] = torch.cat(rows["nbig"]["maps"]).contiguous()
     path = rows_path(run, part)
-    partial = path.with_name(path.name + ".partial")  # renamed once whole: a run stopped while
-    save_file(tensors, str(partial), metadata={       # writing leaves no half-written rows
+    save_whole(tensors, path, metadata={  # a run stopped while writing leaves no half rows
         "map_recall": json.dumps({k: rows[k]["map_recall"] for k in rows})})
-    partial.replace(path)
     return path
+
+
+def draw_half(run: dict, part: str, draw: Callable[[], dict]) -> bool:
+    """One half's rows (`part`: "first" or "second"): kept from a run stopped part-way, or
+    drawn by `draw()` and saved; True where they were kept."""
+    if rows_path(run, part).is_file():
+        log.info("fgdm images, %s half: kept from a run stopped part-way", part)
+        return True
+    save_rows(run, draw(), part)
+    return False
 
 
 def rows_path(run: dict, part: str) -> Path:

@@ -26,6 +26,22 @@ SUPPORTED = ("a LocRef adapter (.safetensors written by this pack) or IP-Adapter
 SITE_OF_IP_ID = dict(zip(IP_ADAPTER_IDS, SD15_SITES))
 
 
+def save_whole(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+               metadata: dict[str, str] | None = None) -> None:
+    """`save_file`, written to `<path>.partial` and renamed into place once whole: a process
+    waiting for `path`, or a rerun after a stop, never reads half a file, and a failed write
+    leaves what was at `path` as it was."""
+    path = os.fspath(path)
+    partial = f"{path}.partial"
+    try:
+        save_file(tensors, partial, metadata=metadata)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    os.replace(partial, path)
+
+
 def save_adapter(adapter: LocRefAdapter, path: str, metadata: dict[str, str] | None = None) -> None:
     """Write `adapter` in the LocRef format (config in the metadata)."""
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,

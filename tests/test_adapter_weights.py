@@ -1,10 +1,10 @@
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from locref_core.adapter import SD15_SITE_CHANNELS, AdapterConfig, LocRefAdapter, site_key
 from locref_core.grid import SD15_SITES
-from locref_core.weights import IP_ADAPTER_IDS, load_adapter, save_adapter
+from locref_core.weights import IP_ADAPTER_IDS, load_adapter, save_adapter, save_whole
 
 
 def ip_adapter_tensors(embed=1024, tokens=4):
@@ -101,3 +101,14 @@ def test_pickles_and_unknown_files_are_refused(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="broken.safetensors"):
         load_adapter(str(tmp_path / "broken.safetensors"))
+
+
+def test_save_whole_renames_into_place_and_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "rows.safetensors"
+    save_whole({"a": torch.arange(3.0)}, path, metadata={"k": "v"})
+    assert torch.equal(load_file(str(path))["a"], torch.arange(3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.safetensors"]
+    with pytest.raises(ValueError):  # safetensors refuses a non-contiguous tensor
+        save_whole({"a": torch.zeros(4, 4).t()}, path)
+    assert torch.equal(load_file(str(path))["a"], torch.arange(3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.safetensors"]

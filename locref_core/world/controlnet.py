@@ -14,18 +14,18 @@ the hint block's three stride-2 layers land on the latent grid (a /4 world VAE: 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..train.common import DistEnv, Progress
 from ..train.host import (SD15Parts, TextCache, encode_text, ensure_loaded, freeze, predict_eps,
                           reinit)
+from ..weights import save_whole
 from .base import WORLD_CAPTIONS, LoopCheckpoints, noised, objective, pick_captions
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,7 @@ def save_controlnet(path: str, model: torch.nn.Module, meta: dict[str, str]) -> 
     """Written to a temporary name, then renamed: another process waiting for `path` never
     reads half a file."""
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    partial = f"{path}.partial"
-    save_file(tensors, partial, metadata={"format": FORMAT, **meta})
-    os.replace(partial, path)
+    save_whole(tensors, path, metadata={"format": FORMAT, **meta})
 
 
 def load_controlnet(host: SimpleNamespace, parts: SD15Parts, path: str) -> torch.nn.Module:
