@@ -512,23 +512,24 @@ def main(argv=None) -> list[str]:
                          "--seed first")
     host, data = sw.start(run)
     parts, cfg, base_path = sw.stage_base(run, host, data)
-    asked = [] if args.skip_basics else [
-        lambda: [vae_noise(run, parts)], lambda: [probe(run, host)],
-        lambda: [controlnet_eps(run, host, parts)]]
+    asked = [] if args.skip_basics else [  # each returns its line, or lines (placement)
+        lambda: vae_noise(run, parts), lambda: probe(run, host),
+        lambda: controlnet_eps(run, host, parts)]
     if not args.skip_basics or args.drawing:  # the basics' two lines that read the base alone
-        asked += [lambda: [one_object(run, host, parts, cfg)], lambda: [sdedit(run, host, parts)]]
+        asked += [lambda: one_object(run, host, parts, cfg), lambda: sdedit(run, host, parts)]
     if args.placement:
         asked.append(lambda: placement(run, host, parts, cfg))
     if args.samplers:
-        asked.append(lambda: [samplers(run, host, parts, cfg)])
+        asked.append(lambda: samplers(run, host, parts, cfg))
     if args.adapter_lr:
-        asked.append(lambda: [adapter_lr(run, host, parts, cfg, base_path, args.adapter_lr)])
+        asked.append(lambda: adapter_lr(run, host, parts, cfg, base_path, args.adapter_lr))
     if args.longer:
-        asked += [lambda: [longer_locref(run, host, parts, cfg, base_path)],
-                  lambda: [longer_controlnet(run, host, parts, cfg)]]
+        asked += [lambda: longer_locref(run, host, parts, cfg, base_path),
+                  lambda: longer_controlnet(run, host, parts, cfg)]
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
-        for line in ask():
+        answer = ask()
+        for line in [answer] if isinstance(answer, str) else answer:
             log.info("%s", line)
             lines.append(line)
         log.info("diagnose: %d of %d questions answered, %.1f min so far", n, len(asked),
