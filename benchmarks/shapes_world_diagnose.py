@@ -73,6 +73,7 @@ import shapes_world_fgdm as fg  # noqa: E402
 
 from locref_core.composite import square_reference  # noqa: E402
 from locref_core.data.synthetic import phrase  # noqa: E402
+from locref_core.eval.boxes import iou_matrix  # noqa: E402
 from locref_core.eval.shapes import SHAPES, appearance_scores, detect_shapes  # noqa: E402
 from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
@@ -381,21 +382,39 @@ def samplers(run, host, parts, cfg) -> str:
             f"({len(objects)} one-object captions): " + " | ".join(cells))
 
 
+def overlapping_shape(found, colour: str, box) -> str:
+    """The shape of the `colour` detection of the whole image that overlaps `box` most, or
+    "nothing": the object read whole, where the box's crop cuts off whatever is drawn past the
+    box (a disc 2 px wider than its 20 px box reads as a square in the crop)."""
+    mine = [d for d in found if d.colour == colour]
+    overlaps = iou_matrix([box], [d.box for d in mine])[0] if mine else np.zeros(0)
+    k = int(overlaps.argmax()) if len(overlaps) else -1
+    return mine[k].shape if k >= 0 and overlaps[k] > 0 else "nothing"
+
+
 def appearance_by_shape(images, items) -> str:
     """Per box, against its own reference: the share that holds its colour, its shape, and both
     (the table's appearance), then "both" by the reference's shape (is appearance lost only on
-    the shapes the base cannot draw?)."""
+    the shapes the base cannot draw?), then the reference's shape as the whole image reads it
+    (is a shape lost in the drawing, or only in the box's crop?)."""
     tally: Counter = Counter()
     for image, item in zip(images, items):
+        found = detect_shapes(image)
         for a in appearance_scores(image, item.boxes, item.objects):
-            shape = a.reference[1]
-            tally.update({"boxes": 1, "colour": a.colour_match, "shape": a.shape_match,
-                          "both": a.match, (shape, "boxes"): 1, (shape, "both"): a.match})
+            colour, shape = a.reference
+            tally.update({"boxes": 1, "colour": int(a.colour_match),  # a new key takes the
+                          "shape": int(a.shape_match), "both": int(a.match),  # value: 0, not False
+                          (shape, "boxes"): 1, (shape, "both"): int(a.match),
+                          (shape, "whole"): int(overlapping_shape(found, colour, a.box) == shape)})
     n = max(1, tally["boxes"])
-    by_shape = ", ".join(f"{s} {tally[(s, 'both')]}/{tally[(s, 'boxes')]}" for s in SHAPES
+
+    def by_shape(what: str) -> str:
+        return ", ".join(f"{s} {tally[(s, what)]}/{tally[(s, 'boxes')]}" for s in SHAPES
                          if tally[(s, "boxes")])
     return (f"colour {tally['colour'] / n:.3f}, shape {tally['shape'] / n:.3f}, both "
-            f"{tally['both'] / n:.3f}; both, by the reference's shape: {by_shape}")
+            f"{tally['both'] / n:.3f}; both, by the reference's shape: {by_shape('both')}; "
+            "the reference's shape in the whole image (its colour's detection overlapping the "
+            f"box most, not the box's crop): {by_shape('whole')}")
 
 
 def placement(run, host, parts, cfg) -> list[str]:

@@ -153,3 +153,25 @@ def test_diagnose_counts_squares_by_the_side_drawn(diagnose):
     assert text.endswith("small 1 of 2, large 1 of 1")
     assert diagnose.side_class((0.1, 0.1, 0.1 + 18 / 64, 0.3)) == "small"
     assert diagnose.side_class((0.1, 0.1, 0.3, 0.1 + 19 / 64)) == "large"
+
+
+def test_diagnose_reads_a_shape_drawn_past_its_box_whole(diagnose):
+    from types import SimpleNamespace
+
+    from test_eval_shapes import draw
+
+    # a 24 px disc in a 20 px box: its crop cuts the round edge off and reads as a square, the
+    # whole image reads a disc; a square in its own box reads as a square both ways; a box whose
+    # colour is drawn nowhere near it reads as nothing whole
+    image = draw([("disc", "red", 20, 20, 24), ("square", "blue", 50, 4, 10),
+                  ("triangle", "green", 2, 44, 16)])
+    boxes = [(22 / 64, 22 / 64, 42 / 64, 42 / 64), (50 / 64, 4 / 64, 60 / 64, 14 / 64),
+             (40 / 64, 44 / 64, 56 / 64, 60 / 64)]
+    objects = [("red", "disc"), ("blue", "square"), ("green", "triangle")]
+    found = diagnose.detect_shapes(image)
+    assert [diagnose.overlapping_shape(found, c, b) for (c, _), b in zip(objects, boxes)] == [
+        "disc", "square", "nothing"]
+    assert diagnose.overlapping_shape(found, "yellow", boxes[0]) == "nothing"
+    text = diagnose.appearance_by_shape([image], [SimpleNamespace(boxes=boxes, objects=objects)])
+    assert "both, by the reference's shape: square 1/1, disc 0/1, triangle 0/1;" in text
+    assert text.endswith("not the box's crop): square 1/1, disc 1/1, triangle 0/1")

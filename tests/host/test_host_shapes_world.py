@@ -123,10 +123,12 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert "LocRef, trained adapter, AP50 by label" in lines[6]
     for line in lines[5:7]:  # appearance by the reference's shape: every held-out box once
         assert "appearance: colour " in line and ", shape " in line
-        by_shape = line.split("by the reference's shape: ")[1]
-        counts = re.findall(r"(square|disc|triangle) (\d+)/(\d+)", by_shape)
-        assert sum(int(n) for _, _, n in counts) == objects
-        assert all(int(k) <= int(n) for _, k, n in counts)
+        by_shape, whole = line.split("by the reference's shape: ")[1].split(
+            "; the reference's shape in the whole image")  # then each box read whole
+        for part in (by_shape, whole):
+            counts = re.findall(r"(square|disc|triangle) (\d+)/(\d+)", part)
+            assert sum(int(n) for _, _, n in counts) == objects
+            assert all(int(k) <= int(n) for _, k, n in counts)
     assert lines[7].count("caption recall") == 6 and "while sigma > 1" in lines[7]
     assert (tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "validation").is_dir()
     rates = re.findall(r"lr ([0-9.e-]+)( \(the run's\))?: AP50", lines[8])
