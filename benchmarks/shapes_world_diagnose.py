@@ -85,6 +85,15 @@ from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  #
 log = logging.getLogger("shapes_world_diagnose")
 
 
+LOCREF, CONTROLNET = "locref.safetensors", "seg_controlnet.safetensors"
+# The questions asked by a flag (argparse's name -> how the flag is written, the run's model
+# files it reads besides the base); the five basics read the seg ControlNet too.
+QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,)),
+             "samplers": ("--samplers", ()), "adapter_lr": ("--adapter-lr LR", (LOCREF,)),
+             "longer": ("--longer", (LOCREF, CONTROLNET))}
+BASICS_READ = (CONTROLNET,)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", required=True, help="ComfyUI checkout")
@@ -116,10 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.drawing and not args.skip_basics:
         p.error("--drawing is a part of the basics, which run anyway: add --skip-basics to ask "
                 "only --drawing (and the other questions given)")
-    if args.skip_basics and not (args.placement or args.samplers or args.adapter_lr
-                                 or args.longer or args.drawing):
-        p.error("--skip-basics leaves nothing to do: add --drawing, --placement, --samplers, "
-                "--adapter-lr LR or --longer")
+    if args.skip_basics and not any(getattr(args, q) for q in QUESTIONS):
+        *others, last = (flag for flag, _ in QUESTIONS.values())
+        p.error(f"--skip-basics leaves nothing to do: add {', '.join(others)} or {last}")
     return args
 
 
@@ -508,12 +516,12 @@ def missing_models(run: dict, args: argparse.Namespace) -> list[str]:
     the seg ControlNet for the basics and --longer, the LocRef adapter for --placement,
     --adapter-lr and --longer (so a question can be asked while the run's other half trains;
     --drawing and --samplers read only the base)."""
-    needed = ["base.safetensors"]
-    if args.placement or args.adapter_lr or args.longer:
-        needed.append("locref.safetensors")
-    if not args.skip_basics or args.longer:
-        needed.append("seg_controlnet.safetensors")
-    return [name for name in needed if not (run["dir"] / name).is_file()]
+    needed = {"base.safetensors", *([] if args.skip_basics else BASICS_READ)}
+    for q, (_, reads) in QUESTIONS.items():
+        if getattr(args, q):
+            needed.update(reads)
+    return [name for name in ("base.safetensors", LOCREF, CONTROLNET)
+            if name in needed and not (run["dir"] / name).is_file()]
 
 
 def main(argv=None) -> list[str]:
