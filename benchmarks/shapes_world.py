@@ -502,12 +502,13 @@ def main(argv=None) -> dict:
             timings.mark("locref adapter", cached, resumed)
             configs = configurations(run, host, parts, locref_path)
             images, kept = locref_images(run, host, parts, cfg, configs)
+            timings.mark("locref images", kept)
             images[CEILING] = reconstructions(run, parts)
             scores = {k: scores_of(run, v) for k, v in images.items()}
             table = write_table(run, scores)
             log.info("LocRef table (%s, seed %d), in %s while the FG-DM half goes on:\n%s",
                      run["name"], args.seed, run["dir"] / "table.md", table)
-            timings.mark("locref images", kept)
+            timings.mark("locref table")
             # then half of the FG-DM images, so both cores work until the end
             factor_path, control_net = wait_for_fgdm_models(run, branch, host, parts)
             timings.mark("waiting for the seg ControlNet")

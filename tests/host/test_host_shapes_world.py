@@ -44,7 +44,7 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
             "fgdm_rows_second.safetensors")
     assert not [name for name in kept if (out / name).exists()]  # dropped once tables are out
     assert set(first["timings"]) == {"data", "base", "locref adapter", "locref images",
-                                     "waiting for the seg ControlNet",
+                                     "locref table", "waiting for the seg ControlNet",
                                      "fgdm images, second half", "waiting for the FG-DM half",
                                      "tables and grid"}
     assert set(first["timings_fgdm"]) == {"fgdm seg factor", "seg controlnet",
