@@ -4,7 +4,8 @@
 are saved.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
-        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--skip-basics [--drawing]]
+        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--own-map]
+        [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?).
@@ -47,6 +48,10 @@ asks for only the lines of the questions below.
 - --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
   twice its steps and the seg ControlNet trained as many steps again (fresh optimizer), each
   scored as in the tables (does more training help?).
+- --own-map (about 10 minutes on the wider base): the held-out captions and seeds drawn by the
+  base alone and by the seg ControlNet from each held-out image's own map (the FG-DM table's
+  last row), and per object what the detector reads in its colour, by shape asked, squares by
+  side (where does the image factor lose the objects a perfect map gives it?).
 """
 
 from __future__ import annotations
@@ -90,7 +95,8 @@ LOCREF, CONTROLNET = "locref.safetensors", "seg_controlnet.safetensors"
 # files it reads besides the base); the five basics read the seg ControlNet too.
 QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,)),
              "samplers": ("--samplers", ()), "adapter_lr": ("--adapter-lr LR", (LOCREF,)),
-             "longer": ("--longer", (LOCREF, CONTROLNET))}
+             "longer": ("--longer", (LOCREF, CONTROLNET)),
+             "own_map": ("--own-map", (CONTROLNET,))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -116,6 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "run's own (lr 1e-4) on the validation layouts")
     p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
                    "seg ControlNet twice as long and score them (about an hour)")
+    p.add_argument("--own-map", action="store_true", help="also read, object by object, the "
+                   "seg ControlNet's images from each held-out image's own map (the FG-DM "
+                   "table's diagnostic row) and the base's caption-only images (about 10 min)")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
@@ -299,6 +308,21 @@ def one_object(run, host, parts, cfg) -> str:
             f" {squares_by_side(t)} (the side drawn)")
 
 
+def object_reading(images, items) -> Counter:
+    """Per held-out object, what the detector reads in its colour: (shape asked, shape read)
+    and (shape asked, side class of its box, shape read) pairs, and "recalled" where its colour
+    and shape are both found."""
+    read: Counter = Counter()
+    for image, item in zip(images, items):
+        found = detect_shapes(image)
+        for (c, s), box in zip(item.objects, item.boxes):
+            shape = shape_read(found, c)
+            read[(s, shape)] += 1
+            read[(s, side_class(box), shape)] += 1
+            read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
+    return read
+
+
 @torch.no_grad()
 def sdedit(run, host, parts) -> str:
     items, steps = run["data"]["heldout"], run["preset"]["sample_steps"]
@@ -308,8 +332,8 @@ def sdedit(run, host, parts) -> str:
     n, cells = sum(len(it.objects) for it in items), []
     settings = [(g, d) for g in (1.0, run["guidance"]) for d in (0.2, 0.6, 1.0)]
     for guidance, denoise in settings:
-        read: Counter = Counter()
-        for i, item in enumerate(items):
+        images = []
+        for i in range(len(items)):
             seed = sample_seed(run["seed"], i)
             noise = torch.randn(latents[i:i + 1].shape,
                                 generator=torch.Generator().manual_seed(seed))
@@ -317,12 +341,8 @@ def sdedit(run, host, parts) -> str:
                 parts.patcher, noise, steps, guidance, "euler", "normal",
                 positive[i], negative, latents[i:i + 1],
                 denoise=denoise, disable_pbar=True, seed=seed)
-            found = detect_shapes(parts.vae.decode(latent).movedim(-1, 1)[0])
-            for (c, s), box in zip(item.objects, item.boxes):
-                shape = shape_read(found, c)
-                read[(s, shape)] += 1
-                read[(s, side_class(box), shape)] += 1
-                read["recalled"] += any((d.colour, d.shape) == (c, s) for d in found)
+            images.append(parts.vae.decode(latent).movedim(-1, 1)[0])
+        read = object_reading(images, items)
         head = f"CFG {guidance:g}, denoise {denoise:g}: recall {read['recalled'] / n:.3f}"
         cells.append(f"{head} ({by_shape_asked(read)}; {squares_by_side(read)})")
         log.info("sdedit: %d of %d settings done (%s)", len(cells), len(settings), head)
@@ -442,6 +462,29 @@ def placement(run, host, parts, cfg) -> list[str]:
     return lines
 
 
+@torch.no_grad()
+def own_map(run, host, parts, cfg) -> str:
+    control_net = world_cn.wrap(host, world_cn.load_controlnet(host, parts,
+                                                               str(run["dir"] / CONTROLNET)))
+    items, maps = run["data"]["heldout"], fg.read_maps(run["data"]["heldout_paths"])
+    texts = [item.caption for item in items]
+    seeds = [sample_seed(run["seed"], i) for i in range(len(items))]  # the tables' seeds
+    kw = {"steps": run["preset"]["sample_steps"], "guidance": run["guidance"]}
+    drawn = {"base, caption only": base.sample_images(
+                 host, parts.patcher, parts, texts, seeds, cfg, **kw,
+                 on_image=every_tenth("own-map, base")),
+             "own map -> seg ControlNet": base.sample_images(
+                 host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=control_net,
+                 maps=[fg.as_hint(m) for m in maps], on_image=every_tenth("own-map, own map"))}
+    n, cells = sum(len(it.objects) for it in items), []
+    for name, images in drawn.items():
+        read = object_reading(images, items)
+        cells.append(f"{name}: colour + shape found {read['recalled'] / n:.3f} "
+                     f"({by_shape_asked(read)}; {squares_by_side(read)})")
+    return (f"own-map: the held-out captions and seeds, {n} objects, what the detector reads in "
+            "each object's colour: " + " | ".join(cells))
+
+
 def longer_locref(run, host, parts, cfg, base_path: str) -> str:
     p = run["preset"]
     name, steps = "diagnose/locref_longer", 2 * p["locref_steps"]
@@ -550,6 +593,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: samplers(run, host, parts, cfg))
     if args.adapter_lr:
         asked.append(lambda: adapter_lr(run, host, parts, cfg, base_path, args.adapter_lr))
+    if args.own_map:
+        asked.append(lambda: own_map(run, host, parts, cfg))
     if args.longer:
         asked += [lambda: longer_locref(run, host, parts, cfg, base_path),
                   lambda: longer_controlnet(run, host, parts, cfg)]

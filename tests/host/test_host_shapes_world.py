@@ -110,10 +110,10 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         diagnose.main(argv)
     run(bench, tmp_path)
     lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4", "1e-4",
-                           "--longer"])
+                           "--own-map", "--longer"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
-        "samplers", "adapter-lr", "longer", "longer"]
+        "samplers", "adapter-lr", "own-map", "longer", "longer"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
     objects = sum(len(it.objects) for it in bench.load_heldout(bench.synthetic_paths(held)))
@@ -134,7 +134,13 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     rates = re.findall(r"lr ([0-9.e-]+)( \(the run's\))?: AP50", lines[8])
     assert rates == [("0.0001", " (the run's)"), ("0.0003", "")]  # 1e-4: the run's, not retrained
     assert "on 4 validation layouts" in lines[8] and lines[8].count("appearance") == 2
-    assert "LocRef adapter at 8 steps" in lines[9] and "seg ControlNet at 8 steps" in lines[10]
+    assert f"own-map: the held-out captions and seeds, {objects} objects" in lines[9]
+    for cell in lines[9].split(": ", 1)[1].split(" | "):  # base, then own map: every object once
+        assert cell.split(": colour + shape found")[0].endswith(
+            ("base, caption only", "own map -> seg ControlNet"))
+        asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", cell.split("; squares")[0])
+        assert sum(int(k) for k in asked) == objects
+    assert "LocRef adapter at 8 steps" in lines[10] and "seg ControlNet at 8 steps" in lines[11]
     out = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     assert (out / "locref_lr0.0003.safetensors").is_file()
     assert not (out / "locref_lr0.0001.safetensors").exists()
