@@ -51,10 +51,10 @@ from locref_core.preview import render_preview  # noqa: E402
 from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.train.host import load_host  # noqa: E402
 from locref_core.train.loop import TrainLog  # noqa: E402
+from locref_core.weights import save_whole  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
                                        score_image)
-from locref_core.weights import save_whole  # noqa: E402
 from locref_core.world.models import WorldConfig, build_world, load_world, save_world  # noqa: E402
 
 import shapes_world_fgdm as fgdm  # noqa: E402  (this folder)
