@@ -35,7 +35,9 @@ asks for only the lines of the questions below.
   layouts, their AP50 with the labels as in the table (colour + shape), by colour alone, by
   shape alone and with no label (is it the box or the shape that misses?), and their appearance
   split into colour and shape, and by the reference's shape (does the adapter carry the
-  reference where the base can draw it?).
+  reference where the base can draw it?), and that shape read in the whole image rather than
+  the box's crop (is a shape lost in the drawing, or where the crop cuts an object drawn past
+  its box?).
 - --samplers (about 20 minutes): the base, caption only, under other sampler settings (CFG 1 and
   2, DPM++ 2M, Euler ancestral, guidance only while sigma > 1), scored on validation layouts
   (another seed; never the held-out ones, so no setting is chosen on the test): one-object
@@ -48,7 +50,7 @@ asks for only the lines of the questions below.
 - --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
   twice its steps and the seg ControlNet trained as many steps again (fresh optimizer), each
   scored as in the tables (does more training help?).
-- --own-map (about 10 minutes on the wider base): the held-out captions and seeds drawn by the
+- --own-map (about 7 minutes alone on the wider base): the held-out captions and seeds drawn by the
   base alone and by the seg ControlNet from each held-out image's own map (the FG-DM table's
   last row), and per object what the detector reads in its colour, by shape asked, squares by
   side (where does the image factor lose the objects a perfect map gives it?).
@@ -124,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "seg ControlNet twice as long and score them (about an hour)")
     p.add_argument("--own-map", action="store_true", help="also read, object by object, the "
                    "seg ControlNet's images from each held-out image's own map (the FG-DM "
-                   "table's diagnostic row) and the base's caption-only images (about 10 min)")
+                   "table's diagnostic row) and the base's caption-only images (about 7 min)")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
