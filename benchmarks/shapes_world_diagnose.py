@@ -50,10 +50,10 @@ asks for only the lines of the questions below.
 - --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
   twice its steps and the seg ControlNet trained as many steps again (fresh optimizer), each
   scored as in the tables (does more training help?).
-- --own-map (about 7 minutes alone on the wider base): the held-out captions and seeds drawn by the
-  base alone and by the seg ControlNet from each held-out image's own map (the FG-DM table's
-  last row), and per object what the detector reads in its colour, by shape asked, squares by
-  side (where does the image factor lose the objects a perfect map gives it?).
+- --own-map (about 7 minutes alone on the wider base): the held-out captions and seeds drawn
+  by the base alone and by the seg ControlNet from each held-out image's own map (the FG-DM
+  table's last row), and per object what the detector reads in its colour, by shape asked,
+  squares by side (where does the image factor lose the objects a perfect map gives it?).
 """
 
 from __future__ import annotations
