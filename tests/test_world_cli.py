@@ -175,3 +175,22 @@ def test_diagnose_reads_a_shape_drawn_past_its_box_whole(diagnose):
     text = diagnose.appearance_by_shape([image], [SimpleNamespace(boxes=boxes, objects=objects)])
     assert "both, by the reference's shape: square 1/1, disc 0/1, triangle 0/1;" in text
     assert text.endswith("not the box's crop): square 1/1, disc 1/1, triangle 0/1")
+
+
+def test_a_busy_machine_is_named_before_a_run(sw, monkeypatch, caplog):
+    monkeypatch.setattr(sw.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sw.os, "getloadavg", lambda: (2.03, 1.5, 1.0))
+    with caplog.at_level("WARNING", logger="shapes_world"):
+        assert sw.warn_if_busy("diagnose")
+    assert "diagnose: the machine is busy" in caplog.text and "2.03 on 2 cores" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(sw.os, "getloadavg", lambda: (0.4, 1.5, 1.0))  # the last minute: idle
+    assert not sw.warn_if_busy("diagnose") and not caplog.text
+    monkeypatch.setattr(sw.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(sw.os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # 3 of 16 cores
+    assert not sw.warn_if_busy("diagnose")
+
+    def no_load():
+        raise OSError("no load average")
+    monkeypatch.setattr(sw.os, "getloadavg", no_load)
+    assert not sw.warn_if_busy("diagnose")
