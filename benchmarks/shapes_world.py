@@ -419,22 +419,49 @@ def make_run(args: argparse.Namespace) -> dict:
     return run
 
 
-def warn_if_busy(what: str) -> bool:
-    """Log a warning (and return True) when other work already loads the machine: the 1-minute
-    load average at half the cores or more (at least 0.75). The runs fix their thread counts
-    for the cores they expect; beside another job their threads wait for each other's, and
-    their minutes are no timing. False where the system gives no load average."""
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, busy + idle) CPU ticks of the whole machine so far, from /proc/stat (steal and
+    guest time left out); None where there is no /proc/stat."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # Windows, or no /proc
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    user, nice, system, idle, *rest = fields
+    iowait, irq, softirq = (rest + [0, 0, 0])[:3]
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
+
+
+def busy_share(seconds: float = 0.5, ticks=cpu_ticks) -> float | None:
+    """The share of the machine's CPU time that other processes used over the next `seconds`
+    (this process's own time taken out), or None where the system does not say."""
+    before, own = ticks(), time.process_time()
+    time.sleep(seconds)
+    after, own = ticks(), time.process_time() - own
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy = after[0] - before[0] - own * os.sysconf("SC_CLK_TCK")
+    return max(0.0, busy) / (after[1] - before[1])
+
+
+BUSY_SHARE = 0.4  # one busy thread on 2 cores is 0.5
+
+
+def warn_if_busy(what: str, share: float | None = None) -> bool:
+    """Log a warning (and return True) when other processes already keep the machine busy (a
+    `busy_share` of BUSY_SHARE or more, measured now when not given). The runs fix their thread
+    counts for the cores they expect; beside other work their threads wait for each other's,
+    and their minutes are no timing."""
+    share = busy_share() if share is None else share
+    if share is None or share < BUSY_SHARE:
         return False
-    cores = os.cpu_count() or 1
-    if load < max(0.75, cores / 2):
-        return False
-    log.warning("%s: the machine is busy before it starts (1-minute load average %.2f on %d "
-                "cores); its threads will compete with that work (a diagnose image took 36 s "
+    log.warning("%s: the machine is busy before it starts (other processes use %.0f %% of its "
+                "CPU time); its threads will compete with that work (a diagnose image took 36 s "
                 "instead of 2.3 s beside a two-thread run on 2 cores) and its minutes are no "
-                "timing: pause or wait for the other work", what, load, cores)
+                "timing: pause or wait for the other work", what, 100 * share)
     return True
 
 

@@ -177,20 +177,20 @@ def test_diagnose_reads_a_shape_drawn_past_its_box_whole(diagnose):
     assert text.endswith("not the box's crop): square 1/1, disc 1/1, triangle 0/1")
 
 
-def test_a_busy_machine_is_named_before_a_run(sw, monkeypatch, caplog):
-    monkeypatch.setattr(sw.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(sw.os, "getloadavg", lambda: (2.03, 1.5, 1.0))
-    with caplog.at_level("WARNING", logger="shapes_world"):
-        assert sw.warn_if_busy("diagnose")
-    assert "diagnose: the machine is busy" in caplog.text and "2.03 on 2 cores" in caplog.text
-    caplog.clear()
-    monkeypatch.setattr(sw.os, "getloadavg", lambda: (0.4, 1.5, 1.0))  # the last minute: idle
-    assert not sw.warn_if_busy("diagnose") and not caplog.text
-    monkeypatch.setattr(sw.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(sw.os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # 3 of 16 cores
-    assert not sw.warn_if_busy("diagnose")
+def test_a_busy_machine_is_named_before_a_run(sw, caplog):
+    def ticks(*samples):
+        it = iter(samples)
+        return lambda: next(it)
 
-    def no_load():
-        raise OSError("no load average")
-    monkeypatch.setattr(sw.os, "getloadavg", no_load)
-    assert not sw.warn_if_busy("diagnose")
+    # 90 of 100 ticks busy over the window: other work (this process slept through it)
+    assert sw.busy_share(0.0, ticks((1000, 5000), (1090, 5100))) == pytest.approx(0.9, abs=0.05)
+    assert sw.busy_share(0.0, ticks((1000, 5000), (1010, 5100))) == pytest.approx(0.1, abs=0.05)
+    assert sw.busy_share(0.0, ticks(None, None)) is None  # no /proc/stat
+    assert sw.busy_share(0.0, ticks((1, 5), (1, 5))) is None  # no tick passed
+    with caplog.at_level("WARNING", logger="shapes_world"):
+        assert sw.warn_if_busy("diagnose", share=0.98)
+    assert "diagnose: the machine is busy" in caplog.text and "use 98 % of its" in caplog.text
+    caplog.clear()
+    assert not sw.warn_if_busy("diagnose", share=0.1) and not caplog.text
+    ticks_now = sw.cpu_ticks()  # this machine's /proc/stat, where there is one
+    assert ticks_now is None or 0 <= ticks_now[0] <= ticks_now[1]
