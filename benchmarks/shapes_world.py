@@ -439,9 +439,11 @@ def busy_share(seconds: float = 0.5, ticks=cpu_ticks) -> float | None:
     """The share of the machine's CPU time that other processes used over the next `seconds`
     (this process's own time taken out), or None where the system does not say."""
     before, own = ticks(), time.process_time()
+    if before is None:
+        return None
     time.sleep(seconds)
     after, own = ticks(), time.process_time() - own
-    if before is None or after is None or after[1] <= before[1]:
+    if after is None or after[1] <= before[1]:
         return None
     busy = after[0] - before[0] - own * os.sysconf("SC_CLK_TCK")
     return max(0.0, busy) / (after[1] - before[1])

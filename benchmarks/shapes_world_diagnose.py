@@ -92,7 +92,7 @@ from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  #
 log = logging.getLogger("shapes_world_diagnose")
 
 
-LOCREF, CONTROLNET = "locref.safetensors", "seg_controlnet.safetensors"
+BASE, LOCREF, CONTROLNET = "base.safetensors", "locref.safetensors", "seg_controlnet.safetensors"
 # The questions asked by a flag (argparse's name -> how the flag is written, the run's model
 # files it reads besides the base); the five basics read the seg ControlNet too.
 QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,)),
@@ -200,7 +200,7 @@ def probe(run, host) -> str:
 
 @torch.no_grad()
 def controlnet_eps(run, host, parts) -> str:
-    model = world_cn.load_controlnet(host, parts, str(run["dir"] / "seg_controlnet.safetensors"))
+    model = world_cn.load_controlnet(host, parts, str(run["dir"] / CONTROLNET))
     images = sw.read_images(run["data"]["heldout_paths"]["images"])
     maps = (fg.read_maps(run["data"]["heldout_paths"]) + 1) / 2
     ensure_loaded(host, parts)
@@ -417,9 +417,11 @@ def overlapping_shape(found, colour: str, box) -> str:
     "nothing": the object read whole, where the box's crop cuts off whatever is drawn past the
     box (a disc 2 px wider than its 20 px box reads as a square in the crop)."""
     mine = [d for d in found if d.colour == colour]
-    overlaps = iou_matrix([box], [d.box for d in mine])[0] if mine else np.zeros(0)
-    k = int(overlaps.argmax()) if len(overlaps) else -1
-    return mine[k].shape if k >= 0 and overlaps[k] > 0 else "nothing"
+    if not mine:
+        return "nothing"
+    overlaps = iou_matrix([box], [d.box for d in mine])[0]
+    k = int(overlaps.argmax())
+    return mine[k].shape if overlaps[k] > 0 else "nothing"
 
 
 def appearance_by_shape(images, items) -> str:
@@ -448,7 +450,7 @@ def appearance_by_shape(images, items) -> str:
 
 
 def placement(run, host, parts, cfg) -> list[str]:
-    configs = sw.configurations(run, host, parts, str(run["dir"] / "locref.safetensors"))
+    configs = sw.configurations(run, host, parts, str(run["dir"] / LOCREF))
     names = ("base, caption only", "LocRef, trained adapter")
     images = sw.generate(run, host, parts, cfg, {k: configs[k] for k in names})
     lines = []
@@ -509,7 +511,7 @@ def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str
     diagnose/), each scored with the run's own adapter on the validation layouts, so that a
     rate can be chosen without looking at the held-out ones."""
     p, layouts = run["preset"], validation_layouts(run)
-    paths = {fg.TRAINER_LR: str(run["dir"] / "locref.safetensors")}
+    paths = {fg.TRAINER_LR: str(run["dir"] / LOCREF)}
     (run["dir"] / "diagnose").mkdir(exist_ok=True)
     for lr in rates:
         with base.one_thread():  # as the run trains its own, so a rerun gives the same weights
@@ -537,7 +539,7 @@ def longer_controlnet(run, host, parts, cfg) -> str:
         model = world_cn.load_controlnet(host, parts, str(out))
     else:
         model = world_cn.load_controlnet(host, parts,
-                                         str(run["dir"] / "seg_controlnet.safetensors"))
+                                         str(run["dir"] / CONTROLNET))
         world_cn.train_controlnet(host, parts, model,
                                   base.encode_latents(parts, data["train_images"]),
                                   (data["train_maps"] + 1) / 2, data["train_captions"],
@@ -558,14 +560,13 @@ def longer_controlnet(run, host, parts, cfg) -> str:
 
 def missing_models(run: dict, args: argparse.Namespace) -> list[str]:
     """The run's model files that the questions asked need and its cache lacks: the base always,
-    the seg ControlNet for the basics and --longer, the LocRef adapter for --placement,
-    --adapter-lr and --longer (so a question can be asked while the run's other half trains;
-    --drawing and --samplers read only the base)."""
-    needed = {"base.safetensors", *([] if args.skip_basics else BASICS_READ)}
+    the basics' and each question's files from BASICS_READ and QUESTIONS (so a question can be
+    asked while the run's other half trains; --drawing and --samplers read only the base)."""
+    needed = {BASE, *([] if args.skip_basics else BASICS_READ)}
     for q, (_, reads) in QUESTIONS.items():
         if getattr(args, q):
             needed.update(reads)
-    return [name for name in ("base.safetensors", LOCREF, CONTROLNET)
+    return [name for name in (BASE, LOCREF, CONTROLNET)
             if name in needed and not (run["dir"] / name).is_file()]
 
 
