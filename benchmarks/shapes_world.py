@@ -252,9 +252,10 @@ def configurations(run, host, parts, locref_path):
             "regional prompts (box text, no adapter)": lambda item: text_state(nodes, parts, item)}
 
 
-def generate(run, host, parts, cfg, configs, items=None) -> dict[str, list[torch.Tensor]]:
-    """Every configuration on every held-out layout (or on `items`), the same seed per layout;
-    progress with ETA."""
+def generate(run, host, parts, cfg, configs, items=None,
+             prompt: str | None = None) -> dict[str, list[torch.Tensor]]:
+    """Every configuration on every held-out layout (or on `items`), the same seed per layout,
+    prompted with the layout's caption (or with `prompt` for all); progress with ETA."""
     items, steps = items or run["data"]["heldout"], run["preset"]["sample_steps"]
     total, done, t0 = len(items) * len(configs), 0, time.perf_counter()
     images: dict[str, list[torch.Tensor]] = {name: [] for name in configs}
@@ -265,7 +266,8 @@ def generate(run, host, parts, cfg, configs, items=None) -> dict[str, list[torch
                 patcher = parts.patcher.clone()
                 install(patcher, build(item))
             images[name].append(base.sample_images(
-                host, patcher, parts, [item.caption], [sample_seed(run["seed"], i)], cfg,
+                host, patcher, parts, [item.caption if prompt is None else prompt],
+                [sample_seed(run["seed"], i)], cfg,
                 steps=steps, guidance=run["guidance"])[0])
             done += 1
         rate = done / (time.perf_counter() - t0)

@@ -4,7 +4,7 @@
 are saved.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
-        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--own-map]
+        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--own-map] [--regional]
         [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
@@ -54,6 +54,13 @@ asks for only the lines of the questions below.
   by the base alone and by the seg ControlNet from each held-out image's own map (the FG-DM
   table's last row), and per object what the detector reads in its colour, by shape asked,
   squares by side (where does the image factor lose the objects a perfect map gives it?).
+- --regional (about 3 minutes on the 32-channel base): regional prompts (each box's label,
+  region_text 1, no adapter) on the held-out layouts and seeds, with the layout's caption as the
+  global prompt, as the table's row prompts them, and with the empty global prompt, as the
+  example workflow leaves the objects to the boxes (its global prompt names the scene, not the
+  objects), beside the base under the empty prompt with no boxes: AP50 with the table's labels
+  and with none, appearance, leakage, recall (does a box's text place its object when the global
+  prompt does not ask for that object everywhere?).
 """
 
 from __future__ import annotations
@@ -83,7 +90,8 @@ from locref_core.data.synthetic import phrase  # noqa: E402
 from locref_core.eval.boxes import iou_matrix  # noqa: E402
 from locref_core.eval.shapes import SHAPES, appearance_scores, detect_shapes  # noqa: E402
 from locref_core.train import locref as locref_trainer  # noqa: E402
-from locref_core.train.host import encode_text, ensure_loaded, predict_eps  # noqa: E402
+from locref_core.patch import install  # noqa: E402
+from locref_core.train.host import diffuse, encode_text, ensure_loaded, predict_eps  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
 from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
@@ -98,7 +106,7 @@ BASE, LOCREF, CONTROLNET = "base.safetensors", "locref.safetensors", "seg_contro
 QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,)),
              "samplers": ("--samplers", ()), "adapter_lr": ("--adapter-lr LR", (LOCREF,)),
              "longer": ("--longer", (LOCREF, CONTROLNET)),
-             "own_map": ("--own-map", (CONTROLNET,))}
+             "own_map": ("--own-map", (CONTROLNET,)), "regional": ("--regional", ())}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -127,6 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--own-map", action="store_true", help="also read, object by object, the "
                    "seg ControlNet's images from each held-out image's own map (the FG-DM "
                    "table's diagnostic row) and the base's caption-only images (about 7 min)")
+    p.add_argument("--regional", action="store_true", help="also score regional prompts (the "
+                   "box labels, no adapter) under the empty global prompt, as the example "
+                   "workflow leaves the objects to the boxes, beside the table's row, which "
+                   "prompts with the caption (about 3 minutes on the 32-channel base)")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
@@ -466,6 +478,94 @@ def placement(run, host, parts, cfg) -> list[str]:
     return lines
 
 
+def inside_boxes(item, side: int) -> torch.Tensor:
+    """(side, side) bool: the pixels under any of `item`'s boxes."""
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    for box in sw.layout_of(item, with_refs=False).boxes:
+        x0, y0, x1, y1 = box.to_pixels(side, side)
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def change_by_region(a, b, items) -> tuple[float, float]:
+    """Mean absolute pixel difference between two image lists (same layouts and seeds), inside
+    the layouts' boxes and outside them."""
+    inside, outside = [], []
+    for x, y, item in zip(a, b, items):
+        diff, mask = (x - y).abs().mean(0), inside_boxes(item, x.shape[-1])
+        inside.append(diff[mask].mean().item())
+        outside.append(diff[~mask].mean().item() if (~mask).any() else 0.0)
+    return float(np.mean(inside)), float(np.mean(outside))
+
+
+@torch.no_grad()
+def eps_change_by_region(run, host, parts, state_of, steps=(999, 500, 100)) -> list[str]:
+    """Per DDPM step in `steps`: the held-out latents noised to it (one noise draw), one UNet
+    call under the empty prompt with and without each layout's patch (`state_of(item)`), and the
+    mean absolute change of the predicted epsilon inside the layout's boxes and outside them."""
+    items = run["data"]["heldout"]
+    ensure_loaded(host, parts)
+    x0 = parts.patcher.model.latent_format.process_in(
+        base.encode_latents(parts, sw.read_images(run["data"]["heldout_paths"]["images"])))
+    context = encode_text(parts.clip, [""])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(run["seed"] + 321))
+    patched = []
+    for item in items:
+        patcher = parts.patcher.clone()
+        install(patcher, state_of(item))
+        patched.append(patcher)
+    cells = []
+    for step in steps:
+        x, sigma = diffuse(parts, x0, noise, torch.full((len(x0),), step))
+        inside, outside = [], []
+        for i, (item, patcher) in enumerate(zip(items, patched)):
+            args = (x[i:i + 1], sigma[i:i + 1], context)
+            change = (predict_eps(host, patcher, *args) -
+                      predict_eps(host, parts.patcher, *args)).abs().mean(1)[0]
+            mask = inside_boxes(item, change.shape[-1])
+            inside.append(change[mask].mean().item())
+            outside.append(change[~mask].mean().item() if (~mask).any() else 0.0)
+        cells.append(f"step {step} (sigma {sigma[0].item():.2f}) {np.mean(inside):.4f} inside, "
+                     f"{np.mean(outside):.4f} outside")
+    return cells
+
+
+@torch.no_grad()
+def regional(run, host, parts, cfg) -> str:
+    """Regional prompts (each box's label, no adapter) and the base without boxes, prompted as
+    the table prompts them (the layout's caption, which names every object, as the global prompt)
+    and as the pack's example workflow does (a global prompt that leaves the objects to the boxes:
+    here the empty one); the held-out layouts and seeds. Per prompt, how much the box texts change
+    the base's image inside the boxes and outside them; then the same split of their change in
+    one UNet call (is it the patch that acts outside the boxes, or the sampling that spreads
+    it?)."""
+    nodes = sw.load_pack()["locref_nodes"]
+    text = lambda item: sw.text_state(nodes, parts, item)  # noqa: E731
+    configs = {"base": None, "regional prompts": text}
+    items, rounds, cells = run["data"]["heldout"], run["preset"]["bootstrap"], []
+    for prompt, said in ((None, "the caption"), ("", "the empty prompt")):
+        images = sw.generate(run, host, parts, cfg, configs, prompt=prompt)
+        for name, drawn in images.items():
+            scores = sw.scores_of(run, drawn)
+            s = summary(scores)
+            ap50 = [interval(label, bootstrap(relabelled(scores, LABELLINGS[label]),
+                                              rounds=rounds, seed=run["seed"])["AP50"])
+                    for label in ("colour + shape", "no label")]
+            cells.append(f"{name}, {said}: AP50 by label {', '.join(ap50)}; appearance "
+                         f"{s['appearance']:.3f}, leakage {s['leakage']:.3f}, recall "
+                         f"{s['recall']:.3f}")
+        inside, outside = change_by_region(images["regional prompts"], images["base"], items)
+        cells.append(f"the box texts under {said} change the base's image by {inside:.3f} "
+                     f"inside the boxes and {outside:.3f} outside (mean absolute pixel "
+                     "difference, same seed)")
+    cells.append("in one UNet call on the held-out latents (the empty prompt), the box texts "
+                 "change the predicted epsilon by: " +
+                 ", ".join(eps_change_by_region(run, host, parts, text)))
+    return (f"regional: {len(items)} held-out layouts, each box's label as its regional prompt "
+            "(region_text 1, no adapter), the global prompt the caption or empty: " +
+            " | ".join(cells))
+
+
 @torch.no_grad()
 def own_map(run, host, parts, cfg) -> str:
     control_net = world_cn.wrap(host, world_cn.load_controlnet(host, parts,
@@ -599,6 +699,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: adapter_lr(run, host, parts, cfg, base_path, args.adapter_lr))
     if args.own_map:
         asked.append(lambda: own_map(run, host, parts, cfg))
+    if args.regional:
+        asked.append(lambda: regional(run, host, parts, cfg))
     if args.longer:
         asked += [lambda: longer_locref(run, host, parts, cfg, base_path),
                   lambda: longer_controlnet(run, host, parts, cfg)]

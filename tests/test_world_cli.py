@@ -125,6 +125,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     (folder / "base.safetensors").touch()
     assert missing("--skip-basics", "--samplers") == []
     assert missing("--skip-basics", "--drawing") == []  # the base alone
+    assert missing("--skip-basics", "--regional") == []  # the base and its CLIP alone
     assert missing("--skip-basics", "--adapter-lr", "3e-4") == ["locref.safetensors"]
     (folder / "locref.safetensors").touch()
     assert missing("--skip-basics", "--adapter-lr", "3e-4", "--placement") == []
@@ -175,6 +176,24 @@ def test_diagnose_reads_a_shape_drawn_past_its_box_whole(diagnose):
     text = diagnose.appearance_by_shape([image], [SimpleNamespace(boxes=boxes, objects=objects)])
     assert "both, by the reference's shape: square 1/1, disc 0/1, triangle 0/1;" in text
     assert text.endswith("not the box's crop): square 1/1, disc 1/1, triangle 0/1")
+
+
+def test_diagnose_splits_a_change_by_the_boxes(diagnose):
+    import torch
+    from types import SimpleNamespace
+
+    # one box over the left half: a change there, then a change of another size on the right
+    item = SimpleNamespace(boxes=[(0.0, 0.0, 0.5, 1.0)], label=lambda i: "red square")
+    mask = diagnose.inside_boxes(item, 8)
+    assert mask.sum() == 32 and mask[:, :4].all() and not mask[:, 4:].any()
+    base = torch.zeros(3, 8, 8)
+    left, right = base.clone(), base.clone()
+    left[:, :, :4] = 0.5
+    right[:, :, 4:] = 0.25
+    assert diagnose.change_by_region([left, right], [base, base], [item, item]) == (0.25, 0.125)
+    # a box over the whole canvas leaves nothing outside: no change counted there
+    whole = SimpleNamespace(boxes=[(0.0, 0.0, 1.0, 1.0)], label=lambda i: "red square")
+    assert diagnose.change_by_region([left], [base], [whole]) == (0.25, 0.0)
 
 
 def test_a_busy_machine_is_named_before_a_run(sw, caplog):

@@ -163,6 +163,18 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert drawing[0] == f"one-object: drawing {objects} images, one object each"
     assert drawing[-1] == f"one-object: {objects} of {objects} images, ETA 0 s"
     assert sum(m.startswith("sdedit: ") and "settings done" in m for m in said[one:two]) == 6
+    # regional prompts read the base and its CLIP alone: each global prompt, the base and the
+    # box texts, and how much the box texts change the image inside the boxes and outside
+    [line] = diagnose.main([*argv, "--skip-basics", "--regional"])
+    held_out = len(bench.load_heldout(bench.synthetic_paths(held)))
+    assert line.startswith(f"regional: {held_out} held-out layouts")
+    cells = line.split("empty: ", 1)[1].split(" | ")
+    assert [cell.split(":")[0] for cell in cells[:2] + cells[3:5]] == [
+        "base, the caption", "regional prompts, the caption", "base, the empty prompt",
+        "regional prompts, the empty prompt"]
+    for cell in (cells[2], cells[5]):  # the texts act: the image changes inside the boxes
+        inside = float(re.search(r"change the base's image by ([0-9.]+) inside", cell)[1])
+        assert inside > 0
 
 
 def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
