@@ -54,13 +54,16 @@ asks for only the lines of the questions below.
   by the base alone and by the seg ControlNet from each held-out image's own map (the FG-DM
   table's last row), and per object what the detector reads in its colour, by shape asked,
   squares by side (where does the image factor lose the objects a perfect map gives it?).
-- --regional (about 3 minutes on the 32-channel base): regional prompts (each box's label,
+- --regional (about 14 minutes alone on the 32-channel base): regional prompts (each box's label,
   region_text 1, no adapter) on the held-out layouts and seeds, with the layout's caption as the
   global prompt, as the table's row prompts them, and with the empty global prompt, as the
   example workflow leaves the objects to the boxes (its global prompt names the scene, not the
-  objects), beside the base under the empty prompt with no boxes: AP50 with the table's labels
-  and with none, appearance, leakage, recall (does a box's text place its object when the global
-  prompt does not ask for that object everywhere?).
+  objects), beside the base with no boxes and the same box texts through the host's own mask
+  conditioning (ConditioningSetMask's blend of predictions, confined to each box at every step),
+  under both prompts: AP50 with the table's labels and with none, appearance, leakage, recall,
+  and how much the box texts change the image inside the boxes and outside, after sampling and
+  (the patch) in one UNet call (does a box's text place its object when the global prompt does
+  not ask for that object everywhere? does it where the host confines it to its box?).
 """
 
 from __future__ import annotations
@@ -138,7 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regional", action="store_true", help="also score regional prompts (the "
                    "box labels, no adapter) under the empty global prompt, as the example "
                    "workflow leaves the objects to the boxes, beside the table's row, which "
-                   "prompts with the caption (about 3 minutes on the 32-channel base)")
+                   "prompts with the caption, and the host's mask conditioning (about 14 minutes on "
+                   "the 32-channel base)")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
@@ -478,13 +482,19 @@ def placement(run, host, parts, cfg) -> list[str]:
     return lines
 
 
-def inside_boxes(item, side: int) -> torch.Tensor:
-    """(side, side) bool: the pixels under any of `item`'s boxes."""
-    mask = torch.zeros(side, side, dtype=torch.bool)
-    for box in sw.layout_of(item, with_refs=False).boxes:
+def box_masks(item, side: int) -> torch.Tensor:
+    """(boxes, side, side) bool: the pixels under each of `item`'s boxes."""
+    boxes = sw.layout_of(item, with_refs=False).boxes
+    masks = torch.zeros(len(boxes), side, side, dtype=torch.bool)
+    for mask, box in zip(masks, boxes):
         x0, y0, x1, y1 = box.to_pixels(side, side)
         mask[y0:y1, x0:x1] = True
-    return mask
+    return masks
+
+
+def inside_boxes(item, side: int) -> torch.Tensor:
+    """(side, side) bool: the pixels under any of `item`'s boxes."""
+    return box_masks(item, side).any(0)
 
 
 def change_by_region(a, b, items) -> tuple[float, float]:
@@ -530,21 +540,33 @@ def eps_change_by_region(run, host, parts, state_of, steps=(999, 500, 100)) -> l
     return cells
 
 
+MASKED = "the host's mask conditioning"
+
+
 @torch.no_grad()
 def regional(run, host, parts, cfg) -> str:
     """Regional prompts (each box's label, no adapter) and the base without boxes, prompted as
     the table prompts them (the layout's caption, which names every object, as the global prompt)
     and as the pack's example workflow does (a global prompt that leaves the objects to the boxes:
-    here the empty one); the held-out layouts and seeds. Per prompt, how much the box texts change
-    the base's image inside the boxes and outside them; then the same split of their change in
-    one UNet call (is it the patch that acts outside the boxes, or the sampling that spreads
-    it?)."""
+    here the empty one), and the same box texts through the host's own mask conditioning (each
+    text masked to its box and the global prompt to the rest, as ConditioningSetMask masks them:
+    the sampler blends the predictions by mask at every step); the held-out layouts and seeds.
+    Per prompt, how much the box texts change the base's image inside the boxes and outside
+    them; then the same split of the patch's change in one UNet call (is it the patch that acts
+    outside the boxes, or the sampling that spreads it?)."""
     nodes = sw.load_pack()["locref_nodes"]
     text = lambda item: sw.text_state(nodes, parts, item)  # noqa: E731
     configs = {"base": None, "regional prompts": text}
     items, rounds, cells = run["data"]["heldout"], run["preset"]["bootstrap"], []
+    side, steps = cfg.size, run["preset"]["sample_steps"]
     for prompt, said in ((None, "the caption"), ("", "the empty prompt")):
         images = sw.generate(run, host, parts, cfg, configs, prompt=prompt)
+        images[MASKED] = base.sample_images(  # the same box texts through the host's own path
+            host, parts.patcher, parts, [it.caption if prompt is None else prompt for it in items],
+            [sample_seed(run["seed"], i) for i in range(len(items))], cfg, steps=steps,
+            guidance=run["guidance"], on_image=every_tenth(f"regional, {MASKED}, {said}"),
+            regions=[[(it.label(k), m) for k, m in enumerate(box_masks(it, side))]
+                     for it in items])
         for name, drawn in images.items():
             scores = sw.scores_of(run, drawn)
             s = summary(scores)
@@ -554,10 +576,11 @@ def regional(run, host, parts, cfg) -> str:
             cells.append(f"{name}, {said}: AP50 by label {', '.join(ap50)}; appearance "
                          f"{s['appearance']:.3f}, leakage {s['leakage']:.3f}, recall "
                          f"{s['recall']:.3f}")
-        inside, outside = change_by_region(images["regional prompts"], images["base"], items)
-        cells.append(f"the box texts under {said} change the base's image by {inside:.3f} "
-                     f"inside the boxes and {outside:.3f} outside (mean absolute pixel "
-                     "difference, same seed)")
+        for name in ("regional prompts", MASKED):
+            inside, outside = change_by_region(images[name], images["base"], items)
+            cells.append(f"the box texts as {name}, under {said}, change the base's image by "
+                         f"{inside:.3f} inside the boxes and {outside:.3f} outside (mean "
+                         "absolute pixel difference, same seed)")
     cells.append("in one UNet call on the held-out latents (the empty prompt), the box texts "
                  "change the predicted epsilon by: " +
                  ", ".join(eps_change_by_region(run, host, parts, text)))

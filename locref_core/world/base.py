@@ -320,17 +320,27 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
     return losses
 
 
+def masked(mask: torch.Tensor) -> dict:
+    """A conditioning's options as ConditioningSetMask sets them (strength 1, default area)."""
+    return {"mask": mask[None], "set_area_to_bounds": False, "mask_strength": 1.0}
+
+
 @torch.no_grad()
 def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: Sequence[str],
                   seeds: Sequence[int], cfg: WorldConfig, steps: int = 20, guidance: float = 4.0,
                   sampler: str = "euler", negative: str = "", control_net: Any = None,
                   maps: Sequence[torch.Tensor] | None = None,
-                  on_image: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                  on_image: Callable[[int, int], None] | None = None,
+                  regions: Sequence[Sequence[tuple[str, torch.Tensor]]] | None = None
+                  ) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from `patcher` (the base or a patched clone) through the
     host's own sampler (comfy.sample.sample, what KSampler calls), one seed per text; with a
     `control_net` (the host's CONTROL_NET) each image gets its map (1, H, W, 3) in [0, 1] as the
-    hint, attached as ControlNetApplyAdvanced does. `on_image(done, total)` after each image
-    (progress for long lists)."""
+    hint, attached as ControlNetApplyAdvanced does. With `regions`, each image's (text, mask
+    (H, W) in [0, 1]) pairs are further positive conditionings, masked as ConditioningSetMask
+    masks them (strength 1), and the image's own text is masked to where none of them is: the
+    host blends the predictions by mask, so inside a region only its text speaks.
+    `on_image(done, total)` after each image (progress for long lists)."""
     from .controlnet import with_control
 
     side = cfg.size // cfg.downscale
@@ -338,6 +348,10 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
     out = []
     for i, (text, seed) in enumerate(zip(texts, seeds)):
         pos, negative_cond = [[encode_text(parts.clip, [text]), {}]], neg
+        if regions is not None and regions[i]:
+            masks = torch.stack([mask.float() for _, mask in regions[i]])
+            pos = [[pos[0][0], masked(1 - masks.amax(0))]] + [
+                [encode_text(parts.clip, [t]), masked(mask.float())] for t, mask in regions[i]]
         if control_net is not None:
             pos, negative_cond = with_control(control_net, pos, neg, maps[i])
         empty = torch.zeros(1, 4, side, side)

@@ -169,12 +169,14 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     held_out = len(bench.load_heldout(bench.synthetic_paths(held)))
     assert line.startswith(f"regional: {held_out} held-out layouts")
     cells = line.split("empty: ", 1)[1].split(" | ")
-    assert [cell.split(":")[0] for cell in cells[:2] + cells[3:5]] == [
-        "base, the caption", "regional prompts, the caption", "base, the empty prompt",
-        "regional prompts, the empty prompt"]
-    for cell in (cells[2], cells[5]):  # the texts act: the image changes inside the boxes
+    assert len(cells) == 11 and cells[10].startswith("in one UNet call")
+    assert [cell.split(":")[0] for cell in cells[:3] + cells[5:8]] == [
+        f"{name}, the {prompt}" for prompt in ("caption", "empty prompt") for name in
+        ("base", "regional prompts", "the host's mask conditioning")]
+    for cell in cells[3:5] + cells[8:10]:  # the texts act: the image changes inside the boxes
         inside = float(re.search(r"change the base's image by ([0-9.]+) inside", cell)[1])
         assert inside > 0
+    assert len(re.findall(r"step \d+ \(sigma [0-9.]+\) [0-9.]+ inside", cells[10])) == 3
 
 
 def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):

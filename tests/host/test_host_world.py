@@ -78,6 +78,16 @@ def test_sampling_through_the_host_sampler(host, world):
     assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
     again = base.sample_images(host, parts.patcher, parts, ["a red square"], [0], cfg, steps=2)
     assert torch.equal(again[0], images[0])  # a seed gives the same image
+    # a region over the whole canvas leaves the image's own text no room: its text alone speaks
+    whole, left = torch.ones(64, 64), torch.zeros(64, 64)
+    left[:, :32] = 1
+    masked = base.sample_images(host, parts.patcher, parts, ["a blue disc", "a blue disc"], [0, 0],
+                                cfg, steps=2, regions=[[("a red square", whole)],
+                                                       [("a red square", left)]])
+    assert torch.allclose(masked[0], images[0], atol=1e-5)
+    blue = base.sample_images(host, parts.patcher, parts, ["a blue disc"], [0], cfg, steps=2)[0]
+    for other in (images[0], blue):  # a region over half of it: neither text's image
+        assert not torch.allclose(masked[1], other, atol=1e-3)
 
 
 def test_the_unet_trains_on_the_mse_of_what_it_predicts(host, world, tmp_path):
