@@ -93,6 +93,7 @@ from locref_core.data.synthetic import phrase  # noqa: E402
 from locref_core.eval.boxes import iou_matrix  # noqa: E402
 from locref_core.eval.shapes import SHAPES, appearance_scores, detect_shapes  # noqa: E402
 from locref_core.train import locref as locref_trainer  # noqa: E402
+from locref_core.masks import box_masks, foreground_mask  # noqa: E402
 from locref_core.patch import install  # noqa: E402
 from locref_core.train.host import diffuse, encode_text, ensure_loaded, predict_eps  # noqa: E402
 from locref_core.world import base  # noqa: E402
@@ -482,24 +483,19 @@ def placement(run, host, parts, cfg) -> list[str]:
     return lines
 
 
-def box_masks(item, side: int) -> torch.Tensor:
-    """(boxes, side, side) bool: the pixels under each of `item`'s boxes."""
-    boxes = sw.layout_of(item, with_refs=False).boxes
-    masks = torch.zeros(len(boxes), side, side, dtype=torch.bool)
-    for mask, box in zip(masks, boxes):
-        x0, y0, x1, y1 = box.to_pixels(side, side)
-        mask[y0:y1, x0:x1] = True
-    return masks
+def masks_of(item, side: int) -> torch.Tensor:
+    """(boxes, side, side): `item`'s boxes on a side x side grid, as the patch places them."""
+    return box_masks(sw.layout_of(item, with_refs=False), side, side)
 
 
 def inside_boxes(item, side: int) -> torch.Tensor:
-    """(side, side) bool: the pixels under any of `item`'s boxes."""
-    return box_masks(item, side).any(0)
+    """(side, side) bool: the cells under any of `item`'s boxes."""
+    return foreground_mask(masks_of(item, side)).bool()
 
 
 def change_by_region(a, b, items) -> tuple[float, float]:
-    """Mean absolute pixel difference between two image lists (same layouts and seeds), inside
-    the layouts' boxes and outside them."""
+    """Mean absolute difference between two lists of (C, H, W) tensors (images or epsilons of
+    the same layouts and seeds), over C, inside the layouts' boxes and outside them."""
     inside, outside = [], []
     for x, y, item in zip(a, b, items):
         diff, mask = (x - y).abs().mean(0), inside_boxes(item, x.shape[-1])
@@ -527,16 +523,12 @@ def eps_change_by_region(run, host, parts, state_of, steps=(999, 500, 100)) -> l
     cells = []
     for step in steps:
         x, sigma = diffuse(parts, x0, noise, torch.full((len(x0),), step))
-        inside, outside = [], []
-        for i, (item, patcher) in enumerate(zip(items, patched)):
-            args = (x[i:i + 1], sigma[i:i + 1], context)
-            change = (predict_eps(host, patcher, *args) -
-                      predict_eps(host, parts.patcher, *args)).abs().mean(1)[0]
-            mask = inside_boxes(item, change.shape[-1])
-            inside.append(change[mask].mean().item())
-            outside.append(change[~mask].mean().item() if (~mask).any() else 0.0)
-        cells.append(f"step {step} (sigma {sigma[0].item():.2f}) {np.mean(inside):.4f} inside, "
-                     f"{np.mean(outside):.4f} outside")
+        args = [(x[i:i + 1], sigma[i:i + 1], context) for i in range(len(items))]
+        inside, outside = change_by_region(
+            [predict_eps(host, patcher, *a)[0] for patcher, a in zip(patched, args)],
+            [predict_eps(host, parts.patcher, *a)[0] for a in args], items)
+        cells.append(f"step {step} (sigma {sigma[0].item():.2f}) {inside:.4f} inside, "
+                     f"{outside:.4f} outside")
     return cells
 
 
@@ -565,7 +557,7 @@ def regional(run, host, parts, cfg) -> str:
             host, parts.patcher, parts, [it.caption if prompt is None else prompt for it in items],
             [sample_seed(run["seed"], i) for i in range(len(items))], cfg, steps=steps,
             guidance=run["guidance"], on_image=every_tenth(f"regional, {MASKED}, {said}"),
-            regions=[[(it.label(k), m) for k, m in enumerate(box_masks(it, side))]
+            regions=[[(it.label(k), m) for k, m in enumerate(masks_of(it, side))]
                      for it in items])
         for name, drawn in images.items():
             scores = sw.scores_of(run, drawn)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..masks import foreground_mask
 from ..train.common import (DistEnv, Progress, list_checkpoints, load_checkpoint,
                             save_checkpoint)
 from ..train.host import (SD15Parts, TextCache, diffuse, encode_text, ensure_loaded, freeze,
@@ -349,9 +350,10 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
     for i, (text, seed) in enumerate(zip(texts, seeds)):
         pos, negative_cond = [[encode_text(parts.clip, [text]), {}]], neg
         if regions is not None and regions[i]:
-            masks = torch.stack([mask.float() for _, mask in regions[i]])
-            pos = [[pos[0][0], masked(1 - masks.amax(0))]] + [
-                [encode_text(parts.clip, [t]), masked(mask.float())] for t, mask in regions[i]]
+            region_texts, masks = zip(*regions[i])
+            masks = torch.stack(masks).float()
+            pos = [[pos[0][0], masked(1 - foreground_mask(masks))]] + [
+                [encode_text(parts.clip, [t]), masked(m)] for t, m in zip(region_texts, masks)]
         if control_net is not None:
             pos, negative_cond = with_control(control_net, pos, neg, maps[i])
         empty = torch.zeros(1, 4, side, side)
