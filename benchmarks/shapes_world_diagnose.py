@@ -4,8 +4,8 @@
 are saved.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
-        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--own-map] [--regional]
-        [--skip-basics [--drawing]]
+        [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
+        [--own-map] [--regional] [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?).
@@ -50,6 +50,9 @@ asks for only the lines of the questions below.
 - --longer (about an hour on 2 cores): the LocRef adapter continued from its last checkpoint to
   twice its steps and the seg ControlNet trained as many steps again (fresh optimizer), each
   scored as in the tables (does more training help?).
+- --adapter-times K [K ...]: the LocRef adapter continued to K times its steps, each K from the
+  checkpoint of the one before (--longer's is K = 2), each scored as in the tables (how does
+  placement grow with the adapter's training, and how long until it reaches a goal?).
 - --own-map (about 7 minutes alone on the wider base): the held-out captions and seeds drawn
   by the base alone and by the seg ControlNet from each held-out image's own map (the FG-DM
   table's last row), and per object what the detector reads in its colour, by shape asked,
@@ -110,6 +113,7 @@ BASE, LOCREF, CONTROLNET = "base.safetensors", "locref.safetensors", "seg_contro
 QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,)),
              "samplers": ("--samplers", ()), "adapter_lr": ("--adapter-lr LR", (LOCREF,)),
              "longer": ("--longer", (LOCREF, CONTROLNET)),
+             "adapter_times": ("--adapter-times K", (LOCREF,)),
              "own_map": ("--own-map", (CONTROLNET,)), "regional": ("--regional", ())}
 BASICS_READ = (CONTROLNET,)
 
@@ -136,6 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "run's own (lr 1e-4) on the validation layouts")
     p.add_argument("--longer", action="store_true", help="also train the LocRef adapter and the "
                    "seg ControlNet twice as long and score them (about an hour)")
+    p.add_argument("--adapter-times", type=int, nargs="+", metavar="K", default=[],
+                   help="also continue the LocRef adapter to K times the run's steps (each K "
+                   "from the checkpoint of the one before, the first from the run's own) and "
+                   "score it as in the tables")
     p.add_argument("--own-map", action="store_true", help="also read, object by object, the "
                    "seg ControlNet's images from each held-out image's own map (the FG-DM "
                    "table's diagnostic row) and the base's caption-only images (about 7 min)")
@@ -153,6 +161,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.drawing and not args.skip_basics:
         p.error("--drawing is a part of the basics, which run anyway: add --skip-basics to ask "
                 "only --drawing (and the other questions given)")
+    if any(k < 2 for k in args.adapter_times):
+        p.error(f"--adapter-times {' '.join(map(str, args.adapter_times))}: each K is a multiple "
+                "of the run's adapter steps of at least 2 (1 is the run's own adapter)")
+    args.adapter_times = sorted(set(args.adapter_times))
     if args.skip_basics and not any(getattr(args, q) for q in QUESTIONS):
         *others, last = (flag for flag, _ in QUESTIONS.values())
         p.error(f"--skip-basics leaves nothing to do: add {', '.join(others)} or {last}")
@@ -604,20 +616,40 @@ def own_map(run, host, parts, cfg) -> str:
             "each object's colour: " + " | ".join(cells))
 
 
-def longer_locref(run, host, parts, cfg, base_path: str) -> str:
+def continued_name(times: int) -> str:
+    """The diagnose's name of the LocRef adapter continued to `times` times the run's steps
+    (--longer's twice keeps the name it always had)."""
+    return "diagnose/locref_longer" if times == 2 else f"diagnose/locref_x{times}"
+
+
+def continued_from(folder: Path, times: int) -> Path:
+    """The checkpoints the adapter continued to `times` times the run's steps starts from: those
+    of the longest shorter one trained in the run's `folder`, else the run's own."""
+    shorter = [folder / f"{continued_name(k)}_ckpt" for k in range(times - 1, 1, -1)]
+    return next((c for c in shorter if c.is_dir()), folder / "locref_ckpt")
+
+
+def continued_locref(run, host, parts, cfg, base_path: str, times: int,
+                     question: str = "adapter-times") -> str:
+    """The LocRef adapter continued to `times` times the run's steps (the learning rate is
+    constant, so this is the run's training, longer) and scored as in the tables. It continues
+    from the newest checkpoint of the longest shorter one trained here, else of the run's own."""
     p = run["preset"]
-    name, steps = "diagnose/locref_longer", 2 * p["locref_steps"]
+    name, steps = continued_name(times), times * p["locref_steps"]
     ckpt = run["dir"] / f"{name}_ckpt"
-    if not ckpt.exists():  # continued from the run's last checkpoint
-        shutil.copytree(run["dir"] / "locref_ckpt", ckpt)
-    out = fg.cached_training(run, "locref_longer", name, locref_trainer.main, base_path, steps,
-                             p["locref_batch"], sw.locref_data_args(run["data"]["train"]))
+    if not (run["dir"] / f"{name}.safetensors").is_file() and not ckpt.exists():
+        source = continued_from(run["dir"], times)
+        log.info("%s: the adapter continues to %d steps from %s", question, steps, source)
+        shutil.copytree(source, ckpt)
+    out = fg.cached_training(run, f"locref_x{times}" if times != 2 else "locref_longer", name,
+                             locref_trainer.main, base_path, steps, p["locref_batch"],
+                             sw.locref_data_args(run["data"]["train"]))
     name = "LocRef, trained adapter"
     images = sw.generate(run, host, parts, cfg,
                          {name: sw.configurations(run, host, parts, out)[name]})
     stats = bootstrap(sw.scores_of(run, images[name]), rounds=run["preset"]["bootstrap"],
                       seed=run["seed"])
-    return (f"longer: LocRef adapter at {steps} steps: " +
+    return (f"{question}: LocRef adapter at {steps} steps: " +
             ", ".join(interval(k, v) for k, v in stats.items()))
 
 
@@ -717,8 +749,10 @@ def main(argv=None) -> list[str]:
     if args.regional:
         asked.append(lambda: regional(run, host, parts, cfg))
     if args.longer:
-        asked += [lambda: longer_locref(run, host, parts, cfg, base_path),
+        asked += [lambda: continued_locref(run, host, parts, cfg, base_path, 2, "longer"),
                   lambda: longer_controlnet(run, host, parts, cfg)]
+    for times in args.adapter_times:  # in increasing order, each continuing the one before
+        asked.append(lambda times=times: continued_locref(run, host, parts, cfg, base_path, times))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

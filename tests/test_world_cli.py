@@ -106,6 +106,25 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
 
 
+def test_diagnose_adapter_times(diagnose, capsys, tmp_path):
+    args = diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--adapter-times", "4", "2",
+                                "4"])
+    assert args.adapter_times == [2, 4]  # each continues the one before, so in this order
+    for bad in ("1", "0"):
+        with pytest.raises(SystemExit):
+            diagnose.parse_args(["--comfyui", "x", "--adapter-times", "3", bad])
+        assert f"--adapter-times 3 {bad}: each K is a multiple" in capsys.readouterr().err
+    assert diagnose.continued_name(2) == "diagnose/locref_longer"  # --longer's, as it was
+    assert diagnose.continued_name(4) == "diagnose/locref_x4"
+    assert diagnose.continued_from(tmp_path, 4) == tmp_path / "locref_ckpt"  # the run's own
+    (tmp_path / "diagnose" / "locref_longer_ckpt").mkdir(parents=True)
+    assert diagnose.continued_from(tmp_path, 2) == tmp_path / "locref_ckpt"  # never itself
+    assert diagnose.continued_from(tmp_path, 4) == tmp_path / "diagnose" / "locref_longer_ckpt"
+    (tmp_path / "diagnose" / "locref_x3_ckpt").mkdir()
+    assert diagnose.continued_from(tmp_path, 4) == tmp_path / "diagnose" / "locref_x3_ckpt"
+    assert diagnose.continued_from(tmp_path, 3) == tmp_path / "diagnose" / "locref_longer_ckpt"
+
+
 def test_diagnose_interval_text(diagnose):
     assert diagnose.interval("AP50", (0.3071, 0.2349, 0.39749)) == "AP50 0.307 [0.235, 0.397]"
     assert diagnose.interval("no label", (1, 0, 1)) == "no label 1.000 [0.000, 1.000]"
@@ -127,6 +146,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--drawing") == []  # the base alone
     assert missing("--skip-basics", "--regional") == []  # the base and its CLIP alone
     assert missing("--skip-basics", "--adapter-lr", "3e-4") == ["locref.safetensors"]
+    assert missing("--skip-basics", "--adapter-times", "4") == ["locref.safetensors"]
     (folder / "locref.safetensors").touch()
     assert missing("--skip-basics", "--adapter-lr", "3e-4", "--placement") == []
     assert missing("--skip-basics", "--longer") == ["seg_controlnet.safetensors"]

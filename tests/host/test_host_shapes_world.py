@@ -109,11 +109,12 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     with pytest.raises(SystemExit, match="holds no finished run"):
         diagnose.main(argv)
     run(bench, tmp_path)
-    lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4", "1e-4",
-                           "--own-map", "--longer"])
+    with caplog.at_level("INFO", logger="shapes_world_diagnose"):
+        lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4",
+                               "1e-4", "--own-map", "--longer", "--adapter-times", "3"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
-        "samplers", "adapter-lr", "own-map", "longer", "longer"]
+        "samplers", "adapter-lr", "own-map", "longer", "longer", "adapter-times"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
     objects = sum(len(it.objects) for it in bench.load_heldout(bench.synthetic_paths(held)))
@@ -141,11 +142,15 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", cell.split("; squares")[0])
         assert sum(int(k) for k in asked) == objects
     assert "LocRef adapter at 8 steps" in lines[10] and "seg ControlNet at 8 steps" in lines[11]
+    # three times the steps, continued from --longer's twice (its log says so)
+    assert lines[12].startswith("adapter-times: LocRef adapter at 12 steps: AP ")
+    assert "continues to 12 steps from" in caplog.text and "locref_longer_ckpt" in caplog.text
     out = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     assert (out / "locref_lr0.0003.safetensors").is_file()
     assert not (out / "locref_lr0.0001.safetensors").exists()
     assert (out / "locref_longer.safetensors").is_file()
     assert (out / "seg_controlnet_longer.safetensors").is_file()
+    assert (out / "locref_x3.safetensors").is_file()
     # only the question asked, from the cache: the same line, none of the five basics
     assert diagnose.main([*argv, "--skip-basics", "--adapter-lr", "3e-4"]) == [lines[8]]
     # the drawing lines need only the base: asked without the LocRef adapter or the ControlNet
