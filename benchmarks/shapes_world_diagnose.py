@@ -641,9 +641,8 @@ def continued_locref(run, host, parts, cfg, base_path: str, times: int,
         source = continued_from(run["dir"], times)
         log.info("%s: the adapter continues to %d steps from %s", question, steps, source)
         shutil.copytree(source, ckpt)
-    out = fg.cached_training(run, f"locref_x{times}" if times != 2 else "locref_longer", name,
-                             locref_trainer.main, base_path, steps, p["locref_batch"],
-                             sw.locref_data_args(run["data"]["train"]))
+    out = fg.cached_training(run, Path(name).name, name, locref_trainer.main, base_path, steps,
+                             p["locref_batch"], sw.locref_data_args(run["data"]["train"]))
     name = "LocRef, trained adapter"
     images = sw.generate(run, host, parts, cfg,
                          {name: sw.configurations(run, host, parts, out)[name]})
