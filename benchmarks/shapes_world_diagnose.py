@@ -5,7 +5,7 @@ are saved.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
-        [--own-map] [--regional] [--skip-basics [--drawing]]
+        [--own-map] [--regional] [--base-longer] [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?).
@@ -99,10 +99,12 @@ from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.masks import box_masks, foreground_mask  # noqa: E402
 from locref_core.patch import install  # noqa: E402
 from locref_core.train.host import diffuse, encode_text, ensure_loaded, predict_eps  # noqa: E402
+from locref_core.train.loop import TrainLog  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
 from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
                                        score_image, summary)
+from locref_core.world.models import load_world, save_world  # noqa: E402
 
 log = logging.getLogger("shapes_world_diagnose")
 
@@ -114,7 +116,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "samplers": ("--samplers", ()), "adapter_lr": ("--adapter-lr LR", (LOCREF,)),
              "longer": ("--longer", (LOCREF, CONTROLNET)),
              "adapter_times": ("--adapter-times K", (LOCREF,)),
-             "own_map": ("--own-map", (CONTROLNET,)), "regional": ("--regional", ())}
+             "own_map": ("--own-map", (CONTROLNET,)), "regional": ("--regional", ()),
+             "base_longer": ("--base-longer", (LOCREF,))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -152,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "workflow leaves the objects to the boxes, beside the table's row, which "
                    "prompts with the caption, and the host's mask conditioning (about 14 minutes on "
                    "the 32-channel base)")
+    p.add_argument("--base-longer", action="store_true", help="also train the base's UNet as "
+                   "many steps again and a LocRef adapter on it, and score both bases and "
+                   "adapters side by side (about 80 minutes on 2 cores)")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
@@ -324,7 +330,7 @@ def every_tenth(what: str) -> Callable[[int, int], None]:
 
 
 @torch.no_grad()
-def one_object(run, host, parts, cfg) -> str:
+def one_object(run, host, parts, cfg, who: str = "base") -> str:
     objects = [o for it in run["data"]["heldout"] for o in it.objects]
     texts = [phrase([o]) for o in objects]
     log.info("one-object: drawing %d images, one object each", len(texts))
@@ -333,7 +339,7 @@ def one_object(run, host, parts, cfg) -> str:
                                 steps=run["preset"]["sample_steps"], guidance=run["guidance"],
                                 on_image=every_tenth("one-object"))
     t, n = one_object_tally(images, objects), len(objects)
-    return (f"one-object: base, caption only, {n} captions of one held-out object: colour + "
+    return (f"one-object: {who}, caption only, {n} captions of one held-out object: colour + "
             f"shape {t['both'] / n:.3f}, shape {t['shape'] / n:.3f}, colour {t['colour'] / n:.3f};"
             f" what the detector reads in the named colour, by shape asked: {by_shape_asked(t)};"
             f" {squares_by_side(t)} (the side drawn)")
@@ -704,6 +710,58 @@ def longer_controlnet(run, host, parts, cfg) -> str:
             f"{interval('shape', cells[1])}")
 
 
+BASE_LONGER = "diagnose/base_longer"
+
+
+def longer_base(run, host, data):
+    """(parts, cfg, path) of the run's base with its UNet trained as many steps again (cached in
+    diagnose/, checkpointed as the run's stages are): from the saved weights (the EMA the run
+    ends with), a fresh AdamW at the run's rate, a fresh EMA and the draws of the next seed. The
+    run's cache keeps neither the UNet's last raw weights nor its optimizer, so this is a second
+    round of the run's training, not one run of twice the steps."""
+    out = run["dir"] / f"{BASE_LONGER}.safetensors"
+    if out.is_file():
+        log.info("base-longer: cached %s", out)
+        return (*load_world(host, str(out)), str(out))
+    steps = run["preset"]["unet_steps"]
+    parts, cfg = load_world(host, str(run["dir"] / BASE))
+    tb = TrainLog(run["env"], argparse.Namespace(tensorboard=str(run["dir"] / "tb" / Path(
+        BASE_LONGER).name) if run["tensorboard"] else None, preview_every=0), "base")
+    log.info("base-longer: the base's UNet, %d more steps", steps)
+    base.train_unet(host, parts, base.encode_latents(parts, data["train_images"]),
+                    data["train_captions"], steps, seed=run["seed"] + 1,
+                    on_step=lambda s, v: tb.scalars(steps + s + 1, {"unet_loss": v}),
+                    checkpoints=fg.loop_checkpoints(run, f"{BASE_LONGER}_ckpt", steps))
+    tb.close()
+    save_world(str(out), parts, cfg, {"preset": run["name"], "diagnose": "base-longer"})
+    shutil.rmtree(run["dir"] / f"{BASE_LONGER}_ckpt", ignore_errors=True)
+    return parts, cfg, str(out)
+
+
+def base_longer(run, host, data, parts, cfg) -> list[str]:
+    """The run's base and adapter against a base trained as many steps again and an adapter
+    trained on it as the run trains its own: each base's one-object line, then the table's
+    caption-only and LocRef rows on each base, the same layouts and seeds."""
+    p, steps = run["preset"], 2 * run["preset"]["unet_steps"]
+    longer, longer_cfg, longer_path = longer_base(run, host, data)
+    adapter = fg.cached_training(run, "locref_on_base_longer", "diagnose/locref_on_base_longer",
+                                 locref_trainer.main, longer_path, p["locref_steps"],
+                                 p["locref_batch"], sw.locref_data_args(data["train"]))
+    lines, rows = [], ("base, caption only", "LocRef, trained adapter")
+    for who, (b, b_cfg, locref) in {
+            f"base at {steps // 2} steps (the run's)": (parts, cfg, str(run["dir"] / LOCREF)),
+            f"base at {steps} steps": (longer, longer_cfg, adapter)}.items():
+        lines.append("base-longer: " + one_object(run, host, b, b_cfg, who))
+        configs = sw.configurations(run, host, b, locref)
+        images = sw.generate(run, host, b, b_cfg, {r: configs[r] for r in rows})
+        for r in rows:
+            stats = bootstrap(sw.scores_of(run, images[r]), rounds=p["bootstrap"],
+                              seed=run["seed"])
+            lines.append(f"base-longer: {who}, {r}: " +
+                         ", ".join(interval(k, v) for k, v in stats.items()))
+    return lines
+
+
 def missing_models(run: dict, args: argparse.Namespace) -> list[str]:
     """The run's model files that the questions asked need and its cache lacks: the base always,
     the basics' and each question's files from BASICS_READ and QUESTIONS (so a question can be
@@ -752,6 +810,8 @@ def main(argv=None) -> list[str]:
                   lambda: longer_controlnet(run, host, parts, cfg)]
     for times in args.adapter_times:  # in increasing order, each continuing the one before
         asked.append(lambda times=times: continued_locref(run, host, parts, cfg, base_path, times))
+    if args.base_longer:
+        asked.append(lambda: base_longer(run, host, data, parts, cfg))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

@@ -100,7 +100,9 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
+    assert "or --base-longer" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--drawing"]).drawing
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--base-longer"]).base_longer
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
@@ -147,6 +149,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--regional") == []  # the base and its CLIP alone
     assert missing("--skip-basics", "--adapter-lr", "3e-4") == ["locref.safetensors"]
     assert missing("--skip-basics", "--adapter-times", "4") == ["locref.safetensors"]
+    assert missing("--skip-basics", "--base-longer") == ["locref.safetensors"]  # the run's, beside
     (folder / "locref.safetensors").touch()
     assert missing("--skip-basics", "--adapter-lr", "3e-4", "--placement") == []
     assert missing("--skip-basics", "--longer") == ["seg_controlnet.safetensors"]

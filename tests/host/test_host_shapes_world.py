@@ -111,10 +111,12 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     run(bench, tmp_path)
     with caplog.at_level("INFO", logger="shapes_world_diagnose"):
         lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4",
-                               "1e-4", "--own-map", "--longer", "--adapter-times", "3"])
+                               "1e-4", "--own-map", "--longer", "--adapter-times", "3",
+                               "--base-longer"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
-        "samplers", "adapter-lr", "own-map", "longer", "longer", "adapter-times"]
+        "samplers", "adapter-lr", "own-map", "longer", "longer", "adapter-times",
+        *["base-longer"] * 6]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
     objects = sum(len(it.objects) for it in bench.load_heldout(bench.synthetic_paths(held)))
@@ -151,6 +153,21 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert (out / "locref_longer.safetensors").is_file()
     assert (out / "seg_controlnet_longer.safetensors").is_file()
     assert (out / "locref_x3.safetensors").is_file()
+    # the base trained as many steps again, and an adapter on it, beside the run's: the run's
+    # base draws the one-object line of the basics, to the digit (same base, seeds, threads)
+    assert lines[13] == "base-longer: " + lines[3].replace(
+        "one-object: base,", "one-object: base at 10 steps (the run's),")
+    assert lines[16].startswith("base-longer: one-object: base at 20 steps, caption only, "
+                                f"{objects} captions")
+    for line, who in zip(lines[14:16] + lines[17:19],
+                         ["10 steps (the run's)"] * 2 + ["20 steps"] * 2):
+        assert line.startswith(f"base-longer: base at {who}, ")
+        assert re.search(r"(caption only|trained adapter): AP \S+ \[.*leakage .* recall ", line)
+    assert lines[14] != lines[17]  # a base trained on draws other images
+    assert (out / "base_longer.safetensors").is_file()
+    assert (out / "locref_on_base_longer.safetensors").is_file()
+    assert not (out / "base_longer_ckpt").exists()  # base_longer.safetensors holds it all
+    assert "base-longer: the base's UNet, 10 more steps" in caplog.text
     # only the question asked, from the cache: the same line, none of the five basics
     assert diagnose.main([*argv, "--skip-basics", "--adapter-lr", "3e-4"]) == [lines[8]]
     # the drawing lines need only the base: asked without the LocRef adapter or the ControlNet
