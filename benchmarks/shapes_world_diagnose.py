@@ -98,6 +98,7 @@ from locref_core.eval.shapes import SHAPES, appearance_scores, detect_shapes  # 
 from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.masks import box_masks, foreground_mask  # noqa: E402
 from locref_core.patch import install  # noqa: E402
+from locref_core.train.common import list_checkpoints  # noqa: E402
 from locref_core.train.host import diffuse, encode_text, ensure_loaded, predict_eps  # noqa: E402
 from locref_core.train.loop import TrainLog  # noqa: E402
 from locref_core.world import base  # noqa: E402
@@ -170,7 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(k < 2 for k in args.adapter_times):
         p.error(f"--adapter-times {' '.join(map(str, args.adapter_times))}: each K is a multiple "
                 "of the run's adapter steps of at least 2 (1 is the run's own adapter)")
-    args.adapter_times = sorted(set(args.adapter_times))
+    # --longer's line is K = 2's (the same cached adapter, scored the same way): asked once
+    args.adapter_times = sorted(set(args.adapter_times) - ({2} if args.longer else set()))
     if args.skip_basics and not any(getattr(args, q) for q in QUESTIONS):
         *others, last = (flag for flag, _ in QUESTIONS.values())
         p.error(f"--skip-basics leaves nothing to do: add {', '.join(others)} or {last}")
@@ -645,8 +647,15 @@ def continued_locref(run, host, parts, cfg, base_path: str, times: int,
     ckpt = run["dir"] / f"{name}_ckpt"
     if not (run["dir"] / f"{name}.safetensors").is_file() and not ckpt.exists():
         source = continued_from(run["dir"], times)
-        log.info("%s: the adapter continues to %d steps from %s", question, steps, source)
-        shutil.copytree(source, ckpt)
+        found = list_checkpoints(str(source))
+        if not found:
+            raise SystemExit(f"{source} holds no checkpoint to continue the LocRef adapter from: "
+                             "delete it and rerun the question (or the run) that trains it")
+        log.info("%s: the adapter continues to %d steps from %s", question, steps, found[-1])
+        partial = ckpt.with_name(ckpt.name + ".partial")  # the newest only, renamed once whole
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(found[-1], partial / Path(found[-1]).name)
+        partial.rename(ckpt)
     out = fg.cached_training(run, Path(name).name, name, locref_trainer.main, base_path, steps,
                              p["locref_batch"], sw.locref_data_args(run["data"]["train"]))
     name = "LocRef, trained adapter"

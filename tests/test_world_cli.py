@@ -112,6 +112,8 @@ def test_diagnose_adapter_times(diagnose, capsys, tmp_path):
     args = diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--adapter-times", "4", "2",
                                 "4"])
     assert args.adapter_times == [2, 4]  # each continues the one before, so in this order
+    longer = diagnose.parse_args(["--comfyui", "x", "--longer", "--adapter-times", "2", "3"])
+    assert longer.adapter_times == [3]  # --longer's line is K = 2's already
     for bad in ("1", "0"):
         with pytest.raises(SystemExit):
             diagnose.parse_args(["--comfyui", "x", "--adapter-times", "3", bad])
