@@ -154,8 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regional", action="store_true", help="also score regional prompts (the "
                    "box labels, no adapter) under the empty global prompt, as the example "
                    "workflow leaves the objects to the boxes, beside the table's row, which "
-                   "prompts with the caption, and the host's mask conditioning (about 14 minutes on "
-                   "the 32-channel base)")
+                   "prompts with the caption, and the host's mask conditioning (about 14 "
+                   "minutes on the 32-channel base)")
     p.add_argument("--base-longer", action="store_true", help="also train the base's UNet as "
                    "many steps again and a LocRef adapter on it, and score both bases and "
                    "adapters side by side (about 80 minutes on 2 cores)")

@@ -85,7 +85,8 @@ def bounding_boxes_to_boxes(items: Any, width: int, height: int, warn: bool = Tr
     boxes = []
     for i, raw in enumerate(items):
         if not isinstance(raw, Mapping):
-            raise ValueError(f"bounding box {i} must be an object {{x, y, width, height}}, got {raw!r}")
+            raise ValueError(f"bounding box {i} must be an object {{x, y, width, height}}, "
+                             f"got {raw!r}")
         edges = _xywh_edges(raw, i, width, height)
         boxes.append(_make_box(edges, _label_of(raw, i), i, warn))
     return boxes

@@ -47,7 +47,8 @@ def render_preview(layout: Layout, background: torch.Tensor | None = None,
     """Preview (3, H, W) at canvas size: the composite (or `background`) with boxes on top.
 
     Box i's outline is drawn in `box_colour(i)` just inside its pixel edges, back to front (a box
-    with a region mask also gets the region tinted in that colour); the label sits in a filled tag at the box's top-left corner, with its index.
+    with a region mask also gets the region tinted in that colour); the label sits in a filled
+    tag at the box's top-left corner, with its index.
     """
     W, H = layout.width, layout.height
     base = composite_image(layout) if background is None else background

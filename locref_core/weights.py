@@ -97,7 +97,8 @@ def _load_ip_adapter(name: str, tensors: dict[str, torch.Tensor]) -> LocRefAdapt
     }
     for ip_id, site in SITE_OF_IP_ID.items():
         for src, dst in (("to_k_ip", "to_k"), ("to_v_ip", "to_v")):
-            mapped[f"kv_ri.{site_key(site)}.{dst}.weight"] = tensors[f"ip_adapter.{ip_id}.{src}.weight"]
+            mapped[f"kv_ri.{site_key(site)}.{dst}.weight"] = tensors[
+                f"ip_adapter.{ip_id}.{src}.weight"]
     adapter = LocRefAdapter(cfg)
     load_strict(name, adapter, mapped)
     return adapter

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 CLASS_MAP = "FGDM_CLASS_MAP"
 PALETTES = list(PALETTE_NAMES)
 PALETTE_TIP = ("coco183: COCO-stuff 183 classes in the VOC colour map (what FG-DM generates); "
-               "ade150: ADE20K 150 classes (what the seg ControlNet control_v11p_sd15_seg expects).")
+               "ade150: ADE20K 150 classes (what the seg ControlNet control_v11p_sd15_seg "
+               "expects).")
 # Samplers that draw fresh noise during sampling: a candidate's map then depends on the batch.
 STOCHASTIC_SAMPLERS = ("ancestral", "sde", "lcm", "ddpm", "seeds_", "restart")
 MIN_AREA_HINT = 0.1  # above this, an all-zero recall is blamed on min_area in the warning

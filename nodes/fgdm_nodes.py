@@ -44,7 +44,8 @@ class FGDMFactorLoader:
     def INPUT_TYPES(cls):
         files = [f for f in folder_paths.get_filename_list("fgdm")
                  if f.endswith((".safetensors", ".sft"))]
-        return {"required": {"factor_name": (files, {"tooltip": "A factor file from models/fgdm."})}}
+        return {"required": {"factor_name": (files, {
+            "tooltip": "A factor file from models/fgdm."})}}
 
     @shows_warnings
     def load(self, factor_name):

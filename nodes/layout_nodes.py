@@ -59,8 +59,9 @@ class LocRefBoxes:
             },
             "optional": {
                 "bounding_boxes": ("BOUNDING_BOX", {
-                    "tooltip": "Optional boxes from another node ([{x, y, width, height, metadata}] "
-                               "in canvas pixels); they are added in front of the drawn boxes.",
+                    "tooltip": "Optional boxes from another node ([{x, y, width, height, "
+                               "metadata}] in canvas pixels); they are added in front of the "
+                               "drawn boxes.",
                 }),
             },
         }
@@ -99,17 +100,20 @@ class LocRefReference:
         return {
             "required": {
                 "layout": (LAYOUT, {"tooltip": "The layout to add a reference to."}),
-                "image": ("IMAGE", {"tooltip": "The reference image; the first of a batch is used."}),
+                "image": ("IMAGE", {
+                    "tooltip": "The reference image; the first of a batch is used."}),
                 "box_index": ("INT", {"default": 0, "min": 0, "max": MAX_BOXES - 1,
                                       "tooltip": "Which box (0 = first drawn). Ignored when a "
                                                  "label is given."}),
                 "label": ("STRING", {"default": "",
                                      "tooltip": "Choose the box by its label instead "
-                                                "(case-insensitive). Leave empty to use the index."}),
+                                                "(case-insensitive). Leave empty to use the "
+                                                "index."}),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "Optional foreground mask of the reference (1 = keep); "
-                                             "the background is removed before pasting."}),
+                "mask": ("MASK", {"tooltip": "Optional foreground mask of the reference "
+                                             "(1 = keep); the background is removed before "
+                                             "pasting."}),
                 "invert_mask": ("BOOLEAN", {"default": False,
                                             "tooltip": "Invert the mask. Load Image's mask is 1 on "
                                                        "transparent pixels, so turn this on for a "

@@ -45,7 +45,8 @@ def test_ip_adapter_file_maps_to_all_sixteen_sites(tmp_path):
         kv = adapter.kv_ri[site_key(site)]
         assert torch.equal(kv.to_k.weight, tensors[f"ip_adapter.{ip_id}.to_k_ip.weight"].float())
         assert torch.equal(kv.to_v.weight, tensors[f"ip_adapter.{ip_id}.to_v_ip.weight"].float())
-        assert adapter.site_kv(site, torch.ones(1, 4, 768), "ci")[0].shape[-1] == kv.to_k.out_features
+        width = adapter.site_kv(site, torch.ones(1, 4, 768), "ci")[0].shape[-1]
+        assert width == kv.to_k.out_features
     assert adapter.kv_ri["middle_0"].to_k.weight.shape == (1280, 768)  # id 31 is the middle block
     assert torch.equal(adapter.appearance.proj.weight, tensors["image_proj.proj.weight"])
 

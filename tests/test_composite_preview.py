@@ -13,7 +13,8 @@ def colour_mask(image, rgb, tol=0.02):
 
 
 def test_red_reference_appears_only_inside_its_box():
-    layout = Layout(256, 128, (Box(0.0, 0.0, 0.5, 1.0, "A", Reference(RED)), Box(0.5, 0, 1, 1, "B")))
+    layout = Layout(256, 128, (Box(0.0, 0.0, 0.5, 1.0, "A", Reference(RED)),
+                               Box(0.5, 0, 1, 1, "B")))
     image = composite_image(layout)
     red = colour_mask(image, (1, 0, 0))
     assert red.any()

@@ -154,6 +154,7 @@ def test_converter_refuses_pickles_that_need_more_than_weights(tmp_path):
     with pytest.raises(ValueError, match="refused"):
         read_checkpoint(str(src))
     plain = tmp_path / "sd.ckpt"
-    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}, plain)
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}},
+               plain)
     with pytest.raises(ValueError, match="no FG-DM adapter weights"):
         extract_adapter(read_checkpoint(str(plain)), str(plain))

@@ -53,7 +53,8 @@ def test_blend_after_projection_equals_blend_before_it():
     want[:, rows] = hs[:, rows] * keep + add
     assert torch.allclose(got, to_out(want))
     # The reference-only form is the same function with keep = 1 - s (1 - t).
-    cihs, rihs = torch.randn(2, 3, C, dtype=torch.float64), torch.randn(2, 3, C, dtype=torch.float64)
+    cihs = torch.randn(2, 3, C, dtype=torch.float64)
+    rihs = torch.randn(2, 3, C, dtype=torch.float64)
     assert torch.allclose(locref_blend_rows(to_out(hs), cihs, rihs, rows, to_out, 0.7, 0.2),
                           region_blend_rows(to_out(hs), rows, to_out, 1 - 0.7 * 0.8,
                                             0.7 * (cihs + rihs)))

@@ -21,7 +21,8 @@ def _node() -> str:
     node = shutil.which("node")
     if node is None:
         if os.environ.get("CI"):
-            pytest.fail("node is not on PATH; CI must run the web geometry tests (install Node 20+)")
+            pytest.fail("node is not on PATH; CI must run the web geometry tests "
+                        "(install Node 20+)")
         pytest.skip("node is not on PATH: the web geometry tests need Node.js 20+")
     return node
 

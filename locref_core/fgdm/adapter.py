@@ -81,7 +81,8 @@ class TimeResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb_channels: int, down: bool):
         super().__init__()
         self.down = down
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, 1, 1))
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(),
+                                       nn.Conv2d(cin, cout, 3, 1, 1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, cout))
         self.out_layers = nn.Sequential(nn.GroupNorm(32, cout), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(cout, cout, 3, 1, 1))
@@ -162,7 +163,8 @@ def control_for_unet(features: list[torch.Tensor], n_input_blocks: int = 12,
 
 
 def merge_control(control: dict | None, ours: list[torch.Tensor | None], scale: float) -> dict:
-    """A new control dict with `ours` added to control['input'] (another ControlNet keeps working)."""
+    """A new control dict with `ours` added to control['input'] (another ControlNet keeps
+    working)."""
     merged = {k: list(v) for k, v in (control or {}).items()}
     theirs = merged.get("input", [])
     if len(theirs) < len(ours):  # pad at the front: lists are popped from the end

@@ -96,7 +96,8 @@ def candidate_grid(
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     h0, w0 = class_maps[0].shape
-    th, tw = (tile, max(1, round(tile * w0 / h0))) if h0 >= w0 else (max(1, round(tile * h0 / w0)), tile)
+    th, tw = ((tile, max(1, round(tile * w0 / h0))) if h0 >= w0
+              else (max(1, round(tile * h0 / w0)), tile))
     gap = 4
     sheet = Image.new("RGB", (cols * (tw + gap) + gap, rows * (th + gap) + gap), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)

@@ -16,8 +16,9 @@ FORMAT_VERSION = 1
 CLIP_VISION_NAME = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 IP_ADAPTER_NAME = "ip-adapter_sd15.safetensors"
 # diffusers attention-processor ids of SD-1.5's attn2 layers and their widths
-IP_IDS_AND_WIDTHS = [(i, 320) for i in (1, 3, 25, 27, 29)] + [(i, 640) for i in (5, 7, 19, 21, 23)] \
-    + [(i, 1280) for i in (9, 11, 13, 15, 17, 31)]
+IP_IDS_AND_WIDTHS = ([(i, 320) for i in (1, 3, 25, 27, 29)]
+                     + [(i, 640) for i in (5, 7, 19, 21, 23)]
+                     + [(i, 1280) for i in (9, 11, 13, 15, 17, 31)])
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict) -> Path:

@@ -42,9 +42,10 @@ def conds(seed=2):
 
 def sbpc(nodes, model, vae, seed=100, objects="", palette="coco183", n=N, **kw):
     pos, neg = conds()
-    args = {"model": model, "positive": pos, "negative": neg, "vae": vae, "n": n, "steps": STEPS, "cfg": 5.0,
-                "sampler_name": "euler", "scheduler": "normal", "map_width": MAP, "map_height": MAP,
-                "seed": seed, "objects": objects, "palette": palette, "output_width": 96, "output_height": 80}
+    args = {"model": model, "positive": pos, "negative": neg, "vae": vae, "n": n,
+            "steps": STEPS, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "map_width": MAP, "map_height": MAP, "seed": seed, "objects": objects,
+            "palette": palette, "output_width": 96, "output_height": 80}
     args.update(kw)
     return nodes["FGDMSBPCSelect"]().select(**args)
 

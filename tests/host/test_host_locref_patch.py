@@ -198,7 +198,8 @@ def test_fp16_unet(tiny_sd15):
     out16 = run(patched(half, state16)).float()
     out32 = run(patched(tiny_sd15, state32))
     assert len(state16.fired) == 16 and torch.isfinite(out16).all()
-    assert {k[-1] for k in state16.sources[0]._cache if k[0] == "kv"} == {torch.float16}  # ran in fp16
+    # ran in fp16
+    assert {k[-1] for k in state16.sources[0]._cache if k[0] == "kv"} == {torch.float16}
     assert (out16 - out32).abs().max() < 0.05 * out32.abs().max()
 
 

@@ -110,7 +110,8 @@ def layout_variant(sd15_checkpoint_name: str, **changes) -> dict:
 
 
 def test_zero_boxes_gives_an_error_naming_the_fix(locref_server, sd15_checkpoint_name):
-    prompt = layout_variant(sd15_checkpoint_name, **{"6": {"boxes_json": '{"version": 1, "boxes": []}'}})
+    prompt = layout_variant(sd15_checkpoint_name,
+                            **{"6": {"boxes_json": '{"version": 1, "boxes": []}'}})
     entry = run(locref_server, prompt)
     [error] = errors_of(entry)
     assert error["node_type"] == "LocRefReference" and "no boxes" in error["exception_message"]

@@ -99,7 +99,8 @@ def test_the_unet_trains_on_the_mse_of_what_it_predicts(host, world, tmp_path):
     assert isinstance(parts.patcher.model.model_sampling, host.model_sampling.V_PREDICTION)
     path = str(tmp_path / "v.safetensors")
     save_world(path, parts, WorldConfig(prediction="v"), {})
-    assert load_world(host, path)[0].patcher.model.model_type == host.model_base.ModelType.V_PREDICTION
+    model_type = load_world(host, path)[0].patcher.model.model_type
+    assert model_type == host.model_base.ModelType.V_PREDICTION
     x0 = parts.patcher.model.latent_format.process_in(latents[:3])
     noise, sigma = torch.randn(x0.shape), torch.tensor([0.1, 1.5, 14.0])
     x = x0 + sigma.view(-1, 1, 1, 1) * noise
