@@ -67,6 +67,12 @@ asks for only the lines of the questions below.
   and how much the box texts change the image inside the boxes and outside, after sampling and
   (the patch) in one UNet call (does a box's text place its object when the global prompt does
   not ask for that object everywhere? does it where the host confines it to its box?).
+- --base-longer (about 95 minutes alone on 2 cores for the full preset): the base's UNet
+  trained as many steps again (from its saved EMA weights, with a fresh optimizer and EMA and the
+  next seed's draws: not one run of twice the steps, whose optimizer the cache does not keep),
+  then a LocRef adapter trained on it as the run trains its own; beside the run's base and
+  adapter, in one call: each base's one-object line, and the table's caption-only and LocRef
+  rows on each (does a base trained longer draw the squares, and LocRef on it reach the goals?).
 """
 
 from __future__ import annotations
@@ -158,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "minutes on the 32-channel base)")
     p.add_argument("--base-longer", action="store_true", help="also train the base's UNet as "
                    "many steps again and a LocRef adapter on it, and score both bases and "
-                   "adapters side by side (about 80 minutes on 2 cores)")
+                   "adapters side by side (about 95 minutes alone on 2 cores)")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
