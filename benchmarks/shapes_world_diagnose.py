@@ -667,10 +667,15 @@ def continued_locref(run, host, parts, cfg, base_path: str, times: int,
     name = "LocRef, trained adapter"
     images = sw.generate(run, host, parts, cfg,
                          {name: sw.configurations(run, host, parts, out)[name]})
-    stats = bootstrap(sw.scores_of(run, images[name]), rounds=run["preset"]["bootstrap"],
+    return f"{question}: LocRef adapter at {steps} steps: {table_cells(run, images[name])}"
+
+
+def table_cells(run, images) -> str:
+    """The held-out images scored as the LocRef table scores a row: every statistic with its
+    bootstrap interval, as the diagnose lines print them."""
+    stats = bootstrap(sw.scores_of(run, images), rounds=run["preset"]["bootstrap"],
                       seed=run["seed"])
-    return (f"{question}: LocRef adapter at {steps} steps: " +
-            ", ".join(interval(k, v) for k, v in stats.items()))
+    return ", ".join(interval(k, v) for k, v in stats.items())
 
 
 def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str:
@@ -757,23 +762,19 @@ def base_longer(run, host, data, parts, cfg) -> list[str]:
     """The run's base and adapter against a base trained as many steps again and an adapter
     trained on it as the run trains its own: each base's one-object line, then the table's
     caption-only and LocRef rows on each base, the same layouts and seeds."""
-    p, steps = run["preset"], 2 * run["preset"]["unet_steps"]
+    p = run["preset"]
     longer, longer_cfg, longer_path = longer_base(run, host, data)
     adapter = fg.cached_training(run, "locref_on_base_longer", "diagnose/locref_on_base_longer",
                                  locref_trainer.main, longer_path, p["locref_steps"],
                                  p["locref_batch"], sw.locref_data_args(data["train"]))
     lines, rows = [], ("base, caption only", "LocRef, trained adapter")
     for who, (b, b_cfg, locref) in {
-            f"base at {steps // 2} steps (the run's)": (parts, cfg, str(run["dir"] / LOCREF)),
-            f"base at {steps} steps": (longer, longer_cfg, adapter)}.items():
+            f"base at {p['unet_steps']} steps (the run's)": (parts, cfg, str(run["dir"] / LOCREF)),
+            f"base at {2 * p['unet_steps']} steps": (longer, longer_cfg, adapter)}.items():
         lines.append("base-longer: " + one_object(run, host, b, b_cfg, who))
         configs = sw.configurations(run, host, b, locref)
         images = sw.generate(run, host, b, b_cfg, {r: configs[r] for r in rows})
-        for r in rows:
-            stats = bootstrap(sw.scores_of(run, images[r]), rounds=p["bootstrap"],
-                              seed=run["seed"])
-            lines.append(f"base-longer: {who}, {r}: " +
-                         ", ".join(interval(k, v) for k, v in stats.items()))
+        lines += [f"base-longer: {who}, {r}: {table_cells(run, images[r])}" for r in rows]
     return lines
 
 
