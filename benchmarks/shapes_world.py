@@ -63,8 +63,10 @@ import shapes_world_fgdm as fgdm  # noqa: E402  (this folder)
 log = logging.getLogger("shapes_world")
 # Bumped whenever a stage trains differently, so a cache made by older code is never reused:
 # 2 = the VAE trains on L1 + MSE with its learning rate decayed over the second half.
+# 3 = the UNet's flipped rows are the flipped images' latents (were the latents flipped, which
+#     this VAE decodes off the images: base.flipped_rows).
 # (--prediction v: a base that predicts v, trained on v's MSE, cached in "...-v2-vpred".)
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 # --vae-downscale -> the VAE's channel multipliers (one downsampling per multiplier after the
 # first); 4 is WorldConfig's default, every run before the flag existed
 VAE_MULT = {4: (1, 2, 2), 2: (1, 2)}
@@ -190,6 +192,7 @@ def stage_base(run: dict, host, data: dict):
     captions = data["train_captions"]
     log.info("base: UNet, %d steps", p["unet_steps"])
     base.train_unet(host, parts, latents, captions, p["unet_steps"], seed=run["seed"],
+                    mirrored=base.encode_latents(parts, images.flip(-1)),
                     on_step=lambda s, v: tb.scalars(s + 1, {"unet_loss": v}),
                     checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/unet", p["unet_steps"]))
     tb.close()

@@ -748,8 +748,10 @@ def longer_base(run, host, data):
     tb = TrainLog(run["env"], argparse.Namespace(tensorboard=str(run["dir"] / "tb" / Path(
         BASE_LONGER).name) if run["tensorboard"] else None, preview_every=0), "base")
     log.info("base-longer: the base's UNet, %d more steps", steps)
-    base.train_unet(host, parts, base.encode_latents(parts, data["train_images"]),
+    images = data["train_images"]
+    base.train_unet(host, parts, base.encode_latents(parts, images),
                     data["train_captions"], steps, seed=run["seed"] + 1,
+                    mirrored=base.encode_latents(parts, images.flip(-1)),
                     on_step=lambda s, v: tb.scalars(steps + s + 1, {"unet_loss": v}),
                     checkpoints=fg.loop_checkpoints(run, f"{BASE_LONGER}_ckpt", steps))
     tb.close()

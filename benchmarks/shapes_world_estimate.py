@@ -99,11 +99,12 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         rate["VAE step"] = clock.seconds
         t = time.perf_counter()
         latents = base.encode_latents(parts, images)
+        mirrored = base.encode_latents(parts, images.flip(-1))
         rate["latents"] = time.perf_counter() - t
         cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
         clock, few = StepClock(), data["train_captions"][:4]
         base.train_unet(host, parts, latents, [few[i % len(few)] for i in range(len(latents))],
-                        WARMUP + STEPS, seed=run["seed"], on_step=clock)
+                        WARMUP + STEPS, seed=run["seed"], on_step=clock, mirrored=mirrored)
         rate["UNet step"] = clock.seconds
         base_path = str(work / "base.safetensors")
         save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
