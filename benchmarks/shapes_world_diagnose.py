@@ -8,7 +8,9 @@ are saved.
         [--own-map] [--regional] [--base-longer] [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
-  decoded and scored (is the decoder fragile to the UNet's small errors?).
+  decoded and scored (is the decoder fragile to the UNet's small errors?), and mirrored left-right,
+  decoded and mirrored back (is a mirrored latent a mirrored image's? the UNet trained on such
+  latents for half its rows until recipe 3).
 - probe: a linear probe (logistic regression) on the world's random CLIP vision tower's
   embeddings of the references: colour and shape accuracy on held-out objects (can the
   appearance projection read what it needs?).
@@ -202,6 +204,17 @@ def vae_noise(run, parts) -> str:
         s = summary(sw.scores_of(run, list(decoded)))
         cells.append(f"{frac:g} x std: AP50 {s['AP50']:.3f} appearance {s['appearance']:.3f} "
                      f"recall {s['recall']:.3f}")
+    # what the base's UNet trained on before recipe 3 for half its rows: the latent mirrored
+    ae = parts.vae.first_stage_model
+    plain, mirrored = ae.decode(z), ae.decode(z.flip(-1)).flip(-1)
+    s = summary(sw.scores_of(run, list(((mirrored + 1) / 2).clamp(0, 1))))
+    error = lambda x: (x - images).abs().mean().item()  # noqa: E731
+    apart = (base.encode_latents(parts, images.flip(-1)) - z.flip(-1)).abs().mean() / z.abs().mean()
+    cells.append(f"the latents mirrored, decoded, mirrored back: AP50 {s['AP50']:.3f} "
+                 f"appearance {s['appearance']:.3f} recall {s['recall']:.3f}, pixel error "
+                 f"{error(mirrored):.3f} against {error(plain):.3f} unmirrored; the mirrored "
+                 f"images' latents differ from the latents mirrored by {apart:.3f} of their "
+                 f"mean size")
     return "vae-noise: " + "; ".join(cells)
 
 

@@ -118,6 +118,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "samplers", "adapter-lr", "own-map", "longer", "longer", "adapter-times",
         *["base-longer"] * 6]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
+    assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
     objects = sum(len(it.objects) for it in bench.load_heldout(bench.synthetic_paths(held)))
     assert f"{objects} captions of one held-out object" in lines[3]
