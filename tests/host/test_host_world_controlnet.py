@@ -114,6 +114,41 @@ def test_sampling_with_the_controlnet_follows_its_map(host, world, trained):
     assert not torch.equal(a, other_map) and not torch.equal(a, plain)
 
 
+def test_training_feeds_the_unet_what_the_host_wrapper_feeds_it(host, world, trained):
+    """control_of (what train_controlnet adds to the UNet) and the host's own get_control (what
+    the sampler adds once ControlNetApplyAdvanced has wired the map) give the same residuals:
+    the ControlNet learns on exactly the inputs it is later run on (hint size and upscaling,
+    c_in, sigma -> timestep, residual order)."""
+    import comfy.model_management
+
+    parts, _ = world
+    model = trained[0]
+    maps, latents = maps_and_latents()
+    ctx = encode_text(parts.clip, ["a red square", "a blue disc and a green triangle"])
+    positive, _ = wcn.with_control(wcn.wrap(host, model), [[ctx, {}]], [[ctx, {}]],
+                                   maps.permute(0, 2, 3, 1))
+    c_net = positive[0][1]["control"]
+    sampling = parts.patcher.get_model_object("model_sampling")
+    c_net.pre_run(parts.patcher.model, lambda p: sampling.percent_to_sigma(p))
+    comfy.model_management.load_models_gpu([parts.patcher] + c_net.get_models())
+    try:
+        for s in (0.5, 8.0):
+            sigma = torch.full((2,), s)
+            x = latents * (1 + s)
+            with torch.no_grad():
+                ours = wcn.control_of(parts, model, x, sigma, wcn.hint_for(host, maps, 16), ctx)
+                hosts = c_net.get_control(x, sigma, {"c_crossattn": ctx}, 1,
+                                          {"cond_or_uncond": [0], "uuids": [None],
+                                           "sigmas": sigma})
+            assert [len(hosts[k]) for k in ("input", "middle", "output")] == [0, 1, 12]
+            for key in ("middle", "output"):
+                for a, b in zip(ours[key], hosts[key], strict=True):
+                    assert torch.allclose(a, b, atol=1e-6), (s, key)
+            assert any(float(r.abs().max()) > 0 for r in ours["output"])  # trained: not zero
+    finally:
+        c_net.cleanup()
+
+
 def test_sbpc_node_samples_latents_at_the_vae_own_factor(host, world):
     """SBPC on a /4 VAE: 64 px maps are 16 x 16 latents (it used to assume SD's /8)."""
     from locref_core.fgdm.adapter import FactorAdapter, FactorConfig
