@@ -39,7 +39,8 @@ asks for only the lines of the questions below.
   split into colour and shape, and by the reference's shape (does the adapter carry the
   reference where the base can draw it?), and that shape read in the whole image rather than
   the box's crop (is a shape lost in the drawing, or where the crop cuts an object drawn past
-  its box?).
+  its box?). With --longer or --adapter-times, the same line for each adapter trained longer,
+  on the images its table line scores (does training longer place the objects, or dress them?).
 - --samplers (about 20 minutes): the base, caption only, under other sampler settings (CFG 1 and
   2, DPM++ 2M, Euler ancestral, guidance only while sigma > 1), scored on validation layouts
   (another seed; never the held-out ones, so no setting is chosen on the test): one-object
@@ -143,7 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-downscale", default="4",
                    help="the base's VAE of that run (shapes_world.py --vae-downscale)")
     p.add_argument("--placement", action="store_true", help="also score the base's and the "
-                   "LocRef adapter's images with coarser labels (a few minutes)")
+                   "LocRef adapter's images with coarser labels (a few minutes); with --longer "
+                   "or --adapter-times, each longer-trained adapter's images too")
     p.add_argument("--samplers", action="store_true", help="also score the base under other "
                    "sampler settings on validation layouts (about 20 minutes)")
     p.add_argument("--adapter-lr", type=float, nargs="+", metavar="LR", default=[],
@@ -509,17 +511,18 @@ def placement(run, host, parts, cfg) -> list[str]:
     configs = sw.configurations(run, host, parts, str(run["dir"] / LOCREF))
     names = ("base, caption only", "LocRef, trained adapter")
     images = sw.generate(run, host, parts, cfg, {k: configs[k] for k in names})
-    lines = []
-    for name in names:
-        scores = sw.scores_of(run, images[name])
-        cells = []
-        for label, how in LABELLINGS.items():
-            cells.append(interval(label, bootstrap(relabelled(scores, how),
-                                                   rounds=run["preset"]["bootstrap"],
-                                                   seed=run["seed"])["AP50"]))
-        lines.append(f"placement: {name}, AP50 by label: " + ", ".join(cells) +
-                     "; appearance: " + appearance_by_shape(images[name], run["data"]["heldout"]))
-    return lines
+    return [placement_line(run, name, images[name]) for name in names]
+
+
+def placement_line(run, name: str, images) -> str:
+    """The held-out images of one configuration: AP50 by each labelling, and appearance split
+    into colour and shape and by the reference's shape."""
+    scores = sw.scores_of(run, images)
+    cells = [interval(label, bootstrap(relabelled(scores, how), rounds=run["preset"]["bootstrap"],
+                                       seed=run["seed"])["AP50"])
+             for label, how in LABELLINGS.items()]
+    return (f"placement: {name}, AP50 by label: " + ", ".join(cells) + "; appearance: "
+            + appearance_by_shape(images, run["data"]["heldout"]))
 
 
 def masks_of(item, side: int) -> torch.Tensor:
@@ -657,10 +660,11 @@ def continued_from(folder: Path, times: int) -> Path:
 
 
 def continued_locref(run, host, parts, cfg, base_path: str, times: int,
-                     question: str = "adapter-times") -> str:
+                     question: str = "adapter-times", placement: bool = False) -> list[str]:
     """The LocRef adapter continued to `times` times the run's steps (the learning rate is
-    constant, so this is the run's training, longer) and scored as in the tables. It continues
-    from the newest checkpoint of the longest shorter one trained here, else of the run's own."""
+    constant, so this is the run's training, longer) and scored as in the tables; `placement`:
+    its images' placement line too (`placement_line`). It continues from the newest checkpoint
+    of the longest shorter one trained here, else of the run's own."""
     p = run["preset"]
     name, steps = continued_name(times), times * p["locref_steps"]
     ckpt = run["dir"] / f"{name}_ckpt"
@@ -680,7 +684,10 @@ def continued_locref(run, host, parts, cfg, base_path: str, times: int,
     name = "LocRef, trained adapter"
     images = sw.generate(run, host, parts, cfg,
                          {name: sw.configurations(run, host, parts, out)[name]})
-    return f"{question}: LocRef adapter at {steps} steps: {table_cells(run, images[name])}"
+    lines = [f"{question}: LocRef adapter at {steps} steps: {table_cells(run, images[name])}"]
+    if placement:
+        lines.append(placement_line(run, f"LocRef adapter at {steps} steps", images[name]))
+    return lines
 
 
 def table_cells(run, images) -> str:
@@ -837,10 +844,12 @@ def main(argv=None) -> list[str]:
     if args.regional:
         asked.append(lambda: regional(run, host, parts, cfg))
     if args.longer:
-        asked += [lambda: continued_locref(run, host, parts, cfg, base_path, 2, "longer"),
+        asked += [lambda: continued_locref(run, host, parts, cfg, base_path, 2, "longer",
+                                           args.placement),
                   lambda: longer_controlnet(run, host, parts, cfg)]
     for times in args.adapter_times:  # in increasing order, each continuing the one before
-        asked.append(lambda times=times: continued_locref(run, host, parts, cfg, base_path, times))
+        asked.append(lambda times=times: continued_locref(run, host, parts, cfg, base_path, times,
+                                                          placement=args.placement))
     if args.base_longer:
         asked.append(lambda: base_longer(run, host, data, parts, cfg))
     lines, t0 = [], time.perf_counter()

@@ -115,8 +115,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--base-longer"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
-        "samplers", "adapter-lr", "own-map", "longer", "longer", "adapter-times",
-        *["base-longer"] * 6]
+        "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
+        "placement", *["base-longer"] * 6]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
@@ -125,7 +125,11 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert lines[4].count("CFG 1, denoise") == 3 and lines[4].count("CFG 4, denoise") == 3
     assert "base, caption only, AP50 by label" in lines[5] and "no label" in lines[5]
     assert "LocRef, trained adapter, AP50 by label" in lines[6]
-    for line in lines[5:7]:  # appearance by the reference's shape: every held-out box once
+    # --placement with --longer and --adapter-times: each longer adapter's images too
+    assert "placement: LocRef adapter at 8 steps, AP50 by label" in lines[11]
+    assert "placement: LocRef adapter at 12 steps, AP50 by label" in lines[14]
+    # appearance by the reference's shape: every held-out box once
+    for line in lines[5:7] + [lines[11], lines[14]]:
         assert "appearance: colour " in line and ", shape " in line
         by_shape, whole = line.split("by the reference's shape: ")[1].split(
             "; the reference's shape in the whole image")  # then each box read whole
@@ -144,9 +148,9 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
             ("base, caption only", "own map -> seg ControlNet"))
         asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", cell.split("; squares")[0])
         assert sum(int(k) for k in asked) == objects
-    assert "LocRef adapter at 8 steps" in lines[10] and "seg ControlNet at 8 steps" in lines[11]
+    assert "LocRef adapter at 8 steps" in lines[10] and "seg ControlNet at 8 steps" in lines[12]
     # three times the steps, continued from --longer's twice (its log says so)
-    assert lines[12].startswith("adapter-times: LocRef adapter at 12 steps: AP ")
+    assert lines[13].startswith("adapter-times: LocRef adapter at 12 steps: AP ")
     assert re.search(r"continues to 12 steps from \S*locref_longer_ckpt/step_0+8\b", caplog.text)
     out = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     assert (out / "locref_lr0.0003.safetensors").is_file()
@@ -156,15 +160,15 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert (out / "locref_x3.safetensors").is_file()
     # the base trained as many steps again, and an adapter on it, beside the run's: the run's
     # base draws the one-object line of the basics, to the digit (same base, seeds, threads)
-    assert lines[13] == "base-longer: " + lines[3].replace(
+    assert lines[15] == "base-longer: " + lines[3].replace(
         "one-object: base,", "one-object: base at 10 steps (the run's),")
-    assert lines[16].startswith("base-longer: one-object: base at 20 steps, caption only, "
+    assert lines[18].startswith("base-longer: one-object: base at 20 steps, caption only, "
                                 f"{objects} captions")
-    for line, who in zip(lines[14:16] + lines[17:19],
+    for line, who in zip(lines[16:18] + lines[19:21],
                          ["10 steps (the run's)"] * 2 + ["20 steps"] * 2):
         assert line.startswith(f"base-longer: base at {who}, ")
         assert re.search(r"(caption only|trained adapter): AP \S+ \[.*leakage .* recall ", line)
-    assert lines[14] != lines[17]  # a base trained on draws other images
+    assert lines[16] != lines[19]  # a base trained on draws other images
     assert (out / "base_longer.safetensors").is_file()
     assert (out / "locref_on_base_longer.safetensors").is_file()
     assert not (out / "base_longer_ckpt").exists()  # base_longer.safetensors holds it all
