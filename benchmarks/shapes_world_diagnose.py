@@ -845,7 +845,7 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: regional(run, host, parts, cfg))
     if args.longer:
         asked += [lambda: continued_locref(run, host, parts, cfg, base_path, 2, "longer",
-                                           args.placement),
+                                           placement=args.placement),
                   lambda: longer_controlnet(run, host, parts, cfg)]
     for times in args.adapter_times:  # in increasing order, each continuing the one before
         asked.append(lambda times=times: continued_locref(run, host, parts, cfg, base_path, times,
