@@ -14,7 +14,8 @@ and of the maps.
 
 Every stage caches its result under --cache (a rerun skips what is done; the cache key holds the
 preset, the seed and RECIPE_VERSION) and the run writes `table.md`, `table_fgdm.md`, `grid.png`,
-`timings.json` (minutes per stage that ran) and TensorBoard event files there. A run stopped
+`timings.json` (minutes per stage that ran), `machine.json` (the CPU, torch and vector code
+the stages were trained with) and TensorBoard event files there. A run stopped
 part-way (Ctrl-C, the machine taken back) continues from its training checkpoints and keeps the
 images it had drawn until its tables are written.
 """
@@ -28,6 +29,7 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -472,6 +474,73 @@ def warn_if_busy(what: str, share: float | None = None) -> bool:
     return True
 
 
+# Environment variables that choose the vector code torch (ATen), MKL (matrix products) and
+# oneDNN (convolutions) run, and so the order their sums are taken in; set to the same values,
+# two kinds of CPU can run the same code.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                 "MKL_CBWR", "OMP_NUM_THREADS")
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name from `cpuinfo`, else what `platform` says (may be empty)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.lower().startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """What a rerun must match for its trained weights to come out the same: the CPU and the
+    vector code torch uses on it, torch's version, its threads and the ISA_VARIABLES set. The
+    same seed on another kind of CPU trains other weights (the recipe-2 base on an Intel Xeon
+    with AVX-512 against an AMD EPYC with AVX2: LocRef AP50 0.098 against 0.155)."""
+    return {"cpu": cpu_model(cpuinfo), "cores": os.cpu_count(),
+            "cpu capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "isa variables": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}}
+
+
+MACHINE_KEYS = ("cpu", "cpu capability", "torch", "threads", "isa variables")  # the weights' inputs
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in MACHINE_KEYS)
+
+
+def recorded_machines(run: dict, now: dict, what: str) -> list[dict]:
+    """The machines the run folder's `machine.json` lists (those that trained or drew its
+    stages; empty if there is none). Logs a warning when one of them is not `now`: the cached
+    weights are that machine's, so what `what` draws or trains here need not give the run's
+    tables to the digit."""
+    path = run["dir"] / "machine.json"
+    machines = json.loads(path.read_text())["machines"] if path.is_file() else []
+    others = [m for m in machines if not same_machine(m, now)]
+    if others:
+        log.warning("%s: stages cached in %s were made on %s; this machine is %s. Their "
+                    "numbers reproduce on the same CPU, vector code and torch (set the "
+                    "variables in \"isa variables\" as they were)", what, run["dir"],
+                    " and ".join(json.dumps({k: m.get(k) for k in MACHINE_KEYS})
+                                 for m in others),
+                    json.dumps({k: now.get(k) for k in MACHINE_KEYS}))
+    return machines
+
+
+def record_machine(run: dict, now: dict | None = None) -> list[dict]:
+    """Log this machine and add it to the machines `machine.json` in the run's folder lists
+    (every machine that trained or drew part of the run)."""
+    now = machine() if now is None else now
+    machines = recorded_machines(run, now, "shapes world")
+    if not any(same_machine(m, now) for m in machines):
+        machines.append(now)
+    log.info("machine: %s", json.dumps(now))
+    (run["dir"] / "machine.json").write_text(json.dumps({"machines": machines}, indent=1))
+    return machines
+
+
 def start(run: dict):
     """The host (its temp folder in the run's, for SBPC's preview grids) and the data."""
     host = load_host(run["comfyui"], cpu=True)
@@ -532,6 +601,8 @@ def main(argv=None) -> dict:
         log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
     warn_if_busy("shapes world")
     t0, timings = time.perf_counter(), Timings(run)
+    if not args.estimate:
+        record_machine(run)
     host, data = start(run)
     if args.estimate:  # timings.json stays the run's own
         from shapes_world_estimate import estimate  # noqa: PLC0415  (this folder)

@@ -826,6 +826,7 @@ def main(argv=None) -> list[str]:
                          "run benchmarks/shapes_world.py with the same --cache, --quick and "
                          "--seed first")
     sw.warn_if_busy("diagnose")
+    sw.recorded_machines(run, sw.machine(), "diagnose")
     host, data = sw.start(run)
     parts, cfg, base_path = sw.stage_base(run, host, data)
     asked = [] if args.skip_basics else [  # each returns its line, or lines (placement)

@@ -238,3 +238,35 @@ def test_a_busy_machine_is_named_before_a_run(sw, caplog):
     assert not sw.warn_if_busy("diagnose", share=0.1) and not caplog.text
     ticks_now = sw.cpu_ticks()  # this machine's /proc/stat, where there is one
     assert ticks_now is None or 0 <= ticks_now[0] <= ticks_now[1]
+
+
+def test_a_run_records_the_machine_its_weights_were_trained_on(sw, tmp_path, caplog,
+                                                                 monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n")
+    assert sw.cpu_model(str(info)) == "AMD EPYC 9B14"
+    assert isinstance(sw.cpu_model(str(tmp_path / "none")), str)  # no file: platform's word
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    here = sw.machine(str(info))
+    assert here["cpu"] == "AMD EPYC 9B14" and here["torch"] == sw.torch.__version__
+    assert here["isa variables"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", **{
+        k: sw.os.environ[k] for k in ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "OMP_NUM_THREADS")
+        if k in sw.os.environ}}
+    run = {"dir": tmp_path}
+    with caplog.at_level("INFO", logger="shapes_world"):
+        assert sw.record_machine(run, here) == [here]
+    assert "machine: " in caplog.text and "were made on" not in caplog.text
+    assert sw.json.loads((tmp_path / "machine.json").read_text()) == {"machines": [here]}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="shapes_world"):  # the same machine again: no warning
+        assert sw.record_machine(run, {**here, "cores": 99}) == [here]
+    assert "were made on" not in caplog.text
+    other = {**here, "cpu capability": "AVX512", "isa variables": {}}
+    with caplog.at_level("WARNING", logger="shapes_world"):
+        assert sw.record_machine(run, other) == [here, other]
+    assert "were made on" in caplog.text and '"AVX2"' in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shapes_world"):  # the first machine's stages remain
+        assert sw.recorded_machines(run, other, "diagnose") == [here, other]
+    assert "diagnose: stages cached in" in caplog.text

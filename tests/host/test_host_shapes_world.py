@@ -43,6 +43,8 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
     kept = ("locref_images.safetensors", "fgdm_rows_first.safetensors",
             "fgdm_rows_second.safetensors")
     assert not [name for name in kept if (out / name).exists()]  # dropped once tables are out
+    machines = json.loads((out / "machine.json").read_text())["machines"]
+    assert len(machines) == 1 and bench.same_machine(machines[0], bench.machine())
     assert set(first["timings"]) == {"data", "base", "locref adapter", "locref images",
                                      "locref table", "waiting for the seg ControlNet",
                                      "fgdm images, second half", "waiting for the FG-DM half",
@@ -223,7 +225,7 @@ def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
     assert not (folder / "estimate").exists()
     for name in ("base", "locref", "fgdm_seg", "seg_controlnet"):
         assert not (folder / f"{name}.safetensors").exists(), name
-    assert not (folder / "timings.json").exists()
+    assert not (folder / "timings.json").exists() and not (folder / "machine.json").exists()
 
 
 @pytest.mark.parametrize(("flag", "value", "suffix", "field", "saved"), [
