@@ -520,9 +520,10 @@ def recorded_machines(run: dict, now: dict, what: str) -> list[dict]:
     machines = json.loads(path.read_text())["machines"] if path.is_file() else []
     others = [m for m in machines if not same_machine(m, now)]
     if others:
-        log.warning("%s: stages cached in %s were made on %s; this machine is %s. Their "
-                    "numbers reproduce on the same CPU, vector code and torch (set the "
-                    "variables in \"isa variables\" as they were)", what, run["dir"],
+        log.warning("%s: stages cached in %s were made on %s; this machine is %s. What is "
+                    "drawn from them here may differ from what a run from nothing here gives "
+                    "(another CPU kind, vector code, thread count, torch or \"isa variables\" "
+                    "can train other weights)", what, run["dir"],
                     " and ".join(json.dumps({k: m.get(k) for k in MACHINE_KEYS})
                                  for m in others),
                     json.dumps({k: now.get(k) for k in MACHINE_KEYS}))
