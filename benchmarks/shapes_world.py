@@ -475,8 +475,9 @@ def warn_if_busy(what: str, share: float | None = None) -> bool:
 
 
 # Environment variables that choose the vector code torch (ATen), MKL (matrix products) and
-# oneDNN (convolutions) run, and so the order their sums are taken in; set to the same values,
-# two kinds of CPU can run the same code.
+# oneDNN (convolutions) run. They change the trained weights: on an AMD EPYC with AVX-512,
+# ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 trained another VAE than the same run
+# without them.
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
                  "MKL_CBWR", "OMP_NUM_THREADS")
 
@@ -494,10 +495,11 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
-    """What a rerun must match for its trained weights to come out the same: the CPU and the
-    vector code torch uses on it, torch's version, its threads and the ISA_VARIABLES set. The
-    same seed on another kind of CPU trains other weights (the recipe-2 base on an Intel Xeon
-    with AVX-512 against an AMD EPYC with AVX2: LocRef AP50 0.098 against 0.155)."""
+    """What the trained weights may depend on besides the seed: the CPU and the vector code
+    torch uses on it, torch's version, its threads and the ISA_VARIABLES set. The same seed
+    trained other weights on an Intel Xeon with AVX-512 than on an AMD EPYC with AVX2 (recipe
+    2: LocRef AP50 0.098 against 0.155), and the same weights on AMD EPYCs with AVX2 and with
+    AVX-512 (recipe 3: both tables to the digit)."""
     return {"cpu": cpu_model(cpuinfo), "cores": os.cpu_count(),
             "cpu capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
