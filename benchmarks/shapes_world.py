@@ -604,8 +604,6 @@ def main(argv=None) -> dict:
         log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
     warn_if_busy("shapes world")
     t0, timings = time.perf_counter(), Timings(run)
-    if not args.estimate:
-        record_machine(run)
     host, data = start(run)
     if args.estimate:  # timings.json stays the run's own
         from shapes_world_estimate import estimate  # noqa: PLC0415  (this folder)
@@ -616,6 +614,7 @@ def main(argv=None) -> dict:
         return {"estimate": estimate(run, host, data, stages,
                                      data_seconds=time.perf_counter() - t0),
                 "dir": str(run["dir"])}
+    record_machine(run)
     timings.mark("data")
     cached = (run["dir"] / "base.safetensors").is_file()
     resumed = fgdm.resumes(run, "base_ckpt/vae", "base_ckpt/unet")
