@@ -240,13 +240,15 @@ def text_state(nodes, parts, item) -> LocRefState:
                        nodes.encode_box_texts(parts.clip, layout))
 
 
-def configurations(run, host, parts, locref_path):
-    """name -> state builder (None: the base, caption only)."""
+def configurations(run, host, parts, locref_path, seed: int | None = None):
+    """name -> state builder (None: the base, caption only). `seed`: the one the adapter was
+    trained with (default the run's), as the trainer's random CLIP vision tower follows it."""
     from locref_core.weights import load_adapter
 
     nodes = load_pack()["locref_nodes"]
     adapter = load_adapter(locref_path).eval()
-    clip_vision = locref_trainer.load_clip_vision(host, None, run["seed"])  # the trainer's tower
+    clip_vision = locref_trainer.load_clip_vision(  # the tower the adapter was trained with
+        host, None, run["seed"] if seed is None else seed)
     ref = lambda **kw: lambda item: locref_state(nodes, parts, adapter, clip_vision, item,  # noqa: E731
                                                  **kw)
     return {"base, caption only": None,

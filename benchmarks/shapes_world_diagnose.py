@@ -5,7 +5,8 @@ are saved.
 
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
-        [--own-map] [--regional] [--base-longer] [--skip-basics [--drawing]]
+        [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
+        [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?), and mirrored left-right,
@@ -76,6 +77,15 @@ asks for only the lines of the questions below.
   then a LocRef adapter trained on it as the run trains its own; beside the run's base and
   adapter, in one call: each base's one-object line, and the table's caption-only and LocRef
   rows on each (does a base trained longer draw the squares, and LocRef on it reach the goals?).
+- --adapter-seeds S [S ...] (about 25 minutes each on the full preset): the LocRef adapter
+  trained as the run trains it (its steps, batch, learning rate and one thread) with other
+  seeds of its trainer (the adapter's initial weights, its batches and noise draws, and the
+  trainer's random CLIP vision tower), and each, with the run's own, drawn on the held-out
+  layouts with the tables' sampling seeds and scored as the table scores the three rows that
+  read the adapter (LocRef, instance masks off, composite path off): one line per seed, then
+  how far each figure moves between seeds against the bootstrap intervals, which resample only
+  the layouts, and for how many seeds each ablation's claim holds (are the table's differences
+  the adapter's, or its seed's?).
 """
 
 from __future__ import annotations
@@ -127,7 +137,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "longer": ("--longer", (LOCREF, CONTROLNET)),
              "adapter_times": ("--adapter-times K", (LOCREF,)),
              "own_map": ("--own-map", (CONTROLNET,)), "regional": ("--regional", ()),
-             "base_longer": ("--base-longer", (LOCREF,))}
+             "base_longer": ("--base-longer", (LOCREF,)),
+             "adapter_seeds": ("--adapter-seeds S", (LOCREF,))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -169,6 +180,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-longer", action="store_true", help="also train the base's UNet as "
                    "many steps again and a LocRef adapter on it, and score both bases and "
                    "adapters side by side (about 95 minutes alone on 2 cores)")
+    p.add_argument("--adapter-seeds", type=int, nargs="+", metavar="S", default=[],
+                   help="also train the LocRef adapter as the run does with these trainer seeds "
+                   "(about 25 minutes each) and score each with the run's own on the held-out "
+                   "layouts: LocRef and its two ablations' rows")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
@@ -800,6 +815,64 @@ def base_longer(run, host, data, parts, cfg) -> list[str]:
     return lines
 
 
+SEED_ROWS = ("LocRef, trained adapter", "ablation: instance masks off",
+             "ablation: composite path off")
+
+
+def adapter_seeds(run, host, parts, cfg, base_path: str, seeds: list[int]) -> list[str]:
+    """The LocRef adapter trained as the run trains it with other trainer seeds (cached in
+    diagnose/), each and the run's own drawn on the held-out layouts with the tables' sampling
+    seeds and scored as the table scores SEED_ROWS: a line per seed, then the spread between
+    seeds against the bootstrap intervals, and per ablation for how many seeds its claim holds
+    (masks off: leakage higher; composite off: AP50 lower; "outside": the intervals apart)."""
+    p = run["preset"]
+    paths = {run["seed"]: str(run["dir"] / LOCREF)}
+    (run["dir"] / "diagnose").mkdir(exist_ok=True)
+    for seed in seeds:
+        if seed not in paths:
+            with base.one_thread():  # as the run trains its own
+                paths[seed] = fg.cached_training(
+                    run, f"locref_seed{seed}", f"diagnose/locref_seed{seed}", locref_trainer.main,
+                    base_path, p["locref_steps"], p["locref_batch"],
+                    sw.locref_data_args(run["data"]["train"]), seed=seed)
+    lines, stats = [], {}
+    for seed, path in paths.items():
+        configs = sw.configurations(run, host, parts, path, seed=seed)
+        images = sw.generate(run, host, parts, cfg, {r: configs[r] for r in SEED_ROWS})
+        stats[seed] = {r: bootstrap(sw.scores_of(run, images[r]), rounds=p["bootstrap"],
+                                    seed=run["seed"]) for r in SEED_ROWS}
+        own = " (the run's)" if seed == run["seed"] else ""
+        lines.append(f"adapter-seeds: seed {seed}{own}: " + " | ".join(
+            f"{r}: " + ", ".join(interval(k, stats[seed][r][k])
+                                 for k in ("AP50", "appearance", "leakage")) for r in SEED_ROWS))
+    return lines + [seed_spread(stats)]
+
+
+def seed_spread(stats: dict[int, dict[str, dict]]) -> str:
+    """The summary line of --adapter-seeds from each seed's bootstrap statistics (seed -> row
+    -> statistic -> (value, low, high))."""
+    n, cells = len(stats), []
+    for row in SEED_ROWS:
+        moves = []
+        for k in ("AP50", "appearance", "leakage"):
+            values = [s[row][k][0] for s in stats.values()]
+            width = float(np.mean([s[row][k][2] - s[row][k][1] for s in stats.values()]))
+            moves.append(f"{k} {min(values):.3f} to {max(values):.3f} (its intervals "
+                         f"{width:.3f} wide on average)")
+        cells.append(f"{row}: " + ", ".join(moves))
+    claims = []
+    for ablation, k, sign in (("ablation: instance masks off", "leakage", 1),
+                              ("ablation: composite path off", "AP50", -1)):
+        pairs = [(s[ablation][k], s[SEED_ROWS[0]][k]) for s in stats.values()]
+        moved = sum(sign * (a[0] - b[0]) > 0 for a, b in pairs)
+        apart = sum(a[1] > b[2] if sign > 0 else a[2] < b[1] for a, b in pairs)
+        said = "raise leakage" if sign > 0 else "lower AP50"
+        claims.append(f"{ablation.split(': ')[1]} {said} for {moved} of {n} seeds, outside the "
+                      f"intervals for {apart}")
+    return (f"adapter-seeds: over {n} seeds of the adapter's training: " + "; ".join(cells) +
+            " | " + "; ".join(claims))
+
+
 def missing_models(run: dict, args: argparse.Namespace) -> list[str]:
     """The run's model files that the questions asked need and its cache lacks: the base always,
     the basics' and each question's files from BASICS_READ and QUESTIONS (so a question can be
@@ -853,6 +926,8 @@ def main(argv=None) -> list[str]:
                                                           placement=args.placement))
     if args.base_longer:
         asked.append(lambda: base_longer(run, host, data, parts, cfg))
+    if args.adapter_seeds:
+        asked.append(lambda: adapter_seeds(run, host, parts, cfg, base_path, args.adapter_seeds))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

@@ -60,20 +60,23 @@ def resumes(run: dict, *folders: str) -> bool:
 
 
 def cached_training(run: dict, tag: str, name: str, trainer_main, base_path: str,
-                    steps: int, batch: int, data_args: list[str], lr: float = TRAINER_LR) -> str:
+                    steps: int, batch: int, data_args: list[str], lr: float = TRAINER_LR,
+                    seed: int | None = None) -> str:
     """`run["dir"]/<name>.safetensors`, trained by one of the pack's trainers (`trainer_main`,
     its CLI entry) on the frozen world base unless it is cached; checkpoints in `<name>_ckpt`,
-    TensorBoard curves in `tb/<tag>`. `data_args` are the trainer's own data flags."""
+    TensorBoard curves in `tb/<tag>`. `data_args` are the trainer's own data flags; `seed` the
+    trainer's (default the run's)."""
     out = run["dir"] / f"{name}.safetensors"
     if out.is_file():
         log.info("%s: cached %s", tag, out)
         return str(out)
-    trainer_main(trainer_argv(run, tag, name, base_path, steps, batch, data_args, lr))
+    trainer_main(trainer_argv(run, tag, name, base_path, steps, batch, data_args, lr, seed))
     return str(out)
 
 
 def trainer_argv(run: dict, tag: str, name: str, base_path: str, steps: int, batch: int,
-                 data_args: list[str], lr: float = TRAINER_LR) -> list[str]:
+                 data_args: list[str], lr: float = TRAINER_LR,
+                 seed: int | None = None) -> list[str]:
     """The trainer's flags for one of the run's stages (`name` may hold a subfolder of the
     run's): checkpoints in `<name>_ckpt` every 1/CHECKPOINTS_PER_STAGE of the steps, and
     `--resume` from there when a stopped run left one (the trainer then ends with the weights
@@ -82,7 +85,8 @@ def trainer_argv(run: dict, tag: str, name: str, base_path: str, steps: int, bat
     return [
         "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu", *data_args,
         "--size", "64", "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0",
-        "--lr", f"{lr:g}", "--seed", str(run["seed"]), "--log-every", str(max(1, steps // 20)),
+        "--lr", f"{lr:g}", "--seed", str(run["seed"] if seed is None else seed),
+        "--log-every", str(max(1, steps // 20)),
         "--text-cache", str(base.WORLD_CAPTIONS), "--out", str(run["dir"] / f"{name}.safetensors"),
         "--ckpt-dir", str(ckpt), "--ckpt-every", str(max(1, steps // CHECKPOINTS_PER_STAGE)),
         *(["--resume", str(ckpt)] if list_checkpoints(str(ckpt)) else []),

@@ -100,7 +100,7 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "or --base-longer" in err  # every question is named
+    assert "--base-longer or --adapter-seeds S" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--drawing"]).drawing
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--base-longer"]).base_longer
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
@@ -129,6 +129,38 @@ def test_diagnose_adapter_times(diagnose, capsys, tmp_path):
     assert diagnose.continued_from(tmp_path, 3) == tmp_path / "diagnose" / "locref_longer_ckpt"
 
 
+def test_diagnose_adapter_seeds_spread_and_claims(diagnose, sw, tmp_path):
+    args = diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--adapter-seeds", "1", "2"])
+    assert args.adapter_seeds == [1, 2]
+    locref, masks_off, composite_off = diagnose.SEED_ROWS
+
+    def seed(ap50, leakage, off_leakage, off_ap50):
+        stat = lambda v, half=0.05: (v, v - half, v + half)  # noqa: E731
+        return {locref: {"AP50": stat(ap50), "appearance": stat(0.4), "leakage": stat(leakage)},
+                masks_off: {"AP50": stat(0.03), "appearance": stat(0.15),
+                            "leakage": stat(off_leakage)},
+                composite_off: {"AP50": stat(off_ap50), "appearance": stat(0.3),
+                                "leakage": stat(0.04)}}
+
+    line = diagnose.seed_spread({0: seed(0.217, 0.027, 0.158, 0.057),  # apart both ways
+                                 1: seed(0.150, 0.030, 0.070, 0.120),  # higher / lower, inside
+                                 2: seed(0.180, 0.060, 0.050, 0.200)})  # neither
+    assert line.startswith("adapter-seeds: over 3 seeds of the adapter's training: ")
+    assert (f"{locref}: AP50 0.150 to 0.217 (its intervals 0.100 wide on average), appearance "
+            "0.400 to 0.400") in line
+    assert f"{masks_off}: AP50 0.030 to 0.030" in line
+    assert line.endswith("instance masks off raise leakage for 2 of 3 seeds, outside the "
+                         "intervals for 1; composite path off lower AP50 for 2 of 3 seeds, "
+                         "outside the intervals for 1")
+    # the trainer's seed reaches its flags; by default the run's
+    run = sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path)]))
+    fgdm = load_benchmark("shapes_world_fgdm")
+    flags = fgdm.trainer_argv(run, "t", "diagnose/x", "b", 10, 2, [])
+    assert flags[flags.index("--seed") + 1] == "0"
+    flags = fgdm.trainer_argv(run, "t", "diagnose/x", "b", 10, 2, [], seed=3)
+    assert flags[flags.index("--seed") + 1] == "3"
+
+
 def test_diagnose_interval_text(diagnose):
     assert diagnose.interval("AP50", (0.3071, 0.2349, 0.39749)) == "AP50 0.307 [0.235, 0.397]"
     assert diagnose.interval("no label", (1, 0, 1)) == "no label 1.000 [0.000, 1.000]"
@@ -152,6 +184,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--adapter-lr", "3e-4") == ["locref.safetensors"]
     assert missing("--skip-basics", "--adapter-times", "4") == ["locref.safetensors"]
     assert missing("--skip-basics", "--base-longer") == ["locref.safetensors"]  # the run's, beside
+    assert missing("--skip-basics", "--adapter-seeds", "1") == ["locref.safetensors"]
     (folder / "locref.safetensors").touch()
     assert missing("--skip-basics", "--adapter-lr", "3e-4", "--placement") == []
     assert missing("--skip-basics", "--longer") == ["seg_controlnet.safetensors"]

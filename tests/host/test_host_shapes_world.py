@@ -124,11 +124,11 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     with caplog.at_level("INFO", logger="shapes_world_diagnose"):
         lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4",
                                "1e-4", "--own-map", "--longer", "--adapter-times", "3",
-                               "--base-longer"])
+                               "--base-longer", "--adapter-seeds", "1"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
-        "placement", *["base-longer"] * 6]
+        "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
@@ -185,6 +185,20 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert (out / "locref_on_base_longer.safetensors").is_file()
     assert not (out / "base_longer_ckpt").exists()  # base_longer.safetensors holds it all
     assert "base-longer: the base's UNet, 10 more steps" in caplog.text
+    # another seed of the adapter's trainer, beside the run's own: its three rows each
+    for line, who in zip(lines[21:23], ("seed 0 (the run's)", "seed 1")):
+        assert line.startswith(f"adapter-seeds: {who}: LocRef, trained adapter: AP50 ")
+        assert " | ablation: instance masks off: AP50 " in line
+        assert " | ablation: composite path off: AP50 " in line
+    assert lines[23].startswith("adapter-seeds: over 2 seeds of the adapter's training: ")
+    assert "outside the intervals for" in lines[23]
+    import torch
+    from safetensors.torch import load_file
+
+    seeded = load_file(out / "locref_seed1.safetensors")
+    own = load_file(tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "locref.safetensors")
+    assert seeded.keys() == own.keys()
+    assert any(not torch.equal(seeded[k], own[k]) for k in own)  # the seed trains other weights
     # only the question asked, from the cache: the same line, none of the five basics
     assert diagnose.main([*argv, "--skip-basics", "--adapter-lr", "3e-4"]) == [lines[8]]
     # the drawing lines need only the base: asked without the LocRef adapter or the ControlNet
