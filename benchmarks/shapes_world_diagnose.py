@@ -713,19 +713,27 @@ def table_cells(run, images) -> str:
     return ", ".join(interval(k, v) for k, v in stats.items())
 
 
+def retrained_adapter(run, base_path: str, tag: str, lr: float = fg.TRAINER_LR,
+                      seed: int | None = None) -> str:
+    """`diagnose/<tag>.safetensors`: the LocRef adapter trained as the run trains its own (its
+    steps, batch and one thread, so a rerun gives the same weights) at learning rate `lr` with
+    trainer seed `seed` (default the run's); cached."""
+    p = run["preset"]
+    (run["dir"] / "diagnose").mkdir(exist_ok=True)
+    with base.one_thread():
+        return fg.cached_training(run, tag, f"diagnose/{tag}", locref_trainer.main, base_path,
+                                  p["locref_steps"], p["locref_batch"],
+                                  sw.locref_data_args(run["data"]["train"]), lr, seed)
+
+
 def adapter_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str:
     """The LocRef adapter trained as the run trains it but at other learning rates (cached in
     diagnose/), each scored with the run's own adapter on the validation layouts, so that a
     rate can be chosen without looking at the held-out ones."""
     p, layouts = run["preset"], validation_layouts(run)
     paths = {fg.TRAINER_LR: str(run["dir"] / LOCREF)}
-    (run["dir"] / "diagnose").mkdir(exist_ok=True)
     for lr in rates:
-        with base.one_thread():  # as the run trains its own, so a rerun gives the same weights
-            paths[lr] = paths.get(lr) or fg.cached_training(
-                run, f"locref_lr{lr:g}", f"diagnose/locref_lr{lr:g}", locref_trainer.main,
-                base_path, p["locref_steps"], p["locref_batch"],
-                sw.locref_data_args(run["data"]["train"]), lr)
+        paths[lr] = paths.get(lr) or retrained_adapter(run, base_path, f"locref_lr{lr:g}", lr=lr)
     name, cells = "LocRef, trained adapter", []
     for lr, path in paths.items():
         images = sw.generate(run, host, parts, cfg,
@@ -827,14 +835,9 @@ def adapter_seeds(run, host, parts, cfg, base_path: str, seeds: list[int]) -> li
     (masks off: leakage higher; composite off: AP50 lower; "outside": the intervals apart)."""
     p = run["preset"]
     paths = {run["seed"]: str(run["dir"] / LOCREF)}
-    (run["dir"] / "diagnose").mkdir(exist_ok=True)
     for seed in seeds:
-        if seed not in paths:
-            with base.one_thread():  # as the run trains its own
-                paths[seed] = fg.cached_training(
-                    run, f"locref_seed{seed}", f"diagnose/locref_seed{seed}", locref_trainer.main,
-                    base_path, p["locref_steps"], p["locref_batch"],
-                    sw.locref_data_args(run["data"]["train"]), seed=seed)
+        paths[seed] = paths.get(seed) or retrained_adapter(run, base_path, f"locref_seed{seed}",
+                                                           seed=seed)
     lines, stats = [], {}
     for seed, path in paths.items():
         configs = sw.configurations(run, host, parts, path, seed=seed)
