@@ -6,7 +6,7 @@ are saved.
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
-        [--skip-basics [--drawing]]
+        [--controlnet-lr LR ...] [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?), and mirrored left-right,
@@ -86,6 +86,14 @@ asks for only the lines of the questions below.
   how far each figure moves between seeds against the bootstrap intervals, which resample only
   the layouts, and for how many seeds each ablation's claim holds (are the table's differences
   the adapter's, or its seed's?).
+- --controlnet-lr LR [LR ...] (about 25 minutes each to train on the full preset, then about 4
+  minutes of images per ControlNet): the seg ControlNet trained as the run trains it (its steps,
+  batch, seed and one thread) at other learning rates, and each with the run's own (1e-4) drawn
+  from the validation layouts' own maps at CFG 1, 2 and the benchmark's guidance, beside the
+  base from the same captions and seeds without a map: image recall, colour + shape and shape,
+  and what the detector reads in each object's colour, by shape asked (does the image factor
+  draw what a perfect map gives it better than the base draws from the caption, at some rate
+  or guidance? chosen on validation layouts, never the held-out ones).
 """
 
 from __future__ import annotations
@@ -138,7 +146,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "adapter_times": ("--adapter-times K", (LOCREF,)),
              "own_map": ("--own-map", (CONTROLNET,)), "regional": ("--regional", ()),
              "base_longer": ("--base-longer", (LOCREF,)),
-             "adapter_seeds": ("--adapter-seeds S", (LOCREF,))}
+             "adapter_seeds": ("--adapter-seeds S", (LOCREF,)),
+             "controlnet_lr": ("--controlnet-lr LR", (CONTROLNET,))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -184,6 +193,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train the LocRef adapter as the run does with these trainer seeds "
                    "(about 25 minutes each) and score each with the run's own on the held-out "
                    "layouts: LocRef and its two ablations' rows")
+    p.add_argument("--controlnet-lr", type=float, nargs="+", metavar="LR", default=[],
+                   help="also train the seg ControlNet at these learning rates (the run's "
+                   "steps, batch, seed and one thread; about 25 minutes each) and draw each, "
+                   "with the run's own (lr 1e-4), from the validation layouts' own maps at CFG "
+                   "1, 2 and the benchmark's, beside the base without a map")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
@@ -428,12 +442,17 @@ def sdedit(run, host, parts) -> str:
 VALIDATION_SEED = 2000  # + the run's seed; the held-out layouts use + 1000, training + 0
 
 
+def validation_paths(run) -> dict:
+    """The files of the validation layouts (written once): another seed than training and
+    held-out, as many as the held-out ones, for choosing settings without looking at the
+    test."""
+    return sw.written_once(run["dir"] / "data" / "validation", n_images=run["preset"]["heldout"],
+                           seed=run["seed"] + VALIDATION_SEED)
+
+
 def validation_layouts(run) -> list:
-    """Layouts of another seed than training and held-out, as many as the held-out ones, for
-    choosing settings without looking at the test."""
-    root = run["dir"] / "data" / "validation"
-    return load_heldout(sw.written_once(root, n_images=run["preset"]["heldout"],
-                                        seed=run["seed"] + VALIDATION_SEED))
+    """The validation layouts (`validation_paths`)."""
+    return load_heldout(validation_paths(run))
 
 
 def guidance_above(patcher, sigma_min: float):
@@ -773,6 +792,73 @@ def longer_controlnet(run, host, parts, cfg) -> str:
             f"{interval('shape', cells[1])}")
 
 
+def retrained_controlnet(run, host, parts, lr: float) -> str:
+    """`diagnose/seg_controlnet_lr<lr>.safetensors`: the seg ControlNet trained as the run's
+    FG-DM half trains its own (its steps, batch, seed, the same latents, and one thread, so a
+    rerun gives the same weights) at learning rate `lr`; cached, checkpointed as the run's
+    stages are."""
+    p, data = run["preset"], run["data"]
+    name = f"diagnose/seg_controlnet_lr{lr:g}"
+    out = run["dir"] / f"{name}.safetensors"
+    if out.is_file():
+        log.info("controlnet-lr: cached %s", out)
+        return str(out)
+    log.info("controlnet-lr: the seg ControlNet at lr %g, %d steps", lr, p["controlnet_steps"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with base.one_thread():  # as the run's FG-DM half: the latents too
+        model = world_cn.build_controlnet(host, parts, seed=run["seed"])
+        world_cn.train_controlnet(host, parts, model,
+                                  base.encode_latents(parts, data["train_images"]),
+                                  (data["train_maps"] + 1) / 2, data["train_captions"],
+                                  p["controlnet_steps"], batch=p["controlnet_batch"], lr=lr,
+                                  seed=run["seed"],
+                                  checkpoints=fg.loop_checkpoints(run, f"{name}_ckpt",
+                                                                  p["controlnet_steps"]))
+    world_cn.save_controlnet(str(out), model, {"preset": run["name"],
+                                               "diagnose": f"controlnet-lr {lr:g}"})
+    shutil.rmtree(run["dir"] / f"{name}_ckpt", ignore_errors=True)
+    return str(out)
+
+
+def recall_cells(run, images, items) -> str:
+    """Image recall (colour + shape, shape) with intervals, and what the detector reads in
+    each object's colour by shape asked."""
+    both, shape = fg.image_recalls(run, [score_image(im, it) for im, it in zip(images, items)])
+    return (f"{interval('recall', both)}, {interval('shape', shape)} "
+            f"({by_shape_asked(object_reading(images, items))})")
+
+
+def controlnet_lr(run, host, parts, cfg, rates: list[float]) -> str:
+    """The seg ControlNet trained at other learning rates (cached in diagnose/), each with the
+    run's own drawn from the validation layouts' own maps at CFG 1, 2 and the run's guidance,
+    beside the base from the same captions and seeds without a map. (Not under no_grad: it
+    trains; `sample_images` draws without gradients.)"""
+    paths = {fg.TRAINER_LR: str(run["dir"] / CONTROLNET)}
+    for lr in rates:
+        paths[lr] = paths.get(lr) or retrained_controlnet(run, host, parts, lr)
+    nets = {lr: world_cn.wrap(host, world_cn.load_controlnet(host, parts, path))
+            for lr, path in paths.items()}
+    layouts = validation_layouts(run)
+    maps = [fg.as_hint(m) for m in fg.read_maps(validation_paths(run))]
+    texts = [item.caption for item in layouts]
+    seeds = [sample_seed(run["seed"], i) for i in range(len(layouts))]
+    cells = []
+    for guidance in sorted({1.0, 2.0, run["guidance"]}):
+        kw = {"steps": run["preset"]["sample_steps"], "guidance": guidance}
+        drawn = {"base, no map": base.sample_images(
+            host, parts.patcher, parts, texts, seeds, cfg, **kw,
+            on_image=every_tenth(f"controlnet-lr, CFG {guidance:g}, base"))}
+        for lr, net in nets.items():
+            own = " (the run's)" if lr == fg.TRAINER_LR else ""
+            drawn[f"lr {lr:g}{own}, own map"] = base.sample_images(
+                host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=net, maps=maps,
+                on_image=every_tenth(f"controlnet-lr, CFG {guidance:g}, lr {lr:g}"))
+        cells.append(f"CFG {guidance:g}: " + "; ".join(
+            f"{who}: {recall_cells(run, images, layouts)}" for who, images in drawn.items()))
+    return (f"controlnet-lr: the seg ControlNet at {run['preset']['controlnet_steps']} steps, "
+            f"{len(layouts)} validation layouts, image recall: " + " | ".join(cells))
+
+
 BASE_LONGER = "diagnose/base_longer"
 
 
@@ -931,6 +1017,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: base_longer(run, host, data, parts, cfg))
     if args.adapter_seeds:
         asked.append(lambda: adapter_seeds(run, host, parts, cfg, base_path, args.adapter_seeds))
+    if args.controlnet_lr:
+        asked.append(lambda: controlnet_lr(run, host, parts, cfg, args.controlnet_lr))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

@@ -124,11 +124,12 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     with caplog.at_level("INFO", logger="shapes_world_diagnose"):
         lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4",
                                "1e-4", "--own-map", "--longer", "--adapter-times", "3",
-                               "--base-longer", "--adapter-seeds", "1"])
+                               "--base-longer", "--adapter-seeds", "1",
+                               "--controlnet-lr", "3e-4", "1e-4"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
-        "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3]
+        "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
@@ -195,6 +196,27 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     import torch
     from safetensors.torch import load_file
 
+    # the seg ControlNet at another rate beside the run's (1e-4: not retrained), from the
+    # validation layouts' own maps at three guidance scales, beside the base without a map
+    assert lines[24].startswith("controlnet-lr: the seg ControlNet at 4 steps, 4 validation "
+                                "layouts, image recall: CFG 1: base, no map: recall ")
+    cells = lines[24].split("image recall: ")[1].split(" | ")
+    assert [c.split(":")[0] for c in cells] == ["CFG 1", "CFG 2", "CFG 4"]
+    validation = bench.load_heldout(bench.synthetic_paths(held.parent / "validation"))
+    for cell in cells:
+        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
+        assert whos == ["base, no map", "lr 0.0001 (the run's), own map", "lr 0.0003, own map"]
+        for part in cell.split("; "):  # every validation object read once, by shape asked
+            asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", part.split("(", 1)[1])
+            assert sum(int(k) for k in asked) == sum(len(it.objects) for it in validation)
+    assert (out / "seg_controlnet_lr0.0003.safetensors").is_file()
+    assert not (out / "seg_controlnet_lr0.0001.safetensors").exists()
+    assert not (out / "seg_controlnet_lr0.0003_ckpt").exists()
+    retrained = load_file(out / "seg_controlnet_lr0.0003.safetensors")
+    run_own = load_file(tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}"
+                        / "seg_controlnet.safetensors")
+    assert retrained.keys() == run_own.keys()
+    assert any(not torch.equal(retrained[k], run_own[k]) for k in run_own)
     seeded = load_file(out / "locref_seed1.safetensors")
     own = load_file(tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "locref.safetensors")
     assert seeded.keys() == own.keys()
