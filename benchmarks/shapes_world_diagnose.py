@@ -6,7 +6,7 @@ are saved.
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
-        [--controlnet-lr LR ...] [--skip-basics [--drawing]]
+        [--controlnet-lr LR ...] [--one-object-map] [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?), and mirrored left-right,
@@ -94,6 +94,12 @@ asks for only the lines of the questions below.
   and what the detector reads in each object's colour, by shape asked (does the image factor
   draw what a perfect map gives it better than the base draws from the caption, at some rate
   or guidance? chosen on validation layouts, never the held-out ones).
+- --one-object-map (about 6 minutes alone on the full preset): each held-out object drawn
+  alone from its one-object caption ("a red square", the one-object line's captions and seeds)
+  by the base, and by the seg ControlNet from the held-out map with every other object painted
+  over in the background's class: colour + shape, shape, colour, and what the detector reads in
+  the named colour by shape asked (does the map cost an object its colour even when it is the
+  only one, or only where several objects share the caption?).
 """
 
 from __future__ import annotations
@@ -147,7 +153,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "own_map": ("--own-map", (CONTROLNET,)), "regional": ("--regional", ()),
              "base_longer": ("--base-longer", (LOCREF,)),
              "adapter_seeds": ("--adapter-seeds S", (LOCREF,)),
-             "controlnet_lr": ("--controlnet-lr LR", (CONTROLNET,))}
+             "controlnet_lr": ("--controlnet-lr LR", (CONTROLNET,)),
+             "one_object_map": ("--one-object-map", (CONTROLNET,))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -198,6 +205,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "steps, batch, seed and one thread; about 25 minutes each) and draw each, "
                    "with the run's own (lr 1e-4), from the validation layouts' own maps at CFG "
                    "1, 2 and the benchmark's, beside the base without a map")
+    p.add_argument("--one-object-map", action="store_true", help="also draw each held-out "
+                   "object alone, from its one-object caption, by the base and by the seg "
+                   "ControlNet from the held-out map with that object alone (about 6 minutes)")
     p.add_argument("--skip-basics", action="store_true", help="print only the lines of the "
                    "questions asked above, without the five that always run (vae-noise, probe, "
                    "controlnet-eps, one-object, sdedit: about 12 minutes on the full preset)")
@@ -680,6 +690,51 @@ def own_map(run, host, parts, cfg) -> str:
             "each object's colour: " + " | ".join(cells))
 
 
+def lone_object_map(true_map: torch.Tensor, item, k: int) -> torch.Tensor:
+    """A held-out map (3, S, S) with only object `k` kept: every other object painted over in
+    the background's colour (read where no box lies, inside the one-pixel void frame)."""
+    side = true_map.shape[-1]
+    covered = inside_boxes(item, side)
+    covered[0, :] = covered[-1, :] = covered[:, 0] = covered[:, -1] = True  # the void frame
+    ys, xs = torch.nonzero(~covered, as_tuple=True)
+    if not len(ys):
+        raise ValueError(f"layout {item.caption!r}: no background cell outside its boxes")
+    lone = true_map.clone()
+    lone[:, 1:-1, 1:-1] = true_map[:, ys[0], xs[0], None, None]
+    mask = item.masks[k].bool()
+    x0, y0 = int(item.boxes[k][0] * side), int(item.boxes[k][1] * side)  # crop_edges' floor
+    h, w = mask.shape
+    window = (slice(None), slice(y0, y0 + h), slice(x0, x0 + w))
+    lone[window] = torch.where(mask, true_map[window], lone[window])
+    return lone
+
+
+@torch.no_grad()
+def one_object_map(run, host, parts, cfg) -> str:
+    control_net = world_cn.wrap(host, world_cn.load_controlnet(host, parts,
+                                                               str(run["dir"] / CONTROLNET)))
+    items, maps = run["data"]["heldout"], fg.read_maps(run["data"]["heldout_paths"])
+    objects = [o for it in items for o in it.objects]
+    lone = [fg.as_hint(lone_object_map(m, it, k))
+            for m, it in zip(maps, items) for k in range(len(it.objects))]
+    texts = [phrase([o]) for o in objects]
+    seeds = [sample_seed(run["seed"], i) for i in range(len(texts))]  # the one-object line's
+    kw = {"steps": run["preset"]["sample_steps"], "guidance": run["guidance"]}
+    drawn = {"base, caption only": base.sample_images(
+                 host, parts.patcher, parts, texts, seeds, cfg, **kw,
+                 on_image=every_tenth("one-object-map, base")),
+             "its map alone -> seg ControlNet": base.sample_images(
+                 host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=control_net,
+                 maps=lone, on_image=every_tenth("one-object-map, its map"))}
+    n, cells = len(objects), []
+    for who, images in drawn.items():
+        t = one_object_tally(images, objects)
+        cells.append(f"{who}: colour + shape {t['both'] / n:.3f}, shape {t['shape'] / n:.3f}, "
+                     f"colour {t['colour'] / n:.3f} ({by_shape_asked(t)})")
+    return (f"one-object-map: {n} captions of one held-out object, drawn by the base and by the "
+            "seg ControlNet from the held-out map with that object alone: " + " | ".join(cells))
+
+
 def continued_name(times: int) -> str:
     """The diagnose's name of the LocRef adapter continued to `times` times the run's steps
     (--longer's twice keeps the name it always had)."""
@@ -1019,6 +1074,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: adapter_seeds(run, host, parts, cfg, base_path, args.adapter_seeds))
     if args.controlnet_lr:
         asked.append(lambda: controlnet_lr(run, host, parts, cfg, args.controlnet_lr))
+    if args.one_object_map:
+        asked.append(lambda: one_object_map(run, host, parts, cfg))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

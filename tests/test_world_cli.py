@@ -100,7 +100,7 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--adapter-seeds S or --controlnet-lr LR" in err  # every question is named
+    assert "--controlnet-lr LR or --one-object-map" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--drawing"]).drawing
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--base-longer"]).base_longer
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-lr", "3e-4",
@@ -193,6 +193,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--adapter-lr", "3e-4") == ["seg_controlnet.safetensors"]
     # the run's seg ControlNet is drawn beside those trained at other rates
     assert missing("--skip-basics", "--controlnet-lr", "3e-4") == ["seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--one-object-map") == ["seg_controlnet.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()
     assert missing("--longer") == []
 
@@ -306,3 +307,37 @@ def test_a_run_records_the_machine_its_weights_were_trained_on(sw, tmp_path, cap
     with caplog.at_level("WARNING", logger="shapes_world"):  # the first machine's stages remain
         assert sw.recorded_machines(run, other, "diagnose") == [here, other]
     assert "diagnose: stages cached in" in caplog.text
+
+
+def test_lone_object_map_keeps_one_object_and_the_frame(diagnose):
+    import torch
+    from locref_core.world.evaluate import HeldOut
+
+    side, frame, ground = 16, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([-0.5, -0.8, 0.5])
+    square, disc = torch.tensor([0.2, 0.1, 0.1]), torch.tensor([-1.0, -1.0, 0.5])
+    true_map = frame[:, None, None].repeat(1, side, side)
+    true_map[:, 1:-1, 1:-1] = ground[:, None, None]
+    true_map[:, 3:7, 2:6] = square[:, None, None]  # a 4 x 4 square in box x 2..6, y 3..7
+    disc_mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]]).float()
+    window = true_map[:, 9:13, 10:14]
+    window[:] = torch.where(disc_mask.bool(), disc[:, None, None], window)
+    item = HeldOut("a red square and a blue disc",
+                   ((2 / side, 3 / side, 6 / side, 7 / side),
+                    (10 / side, 9 / side, 14 / side, 13 / side)),
+                   (("red", "square"), ("blue", "disc")),
+                   (torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)), (torch.ones(4, 4), disc_mask))
+    first, second = (diagnose.lone_object_map(true_map, item, k) for k in (0, 1))
+    for lone in (first, second):  # the void frame as it was
+        assert torch.equal(lone[:, 0], true_map[:, 0]) and torch.equal(lone[:, :, -1],
+                                                                       true_map[:, :, -1])
+    assert torch.equal(first[:, 3:7, 2:6], true_map[:, 3:7, 2:6])
+    assert (first[:, 9:13, 10:14] == ground[:, None, None]).all()  # the disc painted over
+    assert torch.equal(second[:, 9:13, 10:14], true_map[:, 9:13, 10:14])
+    assert (second[:, 3:7, 2:6] == ground[:, None, None]).all()
+    inside = second[:, 1:-1, 1:-1]
+    assert ((inside == ground[:, None, None]).all(0).sum()
+            == (side - 2) ** 2 - int(disc_mask.sum()))  # nothing else left
+    crowded = HeldOut("a red square", ((0.0, 0.0, 1.0, 1.0),), (("red", "square"),),
+                      (torch.zeros(3, side, side),), (torch.ones(side, side),))
+    with pytest.raises(ValueError, match="no background cell outside its boxes"):
+        diagnose.lone_object_map(true_map, crowded, 0)

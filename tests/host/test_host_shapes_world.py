@@ -125,11 +125,12 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4",
                                "1e-4", "--own-map", "--longer", "--adapter-times", "3",
                                "--base-longer", "--adapter-seeds", "1",
-                               "--controlnet-lr", "3e-4", "1e-4"])
+                               "--controlnet-lr", "3e-4", "1e-4", "--one-object-map"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
-        "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr"]
+        "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
+        "one-object-map"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
@@ -209,6 +210,14 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         for part in cell.split("; "):  # every validation object read once, by shape asked
             asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", part.split("(", 1)[1])
             assert sum(int(k) for k in asked) == sum(len(it.objects) for it in validation)
+    # each held-out object alone: the base's cell is the one-object line's (same images)
+    assert lines[25].startswith(f"one-object-map: {objects} captions of one held-out object")
+    base_cell, map_cell = lines[25].split("that object alone: ", 1)[1].split(" | ")
+    figures = re.search(r"colour \+ shape [0-9.]+, shape [0-9.]+, colour [0-9.]+", lines[3])
+    assert base_cell.startswith(f"base, caption only: {figures.group(0)} (")
+    assert map_cell.startswith("its map alone -> seg ControlNet: colour + shape ")
+    asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", map_cell.split("(", 1)[1])
+    assert sum(int(k) for k in asked) == objects
     assert (out / "seg_controlnet_lr0.0003.safetensors").is_file()
     assert not (out / "seg_controlnet_lr0.0001.safetensors").exists()
     assert not (out / "seg_controlnet_lr0.0003_ckpt").exists()
