@@ -6,7 +6,8 @@ are saved.
     python benchmarks/shapes_world_diagnose.py --comfyui /path/to/ComfyUI [--quick] [--prediction v]
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
-        [--controlnet-lr LR ...] [--one-object-map] [--skip-basics [--drawing]]
+        [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
+        [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
   decoded and scored (is the decoder fragile to the UNet's small errors?), and mirrored left-right,
@@ -100,6 +101,10 @@ asks for only the lines of the questions below.
   over in the background's class: colour + shape, shape, colour, and what the detector reads in
   the named colour by shape asked (does the map cost an object its colour even when it is the
   only one, or only where several objects share the caption?).
+- --controlnet-null P [P ...] (as --controlnet-lr): the seg ControlNet trained as the run trains
+  it but dropping the caption in a share P of its rows instead of ControlNet's 0.5, each drawn
+  with the run's own as --controlnet-lr draws them (does a ControlNet trained mostly with its
+  caption keep the caption's colours where the map puts the objects?).
 """
 
 from __future__ import annotations
@@ -154,7 +159,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "base_longer": ("--base-longer", (LOCREF,)),
              "adapter_seeds": ("--adapter-seeds S", (LOCREF,)),
              "controlnet_lr": ("--controlnet-lr LR", (CONTROLNET,)),
-             "one_object_map": ("--one-object-map", (CONTROLNET,))}
+             "one_object_map": ("--one-object-map", (CONTROLNET,)),
+             "controlnet_null": ("--controlnet-null P", (CONTROLNET,))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -205,6 +211,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "steps, batch, seed and one thread; about 25 minutes each) and draw each, "
                    "with the run's own (lr 1e-4), from the validation layouts' own maps at CFG "
                    "1, 2 and the benchmark's, beside the base without a map")
+    p.add_argument("--controlnet-null", type=float, nargs="+", metavar="P", default=[],
+                   help="also train the seg ControlNet dropping the caption in these shares of "
+                   "its rows (the run's: 0.5; its steps, batch, rate, seed and one thread; about "
+                   "25 minutes each) and draw each as --controlnet-lr draws its own")
     p.add_argument("--one-object-map", action="store_true", help="also draw each held-out "
                    "object alone, from its one-object caption, by the base and by the seg "
                    "ControlNet from the held-out map with that object alone (about 6 minutes)")
@@ -847,18 +857,22 @@ def longer_controlnet(run, host, parts, cfg) -> str:
             f"{interval('shape', cells[1])}")
 
 
-def retrained_controlnet(run, host, parts, lr: float) -> str:
-    """`diagnose/seg_controlnet_lr<lr>.safetensors`: the seg ControlNet trained as the run's
+def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
+                         null_prob: float = world_cn.NULL_PROB) -> str:
+    """`diagnose/seg_controlnet_<lr, null>.safetensors`: the seg ControlNet trained as the run's
     FG-DM half trains its own (its steps, batch, seed, the same latents, and one thread, so a
-    rerun gives the same weights) at learning rate `lr`; cached, checkpointed as the run's
-    stages are."""
+    rerun gives the same weights) at learning rate `lr`, dropping the caption in a share
+    `null_prob` of its rows; cached, checkpointed as the run's stages are."""
     p, data = run["preset"], run["data"]
-    name = f"diagnose/seg_controlnet_lr{lr:g}"
+    tags = ([f"lr{lr:g}"] if lr != fg.TRAINER_LR else []) + (
+        [f"null{null_prob:g}"] if null_prob != world_cn.NULL_PROB else [])
+    name = f"diagnose/seg_controlnet_{'_'.join(tags)}"
     out = run["dir"] / f"{name}.safetensors"
     if out.is_file():
-        log.info("controlnet-lr: cached %s", out)
+        log.info("controlnet: cached %s", out)
         return str(out)
-    log.info("controlnet-lr: the seg ControlNet at lr %g, %d steps", lr, p["controlnet_steps"])
+    log.info("controlnet: the seg ControlNet at lr %g, captions dropped in %g of the rows, %d "
+             "steps", lr, null_prob, p["controlnet_steps"])
     out.parent.mkdir(parents=True, exist_ok=True)
     with base.one_thread():  # as the run's FG-DM half: the latents too
         model = world_cn.build_controlnet(host, parts, seed=run["seed"])
@@ -866,11 +880,11 @@ def retrained_controlnet(run, host, parts, lr: float) -> str:
                                   base.encode_latents(parts, data["train_images"]),
                                   (data["train_maps"] + 1) / 2, data["train_captions"],
                                   p["controlnet_steps"], batch=p["controlnet_batch"], lr=lr,
-                                  seed=run["seed"],
+                                  null_prob=null_prob, seed=run["seed"],
                                   checkpoints=fg.loop_checkpoints(run, f"{name}_ckpt",
                                                                   p["controlnet_steps"]))
     world_cn.save_controlnet(str(out), model, {"preset": run["name"],
-                                               "diagnose": f"controlnet-lr {lr:g}"})
+                                               "diagnose": " ".join(tags)})
     shutil.rmtree(run["dir"] / f"{name}_ckpt", ignore_errors=True)
     return str(out)
 
@@ -883,16 +897,13 @@ def recall_cells(run, images, items) -> str:
             f"({by_shape_asked(object_reading(images, items))})")
 
 
-def controlnet_lr(run, host, parts, cfg, rates: list[float]) -> str:
-    """The seg ControlNet trained at other learning rates (cached in diagnose/), each with the
-    run's own drawn from the validation layouts' own maps at CFG 1, 2 and the run's guidance,
-    beside the base from the same captions and seeds without a map. (Not under no_grad: it
-    trains; `sample_images` draws without gradients.)"""
-    paths = {fg.TRAINER_LR: str(run["dir"] / CONTROLNET)}
-    for lr in rates:
-        paths[lr] = paths.get(lr) or retrained_controlnet(run, host, parts, lr)
-    nets = {lr: world_cn.wrap(host, world_cn.load_controlnet(host, parts, path))
-            for lr, path in paths.items()}
+def controlnets_on_validation(run, host, parts, cfg, question: str,
+                              paths: dict[str, str]) -> str:
+    """Seg ControlNets (label -> file), each drawn from the validation layouts' own maps at CFG
+    1, 2 and the run's guidance, beside the base from the same captions and seeds without a
+    map: `question`'s line."""
+    nets = {who: world_cn.wrap(host, world_cn.load_controlnet(host, parts, path))
+            for who, path in paths.items()}
     layouts = validation_layouts(run)
     maps = [fg.as_hint(m) for m in fg.read_maps(validation_paths(run))]
     texts = [item.caption for item in layouts]
@@ -902,16 +913,37 @@ def controlnet_lr(run, host, parts, cfg, rates: list[float]) -> str:
         kw = {"steps": run["preset"]["sample_steps"], "guidance": guidance}
         drawn = {"base, no map": base.sample_images(
             host, parts.patcher, parts, texts, seeds, cfg, **kw,
-            on_image=every_tenth(f"controlnet-lr, CFG {guidance:g}, base"))}
-        for lr, net in nets.items():
-            own = " (the run's)" if lr == fg.TRAINER_LR else ""
-            drawn[f"lr {lr:g}{own}, own map"] = base.sample_images(
+            on_image=every_tenth(f"{question}, CFG {guidance:g}, base"))}
+        for who, net in nets.items():
+            drawn[f"{who}, own map"] = base.sample_images(
                 host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=net, maps=maps,
-                on_image=every_tenth(f"controlnet-lr, CFG {guidance:g}, lr {lr:g}"))
+                on_image=every_tenth(f"{question}, CFG {guidance:g}, {who}"))
         cells.append(f"CFG {guidance:g}: " + "; ".join(
             f"{who}: {recall_cells(run, images, layouts)}" for who, images in drawn.items()))
-    return (f"controlnet-lr: the seg ControlNet at {run['preset']['controlnet_steps']} steps, "
+    return (f"{question}: the seg ControlNet at {run['preset']['controlnet_steps']} steps, "
             f"{len(layouts)} validation layouts, image recall: " + " | ".join(cells))
+
+
+def controlnet_lr(run, host, parts, cfg, rates: list[float]) -> str:
+    """The seg ControlNet trained at other learning rates (cached in diagnose/), each with the
+    run's own on the validation layouts (`controlnets_on_validation`). (Not under no_grad: it
+    trains; `sample_images` draws without gradients.)"""
+    paths = {f"lr {fg.TRAINER_LR:g} (the run's)": str(run["dir"] / CONTROLNET)}
+    for lr in rates:
+        if lr != fg.TRAINER_LR:
+            paths[f"lr {lr:g}"] = retrained_controlnet(run, host, parts, lr=lr)
+    return controlnets_on_validation(run, host, parts, cfg, "controlnet-lr", paths)
+
+
+def controlnet_null(run, host, parts, cfg, probs: list[float]) -> str:
+    """The seg ControlNet trained dropping the caption in other shares of its rows (cached in
+    diagnose/), each with the run's own on the validation layouts."""
+    paths = {f"captions dropped {world_cn.NULL_PROB:g} (the run's)": str(run["dir"] / CONTROLNET)}
+    for prob in probs:
+        if prob != world_cn.NULL_PROB:
+            paths[f"captions dropped {prob:g}"] = retrained_controlnet(run, host, parts,
+                                                                       null_prob=prob)
+    return controlnets_on_validation(run, host, parts, cfg, "controlnet-null", paths)
 
 
 BASE_LONGER = "diagnose/base_longer"
@@ -1076,6 +1108,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: controlnet_lr(run, host, parts, cfg, args.controlnet_lr))
     if args.one_object_map:
         asked.append(lambda: one_object_map(run, host, parts, cfg))
+    if args.controlnet_null:
+        asked.append(lambda: controlnet_null(run, host, parts, cfg, args.controlnet_null))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

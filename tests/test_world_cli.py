@@ -100,11 +100,13 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--controlnet-lr LR or --one-object-map" in err  # every question is named
+    assert "--one-object-map or --controlnet-null P" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--drawing"]).drawing
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--base-longer"]).base_longer
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-lr", "3e-4",
                                 "1e-3"]).controlnet_lr == [3e-4, 1e-3]
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-null",
+                                "0.1"]).controlnet_null == [0.1]
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
@@ -194,6 +196,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     # the run's seg ControlNet is drawn beside those trained at other rates
     assert missing("--skip-basics", "--controlnet-lr", "3e-4") == ["seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--one-object-map") == ["seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--controlnet-null", "0.1") == ["seg_controlnet.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()
     assert missing("--longer") == []
 

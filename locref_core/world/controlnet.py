@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT = "locref-shapes-world-seg-controlnet"
 HINT_RATIO = 8  # comfy.controlnet.ControlNet's compression_ratio: hint side = 8 x latent side
 HINT_UPSCALE = "nearest-exact"  # ControlBase.upscale_algorithm
+NULL_PROB = 0.5  # captions dropped in training (ControlNet's recipe)
 
 
 def build_controlnet(host: SimpleNamespace, parts: SD15Parts, seed: int = 0) -> torch.nn.Module:
@@ -77,7 +78,7 @@ def control_of(parts: SD15Parts, model: torch.nn.Module, x: torch.Tensor, sigma:
 def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Module,
                      latents: torch.Tensor, maps: torch.Tensor,
                      captions: Sequence[Sequence[str]], steps: int, batch: int = 16,
-                     lr: float = 1e-4, null_prob: float = 0.5, seed: int = 0,
+                     lr: float = 1e-4, null_prob: float = NULL_PROB, seed: int = 0,
                      on_step: Callable[[int, float], None] | None = None,
                      checkpoints: LoopCheckpoints | None = None) -> list[float]:
     """The base's own objective (`objective`: v's MSE for a v base) with the ControlNet's

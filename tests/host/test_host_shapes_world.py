@@ -125,12 +125,13 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         lines = diagnose.main([*argv, "--placement", "--samplers", "--adapter-lr", "3e-4",
                                "1e-4", "--own-map", "--longer", "--adapter-times", "3",
                                "--base-longer", "--adapter-seeds", "1",
-                               "--controlnet-lr", "3e-4", "1e-4", "--one-object-map"])
+                               "--controlnet-lr", "3e-4", "1e-4", "--one-object-map",
+                               "--controlnet-null", "0.1", "0.5"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
         "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
-        "one-object-map"]
+        "one-object-map", "controlnet-null"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
@@ -218,6 +219,14 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert map_cell.startswith("its map alone -> seg ControlNet: colour + shape ")
     asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", map_cell.split("(", 1)[1])
     assert sum(int(k) for k in asked) == objects
+    # captions dropped in another share of the ControlNet's rows (0.5: the run's, not retrained)
+    assert re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ",
+                      lines[26].split("image recall: ")[1].split(" | ")[0]) == [
+        "base, no map", "captions dropped 0.5 (the run's), own map",
+        "captions dropped 0.1, own map"]
+    assert lines[26].count(" | CFG ") == 2
+    assert (out / "seg_controlnet_null0.1.safetensors").is_file()
+    assert not (out / "seg_controlnet_null0.5.safetensors").exists()
     assert (out / "seg_controlnet_lr0.0003.safetensors").is_file()
     assert not (out / "seg_controlnet_lr0.0001.safetensors").exists()
     assert not (out / "seg_controlnet_lr0.0003_ckpt").exists()
