@@ -571,8 +571,7 @@ def fgdm_branch(argv: list[str]) -> None:
     timings.mark("fgdm seg factor", cached, resumed)
     cached = (run["dir"] / "seg_controlnet.safetensors").is_file()
     resumed = fgdm.resumes(run, fgdm.CONTROLNET_CHECKPOINTS)
-    control_net = fgdm.stage_controlnet(run, host, parts, data, data["train_images"],
-                                        data["train_maps"], data["train_captions"])
+    control_net = fgdm.stage_controlnet(run, host, parts, data)
     timings.mark("seg controlnet", cached, resumed)
     first, _ = fgdm.halves(len(data["heldout"]))
     kept = fgdm.draw_half(run, "first", lambda: fgdm.generate(

@@ -390,6 +390,13 @@ def one_object_tally(images, objects) -> Counter:
     return tally
 
 
+def one_object_figures(tally: Counter, n: int) -> str:
+    """ "colour + shape 0.610, shape 0.726, colour 0.918": the shares of `n` one-object images
+    holding the named colour and shape, the shape, the colour (`one_object_tally`)."""
+    return (f"colour + shape {tally['both'] / n:.3f}, shape {tally['shape'] / n:.3f}, "
+            f"colour {tally['colour'] / n:.3f}")
+
+
 def every_tenth(what: str) -> Callable[[int, int], None]:
     """An `on_image` that logs `what: k of n images, ETA` at every tenth of the list."""
     t0 = time.perf_counter()
@@ -411,8 +418,8 @@ def one_object(run, host, parts, cfg, who: str = "base") -> str:
                                 steps=run["preset"]["sample_steps"], guidance=run["guidance"],
                                 on_image=every_tenth("one-object"))
     t, n = one_object_tally(images, objects), len(objects)
-    return (f"one-object: {who}, caption only, {n} captions of one held-out object: colour + "
-            f"shape {t['both'] / n:.3f}, shape {t['shape'] / n:.3f}, colour {t['colour'] / n:.3f};"
+    return (f"one-object: {who}, caption only, {n} captions of one held-out object: "
+            f"{one_object_figures(t, n)};"
             f" what the detector reads in the named colour, by shape asked: {by_shape_asked(t)};"
             f" {squares_by_side(t)} (the side drawn)")
 
@@ -739,8 +746,7 @@ def one_object_map(run, host, parts, cfg) -> str:
     n, cells = len(objects), []
     for who, images in drawn.items():
         t = one_object_tally(images, objects)
-        cells.append(f"{who}: colour + shape {t['both'] / n:.3f}, shape {t['shape'] / n:.3f}, "
-                     f"colour {t['colour'] / n:.3f} ({by_shape_asked(t)})")
+        cells.append(f"{who}: {one_object_figures(t, n)} ({by_shape_asked(t)})")
     return (f"one-object-map: {n} captions of one held-out object, drawn by the base and by the "
             "seg ControlNet from the held-out map with that object alone: " + " | ".join(cells))
 
@@ -839,11 +845,7 @@ def longer_controlnet(run, host, parts, cfg) -> str:
     else:
         model = world_cn.load_controlnet(host, parts,
                                          str(run["dir"] / CONTROLNET))
-        world_cn.train_controlnet(host, parts, model,
-                                  base.encode_latents(parts, data["train_images"]),
-                                  (data["train_maps"] + 1) / 2, data["train_captions"],
-                                  p["controlnet_steps"], batch=p["controlnet_batch"],
-                                  seed=run["seed"] + 1)
+        fg.train_on_world(run, host, parts, data, model, seed=run["seed"] + 1)
         out.parent.mkdir(parents=True, exist_ok=True)
         world_cn.save_controlnet(str(out), model, {"preset": run["name"], "diagnose": "longer"})
     control_net = world_cn.wrap(host, model)
@@ -876,13 +878,8 @@ def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
     out.parent.mkdir(parents=True, exist_ok=True)
     with base.one_thread():  # as the run's FG-DM half: the latents too
         model = world_cn.build_controlnet(host, parts, seed=run["seed"])
-        world_cn.train_controlnet(host, parts, model,
-                                  base.encode_latents(parts, data["train_images"]),
-                                  (data["train_maps"] + 1) / 2, data["train_captions"],
-                                  p["controlnet_steps"], batch=p["controlnet_batch"], lr=lr,
-                                  null_prob=null_prob, seed=run["seed"],
-                                  checkpoints=fg.loop_checkpoints(run, f"{name}_ckpt",
-                                                                  p["controlnet_steps"]))
+        fg.train_on_world(run, host, parts, data, model, f"{name}_ckpt", lr=lr,
+                          null_prob=null_prob)
     world_cn.save_controlnet(str(out), model, {"preset": run["name"],
                                                "diagnose": " ".join(tags)})
     shutil.rmtree(run["dir"] / f"{name}_ckpt", ignore_errors=True)

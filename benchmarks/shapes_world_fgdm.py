@@ -104,28 +104,39 @@ def stage_factor(run: dict, data: dict, base_path: str) -> str:
                                "--palette", PALETTE])
 
 
-def stage_controlnet(run: dict, host, parts, data: dict, images: torch.Tensor,
-                     maps: torch.Tensor, captions: list[list[str]]) -> Any:
+def stage_controlnet(run: dict, host, parts, data: dict) -> Any:
     """The seg ControlNet (FG-DM's image factor), trained with the base frozen (cached); the
     host's CONTROL_NET object around it."""
     path = run["dir"] / "seg_controlnet.safetensors"
     if path.is_file():
         log.info("seg ControlNet: cached %s", path)
         return world_cn.wrap(host, world_cn.load_controlnet(host, parts, str(path)))
-    p = run["preset"]
     tb = TrainLog(run["env"], run["tb_args"], "seg_controlnet")
     model = world_cn.build_controlnet(host, parts, seed=run["seed"])
-    latents = base.encode_latents(parts, images)
-    log.info("seg ControlNet: %d steps", p["controlnet_steps"])
-    steps = p["controlnet_steps"]
-    world_cn.train_controlnet(host, parts, model, latents, (maps + 1) / 2, captions, steps,
-                              batch=p["controlnet_batch"], seed=run["seed"],
-                              on_step=lambda s, v: tb.scalars(s + 1, {"controlnet_eps_mse": v}),
-                              checkpoints=loop_checkpoints(run, CONTROLNET_CHECKPOINTS, steps))
+    train_on_world(run, host, parts, data, model, CONTROLNET_CHECKPOINTS,
+                   on_step=lambda s, v: tb.scalars(s + 1, {"controlnet_eps_mse": v}))
     tb.close()
     world_cn.save_controlnet(str(path), model, {"preset": run["name"]})
     shutil.rmtree(run["dir"] / CONTROLNET_CHECKPOINTS, ignore_errors=True)
     return world_cn.wrap(host, model)
+
+
+def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,
+                   checkpoints: str | None = None, seed: int | None = None,
+                   **options) -> list[float]:
+    """`model` (a seg ControlNet) trained as the run trains its own: the training images'
+    latents, their maps and captions, the preset's steps and batch, the run's seed unless
+    `seed`; checkpoints in `run["dir"]/checkpoints` when given; `options` for
+    `train_controlnet` (lr, null_prob, on_step)."""
+    p = run["preset"]
+    steps = p["controlnet_steps"]
+    latents = base.encode_latents(parts, data["train_images"])
+    log.info("seg ControlNet: %d steps", steps)
+    return world_cn.train_controlnet(
+        host, parts, model, latents, (data["train_maps"] + 1) / 2, data["train_captions"], steps,
+        batch=p["controlnet_batch"], seed=run["seed"] if seed is None else seed,
+        checkpoints=None if checkpoints is None else loop_checkpoints(run, checkpoints, steps),
+        **options)
 
 
 def required_objects(item) -> str:
