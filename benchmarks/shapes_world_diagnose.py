@@ -160,7 +160,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "adapter_seeds": ("--adapter-seeds S", (LOCREF,)),
              "controlnet_lr": ("--controlnet-lr LR", (CONTROLNET,)),
              "one_object_map": ("--one-object-map", (CONTROLNET,)),
-             "controlnet_null": ("--controlnet-null P", (CONTROLNET,))}
+             "controlnet_null": ("--controlnet-null P", (CONTROLNET,)),
+             "controlnet_end": ("--controlnet-end F", (CONTROLNET,))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -215,6 +216,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train the seg ControlNet dropping the caption in these shares of "
                    "its rows (the run's: 0.5; its steps, batch, rate, seed and one thread; about "
                    "25 minutes each) and draw each as --controlnet-lr draws its own")
+    p.add_argument("--controlnet-end", type=float, nargs="+", metavar="F", default=[],
+                   help="also draw from the validation layouts' own maps with the run's seg "
+                   "ControlNet over only the first F of the steps (ControlNetApplyAdvanced's "
+                   "end_percent; the base alone after), beside the whole range and the base "
+                   "without a map, as --controlnet-lr draws (about 5 minutes per F)")
     p.add_argument("--one-object-map", action="store_true", help="also draw each held-out "
                    "object alone, from its one-object caption, by the base and by the seg "
                    "ControlNet from the held-out map with that object alone (about 6 minutes)")
@@ -230,6 +236,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(k < 2 for k in args.adapter_times):
         p.error(f"--adapter-times {' '.join(map(str, args.adapter_times))}: each K is a multiple "
                 "of the run's adapter steps of at least 2 (1 is the run's own adapter)")
+    if any(not 0.0 < f <= 1.0 for f in args.controlnet_end):
+        p.error(f"--controlnet-end {' '.join(map(str, args.controlnet_end))}: each F is a share "
+                "of the steps in (0, 1] (0 would draw no map at all: the base's own cell)")
     # --longer's line is K = 2's (the same cached adapter, scored the same way): asked once
     args.adapter_times = sorted(set(args.adapter_times) - ({2} if args.longer else set()))
     if args.skip_basics and not any(getattr(args, q) for q in QUESTIONS):
@@ -895,12 +904,14 @@ def recall_cells(run, images, items) -> str:
 
 
 def controlnets_on_validation(run, host, parts, cfg, question: str,
-                              paths: dict[str, str]) -> str:
-    """Seg ControlNets (label -> file), each drawn from the validation layouts' own maps at CFG
-    1, 2 and the run's guidance, beside the base from the same captions and seeds without a
-    map: `question`'s line."""
-    nets = {who: world_cn.wrap(host, world_cn.load_controlnet(host, parts, path))
-            for who, path in paths.items()}
+                              paths: dict[str, str | tuple[str, float]]) -> str:
+    """Seg ControlNets (label -> file, or (file, end): the ControlNet over only that first share
+    of the steps, ControlNetApplyAdvanced's end_percent), each drawn from the validation layouts'
+    own maps at CFG 1, 2 and the run's guidance, beside the base from the same captions and seeds
+    without a map: `question`'s line."""
+    wanted = {who: (p, 1.0) if isinstance(p, str) else p for who, p in paths.items()}
+    loaded = {p: world_cn.wrap(host, world_cn.load_controlnet(host, parts, p))
+              for p in {p for p, _ in wanted.values()}}
     layouts = validation_layouts(run)
     maps = [fg.as_hint(m) for m in fg.read_maps(validation_paths(run))]
     texts = [item.caption for item in layouts]
@@ -911,9 +922,10 @@ def controlnets_on_validation(run, host, parts, cfg, question: str,
         drawn = {"base, no map": base.sample_images(
             host, parts.patcher, parts, texts, seeds, cfg, **kw,
             on_image=every_tenth(f"{question}, CFG {guidance:g}, base"))}
-        for who, net in nets.items():
+        for who, (path, end) in wanted.items():
             drawn[f"{who}, own map"] = base.sample_images(
-                host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=net, maps=maps,
+                host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=loaded[path],
+                maps=maps, control_percent=(0.0, end),
                 on_image=every_tenth(f"{question}, CFG {guidance:g}, {who}"))
         cells.append(f"CFG {guidance:g}: " + "; ".join(
             f"{who}: {recall_cells(run, images, layouts)}" for who, images in drawn.items()))
@@ -941,6 +953,16 @@ def controlnet_null(run, host, parts, cfg, probs: list[float]) -> str:
             paths[f"captions dropped {prob:g}"] = retrained_controlnet(run, host, parts,
                                                                        null_prob=prob)
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-null", paths)
+
+
+def controlnet_end(run, host, parts, cfg, ends: list[float]) -> str:
+    """The run's seg ControlNet speaking over only the first `end` of the steps (the map sets
+    the layout while the image is noisy; the base alone draws the rest), each end beside the
+    whole range on the validation layouts. Inference only: nothing is trained."""
+    own = str(run["dir"] / CONTROLNET)
+    paths = {"whole range (the run's)": (own, 1.0)}
+    paths.update({f"first {end:g} of the steps": (own, end) for end in ends if end != 1.0})
+    return controlnets_on_validation(run, host, parts, cfg, "controlnet-end", paths)
 
 
 BASE_LONGER = "diagnose/base_longer"
@@ -1107,6 +1129,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: one_object_map(run, host, parts, cfg))
     if args.controlnet_null:
         asked.append(lambda: controlnet_null(run, host, parts, cfg, args.controlnet_null))
+    if args.controlnet_end:
+        asked.append(lambda: controlnet_end(run, host, parts, cfg, args.controlnet_end))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

@@ -100,13 +100,19 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--one-object-map or --controlnet-null P" in err  # every question is named
+    assert "--controlnet-null P or --controlnet-end F" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--drawing"]).drawing
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--base-longer"]).base_longer
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-lr", "3e-4",
                                 "1e-3"]).controlnet_lr == [3e-4, 1e-3]
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-null",
                                 "0.1"]).controlnet_null == [0.1]
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-end", "0.5",
+                                "1"]).controlnet_end == [0.5, 1.0]
+    for bad in ("0", "1.5", "-0.2"):
+        with pytest.raises(SystemExit):
+            diagnose.parse_args(["--comfyui", "x", "--controlnet-end", "0.5", bad])
+        assert f"--controlnet-end 0.5 {float(bad)}: each F is a share" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
@@ -197,6 +203,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--controlnet-lr", "3e-4") == ["seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--one-object-map") == ["seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--controlnet-null", "0.1") == ["seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--controlnet-end", "0.5") == ["seg_controlnet.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()
     assert missing("--longer") == []
 

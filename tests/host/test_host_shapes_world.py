@@ -126,12 +126,13 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "1e-4", "--own-map", "--longer", "--adapter-times", "3",
                                "--base-longer", "--adapter-seeds", "1",
                                "--controlnet-lr", "3e-4", "1e-4", "--one-object-map",
-                               "--controlnet-null", "0.1", "0.5"])
+                               "--controlnet-null", "0.1", "0.5", "--controlnet-end", "0.3",
+                               "1"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
         "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
-        "one-object-map", "controlnet-null"]
+        "one-object-map", "controlnet-null", "controlnet-end"]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
@@ -225,6 +226,16 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "base, no map", "captions dropped 0.5 (the run's), own map",
         "captions dropped 0.1, own map"]
     assert lines[26].count(" | CFG ") == 2
+    # the run's ControlNet over only the first 0.3 of the steps, beside its whole range (1: the
+    # run's, asked once), whose cells are the controlnet-lr line's own (the same images)
+    cells = lines[27].split("image recall: ")[1].split(" | ")
+    for cell, lr_cell in zip(cells, lines[24].split("image recall: ")[1].split(" | ")):
+        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
+        assert whos == ["base, no map", "whole range (the run's), own map",
+                        "first 0.3 of the steps, own map"]
+        parts = cell.split("; ")
+        assert parts[0] == lr_cell.split("; ")[0]
+        assert parts[1].split(": ", 1)[1] == lr_cell.split("; ")[1].split(": ", 1)[1]
     assert (out / "seg_controlnet_null0.1.safetensors").is_file()
     assert not (out / "seg_controlnet_null0.5.safetensors").exists()
     assert (out / "seg_controlnet_lr0.0003.safetensors").is_file()

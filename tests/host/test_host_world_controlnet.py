@@ -112,6 +112,17 @@ def test_sampling_with_the_controlnet_follows_its_map(host, world, trained):
     plain = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg, steps=2)
     assert a.shape == (1, 3, 64, 64) and torch.equal(a, again)
     assert not torch.equal(a, other_map) and not torch.equal(a, plain)
+    # end_percent as ControlNetApplyAdvanced's: over none of the steps it is the plain image;
+    # over the first 0.3 (of 2 steps, the first alone) neither the plain nor the whole range's
+    never = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                               maps=[hints[0]], control_percent=(0.0, 0.0), **kw)
+    early = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                               maps=[hints[0]], control_percent=(0.0, 0.3), **kw)
+    assert torch.equal(never, plain)
+    assert not torch.equal(early, plain) and not torch.equal(early, a)
+    with pytest.raises(ValueError, match=r"percent range \(0.5, 0.2\) must satisfy"):
+        base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                           maps=[hints[0]], control_percent=(0.5, 0.2), **kw)
 
 
 def test_training_feeds_the_unet_what_the_host_wrapper_feeds_it(host, world, trained):
