@@ -105,6 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "latents (a small square spans 3 to 4), 2 gives 32 x 32 (four times the "
                         "positions for the UNet). 2 is an experiment, cached in its "
                         "own folder (...-f2)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="every training stage's forward passes: fp32, or autocast in bfloat16 "
+                        "(the weights and optimizers stay fp32; the images are drawn in fp32 "
+                        "as the host draws them on a CPU). bf16 is fast only where the CPU has "
+                        "bf16 instructions (AVX512-BF16, AMX) and is an experiment, cached in "
+                        "its own folder (...-bf16)")
     p.add_argument("--estimate", action="store_true",
                    help="only time a few steps of every stage on this machine and print the "
                         "projected minutes (a few minutes; writes estimate.json, trains nothing "
@@ -186,7 +192,7 @@ def stage_base(run: dict, host, data: dict):
     cfg = world_config(run)
     parts = build_world(host, cfg)
     log.info("base: VAE, %d steps on %d images and their maps", p["vae_steps"], len(images))
-    base.train_vae(parts, images, p["vae_steps"], seed=run["seed"], maps=maps,
+    base.train_vae(parts, images, p["vae_steps"], seed=run["seed"], maps=maps, amp=run["amp"],
                    on_step=lambda s, v: tb.scalars(s + 1, {"vae_l1": v}),
                    checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/vae", p["vae_steps"]))
     latents = base.encode_latents(parts, images)
@@ -194,7 +200,7 @@ def stage_base(run: dict, host, data: dict):
     captions = data["train_captions"]
     log.info("base: UNet, %d steps", p["unet_steps"])
     base.train_unet(host, parts, latents, captions, p["unet_steps"], seed=run["seed"],
-                    mirrored=base.encode_latents(parts, images.flip(-1)),
+                    mirrored=base.encode_latents(parts, images.flip(-1)), amp=run["amp"],
                     on_step=lambda s, v: tb.scalars(s + 1, {"unet_loss": v}),
                     checkpoints=fgdm.loop_checkpoints(run, "base_ckpt/unet", p["unet_steps"]))
     tb.close()
@@ -407,7 +413,7 @@ def world_config(run: dict) -> WorldConfig:
 
 
 def make_run(args: argparse.Namespace) -> dict:
-    from locref_core.train.common import DistEnv
+    from locref_core.train.common import DistEnv, cpu_has_bf16
 
     name = "quick" if args.quick else "full"
     run = {"name": name, "preset": PRESETS[name], "seed": args.seed, "comfyui": args.comfyui,
@@ -419,7 +425,12 @@ def make_run(args: argparse.Namespace) -> dict:
                                       + (f"-c{args.unet_channels}"
                                          if args.unet_channels != 32 else "")
                                       + (f"-f{args.vae_downscale}"
-                                         if args.vae_downscale != 4 else ""))}
+                                         if args.vae_downscale != 4 else "")
+                                      + ("-bf16" if args.precision == "bf16" else ""))}
+    run["amp"] = torch.bfloat16 if args.precision == "bf16" else None
+    if run["amp"] is not None and not cpu_has_bf16():
+        log.warning("--precision bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX): "
+                    "torch emulates them, usually slower than fp32")
     run["dir"].mkdir(parents=True, exist_ok=True)
     run["tensorboard"] = importlib.util.find_spec("tensorboard") is not None
     run["env"], run["tb_args"] = DistEnv(), argparse.Namespace(

@@ -1,5 +1,5 @@
 """What limits the shapes world's numbers? Diagnostics on a finished run's cache (the same
---cache, --quick, --seed, --prediction, --unet-channels and --vae-downscale as
+--cache, --quick, --seed, --prediction, --unet-channels, --vae-downscale and --precision as
 `shapes_world.py`); each prints one line. A question can be asked as soon as the models it reads
 are saved.
 
@@ -177,6 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the base's width of that run (shapes_world.py --unet-channels)")
     p.add_argument("--vae-downscale", default="4",
                    help="the base's VAE of that run (shapes_world.py --vae-downscale)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="that run's training precision (shapes_world.py --precision); what "
+                        "the diagnose trains, it trains so too")
     p.add_argument("--placement", action="store_true", help="also score the base's and the "
                    "LocRef adapter's images with coarser labels (a few minutes); with --longer "
                    "or --adapter-times, each longer-trained adapter's images too")
@@ -986,7 +989,7 @@ def longer_base(run, host, data):
     images = data["train_images"]
     base.train_unet(host, parts, base.encode_latents(parts, images),
                     data["train_captions"], steps, seed=run["seed"] + 1,
-                    mirrored=base.encode_latents(parts, images.flip(-1)),
+                    mirrored=base.encode_latents(parts, images.flip(-1)), amp=run["amp"],
                     on_step=lambda s, v: tb.scalars(steps + s + 1, {"unet_loss": v}),
                     checkpoints=fg.loop_checkpoints(run, f"{BASE_LONGER}_ckpt", steps))
     tb.close()
@@ -1087,6 +1090,7 @@ def main(argv=None) -> list[str]:
                                      "--seed", str(args.seed), "--prediction", args.prediction,
                                      "--unet-channels", args.unet_channels,
                                      "--vae-downscale", args.vae_downscale,
+                                     "--precision", args.precision,
                                      *(["--quick"] if args.quick else [])]))
     missing = missing_models(run, args)
     if missing:

@@ -95,7 +95,7 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         images = data["train_images"]
         clock = StepClock()
         base.train_vae(parts, images, WARMUP + STEPS, seed=run["seed"], maps=data["train_maps"],
-                       on_step=clock)
+                       on_step=clock, amp=run["amp"])
         rate["VAE step"] = clock.seconds
         t = time.perf_counter()
         latents = base.encode_latents(parts, images)
@@ -104,13 +104,14 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         cfg = dataclasses.replace(cfg, latent_scale=base.fit_latent_scale(parts, latents))
         clock, few = StepClock(), data["train_captions"][:4]
         base.train_unet(host, parts, latents, [few[i % len(few)] for i in range(len(latents))],
-                        WARMUP + STEPS, seed=run["seed"], on_step=clock, mirrored=mirrored)
+                        WARMUP + STEPS, seed=run["seed"], on_step=clock, mirrored=mirrored,
+                        amp=run["amp"])
         rate["UNet step"] = clock.seconds
         base_path = str(work / "base.safetensors")
         save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
         # the two halves: one core each in the run, side by side
         with base.one_thread(), neighbour(run["comfyui"], run["unet_channels"],
-                                          run["vae_downscale"]):
+                                          run["vae_downscale"], run["amp"] is not None):
             rate.update(half_rates(est, host, parts, cfg, data, latents, base_path, sw))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -118,13 +119,14 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
 
 
 @contextlib.contextmanager
-def neighbour(comfyui: str, channels: int, downscale: int = 4) -> Iterator[None]:
+def neighbour(comfyui: str, channels: int, downscale: int = 4, bf16: bool = False
+              ) -> Iterator[None]:
     """A second process training the world's UNet (`channels` wide, on latents of a
-    /`downscale` VAE) on one core (what the other half does in the run) from its first step
-    until the block ends."""
+    /`downscale` VAE, autocast in bfloat16 if `bf16`) on one core (what the other half does in
+    the run) from its first step until the block ends."""
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--neighbour",
-                             comfyui, str(channels), str(downscale)], stdout=subprocess.PIPE,
-                            text=True)
+                             comfyui, str(channels), str(downscale), str(int(bf16))],
+                            stdout=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # anything the host prints before is passed over
             if line.strip() == "ready":
@@ -138,7 +140,7 @@ def neighbour(comfyui: str, channels: int, downscale: int = 4) -> Iterator[None]
         proc.wait()
 
 
-def neighbour_main(comfyui: str, channels: int, downscale: int) -> None:
+def neighbour_main(comfyui: str, channels: int, downscale: int, bf16: bool = False) -> None:
     """The neighbour's loop: UNet training steps at batch 16 on one thread, random latents and
     one caption; prints "ready" after the first step."""
     from locref_core.train.host import load_host  # noqa: PLC0415
@@ -155,7 +157,7 @@ def neighbour_main(comfyui: str, channels: int, downscale: int) -> None:
             sys.stdout.flush()
 
     base.train_unet(host, parts, latents, [["a red square"]] * len(latents), 10 ** 9,
-                    batch=16, on_step=ready)
+                    batch=16, on_step=ready, amp=torch.bfloat16 if bf16 else None)
 
 
 def half_rates(est: dict, host, parts, cfg, data: dict, latents: torch.Tensor, base_path: str,
@@ -183,7 +185,8 @@ def half_rates(est: dict, host, parts, cfg, data: dict, latents: torch.Tensor, b
     model, clock = world_cn.build_controlnet(host, parts, seed=est["seed"]), StepClock()
     world_cn.train_controlnet(host, parts, model, latents, (data["train_maps"] + 1) / 2,
                               data["train_captions"], WARMUP + STEPS,
-                              batch=p["controlnet_batch"], seed=est["seed"], on_step=clock)
+                              batch=p["controlnet_batch"], seed=est["seed"], on_step=clock,
+                              amp=est["amp"])
     rate["seg ControlNet step"] = clock.seconds
     est["data"] = {**data, "heldout": data["heldout"][:1]}
     t = time.perf_counter()
@@ -251,4 +254,4 @@ def format_estimate(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--neighbour"]:
-    neighbour_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    neighbour_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:6] == ["1"])

@@ -8,6 +8,8 @@ import torch
 from locref_core.train.common import (
     DistEnv,
     Progress,
+    autocast_dtype,
+    cpu_has_bf16,
     init_distributed,
     list_checkpoints,
     load_checkpoint,
@@ -103,3 +105,30 @@ def test_single_process_fallback_and_step_generators(monkeypatch):
     assert not torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
     with pytest.raises(ValueError, match="auto, cuda or cpu"):
         init_distributed("tpu")
+
+
+def test_cpu_autocast_is_fp32_unless_bf16_is_asked(monkeypatch, caplog):
+    from locref_core.train import common
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("no", cpu) is None
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert "emulates" not in caplog.text
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert "--mixed-precision bf16 on a CPU without bf16 instructions" in caplog.text
+    with pytest.raises(ValueError, match="fp16 needs a GPU; on CPU use bf16"):
+        autocast_dtype("fp16", cpu)
+
+
+@pytest.mark.parametrize("flags,native", [
+    ("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni", True),
+    ("fpu sse2 avx2 amx_tile amx_bf16", True),
+    ("fpu sse2 avx2 avx512f avx512bw", False),
+])
+def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n")
+    assert cpu_has_bf16(str(info)) is native
+    assert cpu_has_bf16(str(tmp_path / "missing")) is False

@@ -43,6 +43,38 @@ def test_each_width_and_prediction_has_its_own_cache(sw, tmp_path):
     assert both["dir"].name == f"full-seed0-v{sw.RECIPE_VERSION}-c64-f2"
 
 
+def test_bf16_trains_in_its_own_cache_and_tells_every_trainer(sw, tmp_path, monkeypatch,
+                                                              caplog):
+    """--precision bf16: its own folder (fp32 runs keep theirs), the autocast dtype for the
+    world's trainers, --mixed-precision bf16 for the pack's; a warning where the CPU has no
+    bf16 instructions."""
+    import torch
+
+    from locref_core.train import fgdm, locref
+    from locref_core.train import common
+
+    def run_of(*flags):
+        return sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path), *flags]))
+
+    argv = lambda run: sw.fgdm.trainer_argv(run, "locref", "locref", "b.safetensors", 30, 2,  # noqa: E731
+                                            ["--images", "i", "--instances", "j"])
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    plain, half = run_of(), run_of("--precision", "bf16", "--vae-downscale", "2")
+    assert plain["amp"] is None and half["amp"] is torch.bfloat16
+    assert half["dir"].name == f"full-seed0-v{sw.RECIPE_VERSION}-f2-bf16"
+    assert locref.build_parser().parse_args(argv(plain)).mixed_precision == "auto"
+    assert locref.build_parser().parse_args(argv(half)).mixed_precision == "bf16"
+    factor = sw.fgdm.trainer_argv(half, "fgdm", "fgdm_seg", "b.safetensors", 30, 2,
+                                  ["--images", "i", "--conditions", "c", "--kind", "seg"])
+    assert fgdm.build_parser().parse_args(factor).mixed_precision == "bf16"
+    assert "bf16 instructions" not in caplog.text
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
+    run_of("--precision", "bf16")
+    assert "--precision bf16 on a CPU without bf16 instructions" in caplog.text
+    with pytest.raises(SystemExit):
+        sw.parse_args(["--comfyui", "x", "--precision", "fp16"])
+
+
 def test_only_the_two_vae_downscales_are_offered(sw, capsys):
     with pytest.raises(SystemExit):
         sw.parse_args(["--comfyui", "x", "--vae-downscale", "8"])

@@ -300,13 +300,37 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def autocast_dtype(flag: str, device: torch.device) -> torch.dtype | None:
-    """--mixed-precision -> the autocast dtype (None: fp32); bf16/fp16 only on a GPU."""
+    """--mixed-precision -> the autocast dtype (None: fp32). On a GPU, auto is bf16 where
+    supported, else fp16. On CPU, auto and no are fp32 and bf16 autocasts in bfloat16 (fast only
+    where the CPU has bf16 instructions: `cpu_has_bf16`; elsewhere a warning says it is
+    emulated); fp16 needs a GPU."""
     if device.type != "cuda":
-        if flag in ("bf16", "fp16"):
-            raise ValueError(f"--mixed-precision {flag} needs a GPU; use auto or no on CPU")
-        return None
+        if flag == "fp16":
+            raise ValueError("--mixed-precision fp16 needs a GPU; on CPU use bf16 (autocast in "
+                             "bfloat16), auto or no (fp32)")
+        if flag != "bf16":
+            return None
+        if not cpu_has_bf16():
+            log.warning("--mixed-precision bf16 on a CPU without bf16 instructions (AVX512-BF16, "
+                        "AMX): torch emulates them, usually slower than fp32")
+        return torch.bfloat16
     if flag == "no":
         return None
     if flag == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[flag]
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bfloat16 natively (its flags list avx512_bf16 or amx_bf16);
+    False where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -30,7 +30,9 @@ def add_optimizer_flags(g: argparse._ArgumentGroup, steps: int, lr_help: str = "
 def add_precision_flags(g: argparse._ArgumentGroup) -> None:
     """--mixed-precision, --grad-checkpointing."""
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="autocast dtype on GPU (auto: bf16 if supported, else fp16); CPU: fp32")
+                   help="autocast dtype on GPU (auto: bf16 if supported, else fp16); on CPU "
+                        "auto is fp32 and bf16 autocasts in bfloat16 (fast on CPUs with "
+                        "AVX512-BF16 or AMX)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in "
                    "backward (less memory, ~30%% slower)")
 

@@ -47,6 +47,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def autocast(amp: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The world's trainers' forward passes in `amp` (torch.bfloat16: CPU autocast, the
+    weights and the optimizer staying fp32), or as they are (None: fp32, every run before
+    `--precision`)."""
+    return torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class Share:
     """This process's part of every batch when the base trains in `world` processes. Every
@@ -154,7 +161,8 @@ class LoopCheckpoints:
 def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 16,
               lr: float = 1e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
               maps: torch.Tensor | None = None,
-              checkpoints: LoopCheckpoints | None = None, share: Share = ALONE) -> list[float]:
+              checkpoints: LoopCheckpoints | None = None, share: Share = ALONE,
+              amp: torch.dtype | None = None) -> list[float]:
     """Fit the AutoencoderKL to images (N, 3, H, W) in [-1, 1] and, when given, maps (M, 3, H, W)
     in [-1, 1] (a quarter of every batch): L1 + MSE reconstruction of a sampled latent plus a
     small KL; `lr` for the first half, then decayed linearly to 0. Returns the per-step L1; the
@@ -168,7 +176,8 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
     1250 of 1500. All on the same data and seed, images only in the batches.
 
     `checkpoints`: continue from (and write, on rank 0) checkpoints of this loop. `share`: this
-    process's part of each batch when several train it together."""
+    process's part of each batch when several train it together. `amp`: the forward passes'
+    autocast dtype (`autocast`); the losses are taken in fp32."""
     ae = parts.vae.first_stage_model
     ae.requires_grad_(True).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
@@ -183,11 +192,12 @@ def train_vae(parts: SD15Parts, images: torch.Tensor, steps: int, batch: int = 1
         if n_maps:
             x = torch.cat([x, maps[torch.randint(0, len(maps), (n_maps,), generator=g)]])
         x = x[rows]
-        mean, logvar = ae.quant_conv(ae.encoder(x)).chunk(2, dim=1)
-        logvar = logvar.clamp(-30.0, 20.0)
-        noise = torch.randn((batch, *mean.shape[1:]), generator=g)[rows]  # the whole batch's
-        z = mean + noise * (0.5 * logvar).exp()
-        error = ae.decode(z) - x
+        with autocast(amp):
+            mean, logvar = ae.quant_conv(ae.encoder(x)).float().chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            noise = torch.randn((batch, *mean.shape[1:]), generator=g)[rows]  # the whole batch's
+            z = mean + noise * (0.5 * logvar).exp()
+            error = ae.decode(z).float() - x
         l1 = error.abs().mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
         for group in opt.param_groups:
@@ -295,7 +305,8 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
                lr: float = 3e-4, null_prob: float = 0.1, seed: int = 0,
                on_step: Callable[[int, float], None] | None = None, ema: float = 0.999,
                checkpoints: LoopCheckpoints | None = None, share: Share = ALONE,
-               mirrored: torch.Tensor | None = None) -> list[float]:
+               mirrored: torch.Tensor | None = None, amp: torch.dtype | None = None
+               ) -> list[float]:
     """Text-to-image training of the UNet on unscaled VAE latents (N, 4, h, w) and each image's
     captions: epsilon MSE at uniform DDPM timesteps through the host's own sampling maths, a
     random caption of the image, the empty caption for `null_prob` of the rows (CFG), and, given
@@ -303,7 +314,7 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
     images.flip(-1))`), random horizontal flips (`flipped_rows`). The UNet ends with its weights'
     EMA (`ema` 0: the last step's), frozen. `checkpoints`: continue from (and write, on rank 0)
     checkpoints of this loop. `share`: this process's part of each batch when several train it
-    together."""
+    together. `amp`: the UNet's autocast dtype (`autocast`); the loss is taken in fp32."""
     unet = parts.unet
     unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -323,7 +334,9 @@ def train_unet(host: SimpleNamespace, parts: SD15Parts, latents: torch.Tensor,
         texts_of_rows = pick_captions(captions, idx, null_prob, g)[rows]
         noise, x, sigma = (t[rows] for t in noised(parts, x0, g))  # the whole batch's draws
         context = encode_text(parts.clip, texts_of_rows, texts)
-        error = (predict_eps(host, parts.patcher, x, sigma, context) - noise).square()
+        with autocast(amp):
+            eps = predict_eps(host, parts.patcher, x, sigma, context).float()
+        error = (eps - noise).square()
         loss = objective(host, parts, error, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()

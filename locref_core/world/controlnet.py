@@ -26,7 +26,7 @@ from ..train.common import DistEnv, Progress
 from ..train.host import (SD15Parts, TextCache, encode_text, ensure_loaded, freeze, predict_eps,
                           reinit)
 from ..weights import save_whole
-from .base import WORLD_CAPTIONS, LoopCheckpoints, noised, objective, pick_captions
+from .base import WORLD_CAPTIONS, LoopCheckpoints, autocast, noised, objective, pick_captions
 
 log = logging.getLogger(__name__)
 FORMAT = "locref-shapes-world-seg-controlnet"
@@ -80,12 +80,14 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
                      captions: Sequence[Sequence[str]], steps: int, batch: int = 16,
                      lr: float = 1e-4, null_prob: float = NULL_PROB, seed: int = 0,
                      on_step: Callable[[int, float], None] | None = None,
-                     checkpoints: LoopCheckpoints | None = None) -> list[float]:
+                     checkpoints: LoopCheckpoints | None = None,
+                     amp: torch.dtype | None = None) -> list[float]:
     """The base's own objective (`objective`: v's MSE for a v base) with the ControlNet's
     residuals, the base frozen, on unscaled image latents (N, 4, h, w), their maps
     (N, 3, H, W) in [0, 1] and captions; half the captions are dropped (ControlNet's recipe: the
     map alone must carry the layout). Trains only `model`; `checkpoints`: continue from (and
-    write) checkpoints of this loop."""
+    write) checkpoints of this loop. `amp`: the forward passes' autocast dtype
+    (`base.autocast`); the loss is taken in fp32."""
     model.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -100,9 +102,10 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
         hint = hint_for(host, maps[idx], x0.shape[-1])
         context = encode_text(parts.clip, pick_captions(captions, idx, null_prob, g), texts)
         noise, x, sigma = noised(parts, x0, g)
-        control = control_of(parts, model, x, sigma, hint, context)
-        error = (predict_eps(host, parts.patcher, x, sigma, context, control=control)
-                 - noise).square()
+        with autocast(amp):
+            control = control_of(parts, model, x, sigma, hint, context)
+            eps = predict_eps(host, parts.patcher, x, sigma, context, control=control).float()
+        error = (eps - noise).square()
         loss = objective(host, parts, error, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()

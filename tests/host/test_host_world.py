@@ -149,6 +149,44 @@ def test_the_pack_trainers_adapt_the_world_base(world, data, tmp_path):
     assert events["images"] == {}  # --preview-every 500: none in 2 steps
 
 
+def test_bf16_autocast_trains_every_stage_on_fp32_weights(host, data, world, tmp_path):
+    """--precision bf16: the VAE, the UNet and the seg ControlNet train with their forward passes
+    in bfloat16 (each first loss near fp32's and not equal to it, the weights and the AdamW
+    state still fp32, the weights other than fp32's), and the pack's trainers take
+    --mixed-precision bf16 on a CPU. fp32 (amp None) is what every run before it trained."""
+    from locref_core.world import controlnet as wcn
+
+    files = sorted(glob.glob(str(data["images"] / "*.png")))
+    images = torch.stack([load_rgb(f) * 2 - 1 for f in files])
+    captions = [["a red square"], ["a blue disc"]] * 4
+    runs = {}
+    for amp in (None, torch.bfloat16):
+        parts = build_world(host, WorldConfig())
+        vae = base.train_vae(parts, images, steps=2, batch=4, amp=amp)
+        latents = base.encode_latents(parts, images)
+        unet = base.train_unet(host, parts, latents, captions, steps=2, batch=4, ema=0.0,
+                               amp=amp)
+        model = wcn.build_controlnet(host, parts, seed=0)
+        control = wcn.train_controlnet(host, parts, model, latents, (images + 1) / 2, captions,
+                                       2, batch=2, amp=amp)
+        runs[amp] = (vae, unet, control, parts, model)
+    for i, name in enumerate(("VAE", "UNet", "ControlNet")):
+        fp32, bf16 = runs[None][i][0], runs[torch.bfloat16][i][0]
+        assert np.isfinite(runs[torch.bfloat16][i]).all(), name
+        assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.1), name
+    parts, model = runs[torch.bfloat16][3:]
+    for module in (parts.vae.first_stage_model, parts.unet, model):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+    assert not torch.equal(parts.unet.out[2].weight, runs[None][3].unet.out[2].weight)
+    out = locref.main(["--comfyui", str(comfyui_path()), "--world-base", world[0],
+                       "--device", "cpu", "--images", str(data["images"]),
+                       "--captions", str(data["captions"]), "--instances", str(data["instances"]),
+                       "--ref-size", "32", "--size", "64", "--batch-size", "2",
+                       "--num-workers", "0", "--steps", "2", "--mixed-precision", "bf16",
+                       "--out", str(tmp_path / "locref.safetensors")])
+    assert len(out["losses"]) == 2 and np.isfinite(out["losses"]).all()
+
+
 def read_events(folder):
     """TensorBoard's own reader: scalar values per tag, image steps per tag."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
