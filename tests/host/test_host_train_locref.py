@@ -165,19 +165,23 @@ def test_init_from_an_adapter_for_another_unet_width_is_refused(data, tmp_path):
                          "--init-from", str(cached_ip_adapter())))
 
 
-def test_full_size_files_train_from_an_ip_adapter_file(sd15_checkpoint, data, tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_full_size_files_train_from_an_ip_adapter_file(sd15_checkpoint, data, tmp_path,
+                                                       precision):
     """The files users have (SD-1.5 checkpoint in the original layout, CLIP ViT-H/14 as
     CLIPVisionLoader reads it, ip-adapter_sd15; random weights), through the command line as
     users run it (its own process: ~8 GB at full width): one step at lr 0 from --init-from the
     IP-Adapter file runs through the full-width UNet at all 16 sites and exports exactly the
-    IP-Adapter's weights as a LocRef file that LocRef Adapter Loader's loader reads."""
+    IP-Adapter's weights as a LocRef file that LocRef Adapter Loader's loader reads. On a CPU
+    auto is fp32, and bf16 loads the UNet in bfloat16 and autocasts (the adapter stays fp32)."""
     from harness_locref import cached_clip_vision_h, cached_ip_adapter
 
     out = tmp_path / "from_ip.safetensors"
     models = ("--checkpoint", str(sd15_checkpoint), "--clip-vision", str(cached_clip_vision_h()))
     cmd = [sys.executable, "-m", "locref_core.train.locref",
            *argv(data, out, "--steps", "1", "--lr", "0", "--batch-size", "1", "--log-every", "1",
-                 "--init-from", str(cached_ip_adapter()), models=models)]
+                 "--init-from", str(cached_ip_adapter()), "--mixed-precision", precision,
+                 models=models)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]
