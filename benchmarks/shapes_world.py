@@ -413,7 +413,7 @@ def world_config(run: dict) -> WorldConfig:
 
 
 def make_run(args: argparse.Namespace) -> dict:
-    from locref_core.train.common import DistEnv, cpu_has_bf16
+    from locref_core.train.common import DistEnv, warn_unless_cpu_bf16
 
     name = "quick" if args.quick else "full"
     run = {"name": name, "preset": PRESETS[name], "seed": args.seed, "comfyui": args.comfyui,
@@ -428,9 +428,8 @@ def make_run(args: argparse.Namespace) -> dict:
                                          if args.vae_downscale != 4 else "")
                                       + ("-bf16" if args.precision == "bf16" else ""))}
     run["amp"] = torch.bfloat16 if args.precision == "bf16" else None
-    if run["amp"] is not None and not cpu_has_bf16():
-        log.warning("--precision bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX): "
-                    "torch emulates them, usually slower than fp32")
+    if run["amp"] is not None:
+        warn_unless_cpu_bf16("--precision bf16")
     run["dir"].mkdir(parents=True, exist_ok=True)
     run["tensorboard"] = importlib.util.find_spec("tensorboard") is not None
     run["env"], run["tb_args"] = DistEnv(), argparse.Namespace(

@@ -310,15 +310,21 @@ def autocast_dtype(flag: str, device: torch.device) -> torch.dtype | None:
                              "bfloat16), auto or no (fp32)")
         if flag != "bf16":
             return None
-        if not cpu_has_bf16():
-            log.warning("--mixed-precision bf16 on a CPU without bf16 instructions (AVX512-BF16, "
-                        "AMX): torch emulates them, usually slower than fp32")
+        warn_unless_cpu_bf16("--mixed-precision bf16")
         return torch.bfloat16
     if flag == "no":
         return None
     if flag == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[flag]
+
+
+def warn_unless_cpu_bf16(what: str) -> None:
+    """A warning that `what` (a flag asking for bfloat16 on this CPU) will be slow where the CPU
+    has no bf16 instructions."""
+    if not cpu_has_bf16():
+        log.warning("%s on a CPU without bf16 instructions (AVX512-BF16, AMX): torch emulates "
+                    "them, usually slower than fp32", what)
 
 
 def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
