@@ -90,7 +90,7 @@ def trainer_argv(run: dict, tag: str, name: str, base_path: str, steps: int, bat
         "--text-cache", str(base.WORLD_CAPTIONS), "--out", str(run["dir"] / f"{name}.safetensors"),
         "--ckpt-dir", str(ckpt), "--ckpt-every", str(max(1, steps // CHECKPOINTS_PER_STAGE)),
         *(["--resume", str(ckpt)] if list_checkpoints(str(ckpt)) else []),
-        *(["--mixed-precision", "bf16"] if run.get("amp") == torch.bfloat16 else []),
+        *(["--mixed-precision", "bf16"] if run["amp"] == torch.bfloat16 else []),
         *(["--tensorboard", str(run["dir"] / "tb" / tag)] if run["tensorboard"] else [])]
 
 
@@ -137,7 +137,7 @@ def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,
         host, parts, model, latents, (data["train_maps"] + 1) / 2, data["train_captions"], steps,
         batch=p["controlnet_batch"], seed=run["seed"] if seed is None else seed,
         checkpoints=None if checkpoints is None else loop_checkpoints(run, checkpoints, steps),
-        amp=run.get("amp"), **options)
+        amp=run["amp"], **options)
 
 
 def required_objects(item) -> str:

@@ -50,8 +50,7 @@ def test_bf16_trains_in_its_own_cache_and_tells_every_trainer(sw, tmp_path, monk
     bf16 instructions."""
     import torch
 
-    from locref_core.train import fgdm, locref
-    from locref_core.train import common
+    from locref_core.train import common, fgdm, locref
 
     def run_of(*flags):
         return sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path), *flags]))

@@ -151,8 +151,8 @@ def test_the_pack_trainers_adapt_the_world_base(world, data, tmp_path):
 
 def test_bf16_autocast_trains_every_stage_on_fp32_weights(host, data, world, tmp_path):
     """--precision bf16: the VAE, the UNet and the seg ControlNet train with their forward passes
-    in bfloat16 (each first loss near fp32's and not equal to it, the weights and the AdamW
-    state still fp32, the weights other than fp32's), and the pack's trainers take
+    in bfloat16 (each first loss near fp32's and not equal to it, the weights still fp32 and
+    other than fp32's), and the pack's trainers take
     --mixed-precision bf16 on a CPU. fp32 (amp None) is what every run before it trained."""
     from locref_core.world import controlnet as wcn
 
