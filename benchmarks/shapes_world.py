@@ -152,7 +152,8 @@ def stage_data(run: dict) -> dict:
     held = written_once(root / "heldout", n_images=p["heldout"], seed=run["seed"] + 1000)
     images = read_images(train["images"])
     return {"train": train, "heldout": load_heldout(held), "heldout_paths": held,
-            "train_images": images, "train_maps": fgdm.read_maps(train),
+            "heldout_images": read_images(held["images"]), "train_images": images,
+            "train_maps": fgdm.read_maps(train),
             "train_captions": read_captions(train, len(images))}
 
 

@@ -7,6 +7,7 @@ are saved.
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
+        [--controlnet-end F ...] [--hint-init INIT ...]
         [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
@@ -105,12 +106,24 @@ asks for only the lines of the questions below.
   it but dropping the caption in a share P of its rows instead of ControlNet's 0.5, each drawn
   with the run's own as --controlnet-lr draws them (does a ControlNet trained mostly with its
   caption keep the caption's colours where the map puts the objects?).
+- --controlnet-end F [F ...] (about 5 minutes per F): the run's seg ControlNet over only the
+  first F of the sampling steps (ControlNetApplyAdvanced's end_percent; the base alone after),
+  drawn from the validation layouts' own maps beside its whole range and the base without a
+  map, as --controlnet-lr draws (does the map need to speak only while the image is noisy?).
+- --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
+  one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
+  from each init of its hint block (torch: the run's, ControlNet's own; kaiming: weights that
+  keep the maps' differences, `world_cn.HINT_INITS`), probed before training and at every
+  checkpoint on validation layouts with empty captions: eps MSE with each layout's own map,
+  another layout's, and no ControlNet, and the hint block's spread across maps (when does the
+  ControlNet start to read its map, and does the hint block's init decide it?).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shutil
 import sys
@@ -122,6 +135,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -161,7 +175,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "controlnet_lr": ("--controlnet-lr LR", (CONTROLNET,)),
              "one_object_map": ("--one-object-map", (CONTROLNET,)),
              "controlnet_null": ("--controlnet-null P", (CONTROLNET,)),
-             "controlnet_end": ("--controlnet-end F", (CONTROLNET,))}
+             "controlnet_end": ("--controlnet-end F", (CONTROLNET,)),
+             "hint_init": ("--hint-init INIT", ())}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -224,6 +239,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "ControlNet over only the first F of the steps (ControlNetApplyAdvanced's "
                    "end_percent; the base alone after), beside the whole range and the base "
                    "without a map, as --controlnet-lr draws (about 5 minutes per F)")
+    p.add_argument("--hint-init", nargs="+", metavar="INIT", default=[],
+                   choices=world_cn.HINT_INITS,
+                   help="also train the seg ControlNet from these inits of its hint block "
+                   "(torch: the run's, kaiming) as the run trains its own, probing at every "
+                   "checkpoint whether it reads its map (about 25 minutes each on the /4 base, "
+                   "110 on the finer-latent one)")
     p.add_argument("--one-object-map", action="store_true", help="also draw each held-out "
                    "object alone, from its one-object caption, by the base and by the seg "
                    "ControlNet from the held-out map with that object alone (about 6 minutes)")
@@ -322,20 +343,10 @@ def controlnet_eps(run, host, parts) -> str:
     model = world_cn.load_controlnet(host, parts, str(run["dir"] / CONTROLNET))
     images = sw.read_images(run["data"]["heldout_paths"]["images"])
     maps = (fg.read_maps(run["data"]["heldout_paths"]) + 1) / 2
-    ensure_loaded(host, parts)
-    x0 = parts.patcher.model.latent_format.process_in(base.encode_latents(parts, images))
-    context = encode_text(parts.clip, [""] * len(images))
-    g, errors = torch.Generator().manual_seed(run["seed"] + 123), {}
-    for _ in range(4):
-        noise, x, sigma = base.noised(parts, x0, g)
-        for name, m in (("own map", maps), ("another layout's map", maps.roll(1, 0)),
-                        ("no ControlNet", None)):
-            control = None if m is None else world_cn.control_of(
-                parts, model, x, sigma, world_cn.hint_for(host, m, x.shape[-1]), context)
-            eps = predict_eps(host, parts.patcher, x, sigma, context, control=control)
-            errors.setdefault(name, []).append((eps - noise).square().mean().item())
-    return ("controlnet-eps: held-out eps MSE, empty caption: " +
-            ", ".join(f"{k} {np.mean(v):.4f}" for k, v in errors.items()))
+    use = world_cn.map_use(host, parts, model, base.encode_latents(parts, images), maps,
+                           draws=4, seed=run["seed"] + 123)
+    return (f"controlnet-eps: held-out eps MSE, empty caption: own map {use['own']:.4f}, "
+            f"another layout's map {use['other']:.4f}, no ControlNet {use['none']:.4f}")
 
 
 LABELLINGS = {"colour + shape": lambda label: label, "colour": lambda label: label.split()[0],
@@ -968,6 +979,74 @@ def controlnet_end(run, host, parts, cfg, ends: list[float]) -> str:
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-end", paths)
 
 
+HINT_PROBES = 16  # validation layouts each hint-init probe reads
+
+
+def hint_init(run, host, parts, inits: list[str]) -> list[str]:
+    """One line per hint-block init (`world_cn.HINT_INITS`): the seg ControlNet trained from it
+    as the run trains its own (its steps, batch, seed, latents and one thread: "torch" retraces
+    the run's ControlNet), probed before training and at each checkpoint on the first
+    HINT_PROBES validation layouts: `map_use` (own map, another's, none) and `hint_spread`
+    (before the hint block's last layer, at its output). A stopped question continues from its
+    checkpoints and keeps the probes it made (`diagnose/hint_<init>_probes.json`); the trained
+    weights are cached (`diagnose/seg_controlnet_hint_<init>.safetensors`)."""
+    val = validation_paths(run)
+    maps = ((fg.read_maps(val) + 1) / 2)[:HINT_PROBES]
+    steps = run["preset"]["controlnet_steps"]
+    every = max(1, steps // fg.CHECKPOINTS_PER_STAGE)
+    lines = []
+    for init in inits:
+        name = f"diagnose/seg_controlnet_hint_{init}"
+        out = run["dir"] / f"{name}.safetensors"
+        probes_path = run["dir"] / "diagnose" / f"hint_{init}_probes.json"
+        probes = json.loads(probes_path.read_text()) if probes_path.is_file() else {}
+        with base.one_thread():  # as the run's FG-DM half: the latents too
+            latents = base.encode_latents(parts, sw.read_images(val["images"])[:HINT_PROBES])
+            hints = world_cn.hint_for(host, maps, latents.shape[-1])
+
+            def probe(step: int, model) -> None:
+                if str(step) in probes:
+                    return
+                probes[str(step)] = {**world_cn.map_use(host, parts, model, latents, maps,
+                                                        seed=run["seed"] + 123),
+                                     **world_cn.hint_spread(model, hints)}
+                probes_path.parent.mkdir(parents=True, exist_ok=True)
+                probes_path.write_text(json.dumps(probes, indent=1))
+                log.info("hint-init %s, step %d: %s", init, step, hint_probe(probes[str(step)]))
+
+            if not out.is_file():
+                model = world_cn.build_controlnet(host, parts, seed=run["seed"], hint_init=init)
+                if not fg.resumes(run, f"{name}_ckpt"):
+                    probe(0, model)
+
+                def after(step: int, _loss: float, model=model) -> None:
+                    if (step + 1) % every == 0:
+                        probe(step + 1, model)
+
+                fg.train_on_world(run, host, parts, run["data"], model, f"{name}_ckpt",
+                                  on_step=after)
+                world_cn.save_controlnet(str(out), model, {"preset": run["name"],
+                                                           "diagnose": f"hint_init {init}"})
+                shutil.rmtree(run["dir"] / f"{name}_ckpt", ignore_errors=True)
+        same = ""
+        if init == "torch" and (run["dir"] / CONTROLNET).is_file():
+            mine, runs = (load_file(str(f)) for f in (out, run["dir"] / CONTROLNET))
+            same = (" (the run's recipe; its weights equal the run's ControlNet: "
+                    f"{'yes' if all(torch.equal(v, runs[k]) for k, v in mine.items()) else 'NO'})")
+        lines.append(f"hint-init {init}{same}: the seg ControlNet trained {steps} steps, "
+                     f"{len(maps)} validation layouts, empty caption, eps MSE own map / "
+                     "another layout's / no ControlNet, and the hint block's spread across "
+                     "maps before its last layer / at its output, by step: " + "; ".join(
+                         f"{s}: {hint_probe(probes[str(s)])}"
+                         for s in sorted(map(int, probes))))
+    return lines
+
+
+def hint_probe(p: dict[str, float]) -> str:
+    return (f"{p['own']:.5f} / {p['other']:.5f} / {p['none']:.5f}, "
+            f"spread {p['penultimate']:.1e} / {p['out']:.1e}")
+
+
 BASE_LONGER = "diagnose/base_longer"
 
 
@@ -1135,6 +1214,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: controlnet_null(run, host, parts, cfg, args.controlnet_null))
     if args.controlnet_end:
         asked.append(lambda: controlnet_end(run, host, parts, cfg, args.controlnet_end))
+    if args.hint_init:
+        asked.append(lambda: hint_init(run, host, parts, args.hint_init))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

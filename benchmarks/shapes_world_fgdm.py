@@ -119,7 +119,25 @@ def stage_controlnet(run: dict, host, parts, data: dict) -> Any:
     tb.close()
     world_cn.save_controlnet(str(path), model, {"preset": run["name"]})
     shutil.rmtree(run["dir"] / CONTROLNET_CHECKPOINTS, ignore_errors=True)
+    log_map_use(run, host, parts, data, model)
     return world_cn.wrap(host, model)
+
+
+def log_map_use(run: dict, host, parts, data: dict, model: torch.nn.Module, n: int = 16) -> None:
+    """Whether the trained seg ControlNet reads its map (`world_cn.map_use` on the first `n`
+    held-out layouts); a warning when its own map does not beat another layout's, since the
+    FG-DM image rows then measure the base and the caption, not the maps."""
+    maps = ((read_maps(data["heldout_paths"]) + 1) / 2)[:n]
+    use = world_cn.map_use(host, parts, model, base.encode_latents(
+        parts, data["heldout_images"][:n]), maps, seed=run["seed"] + 123)
+    said = (f"seg ControlNet, {len(maps)} held-out layouts, empty caption, eps MSE: own map "
+            f"{use['own']:.4f}, another layout's {use['other']:.4f}, no ControlNet "
+            f"{use['none']:.4f}")
+    if use["own"] < 0.99 * use["other"]:
+        log.info("%s", said)
+    else:
+        log.warning("%s: it hardly reads its map, so the FG-DM image rows say little about the "
+                    "maps (shapes_world_diagnose.py --hint-init)", said)
 
 
 def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,

@@ -33,12 +33,21 @@ FORMAT = "locref-shapes-world-seg-controlnet"
 HINT_RATIO = 8  # comfy.controlnet.ControlNet's compression_ratio: hint side = 8 x latent side
 HINT_UPSCALE = "nearest-exact"  # ControlBase.upscale_algorithm
 NULL_PROB = 0.5  # captions dropped in training (ControlNet's recipe)
+# How the hint block's convolutions but its (zeroed) last start. "torch": torch's default, as
+# ControlNet's own; what tells two maps apart shrinks about 3 times per layer (`hint_spread` over
+# held-out maps: 2e-2 after the first convolution, 6e-6 before the last, on either world VAE).
+# "kaiming": Kaiming-normal weights (ReLU gain) and zero biases; 2e-3 before the last layer.
+# Which one learns to pass the map on: shapes_world_diagnose.py --hint-init.
+HINT_INITS = ("torch", "kaiming")
 
 
-def build_controlnet(host: SimpleNamespace, parts: SD15Parts, seed: int = 0) -> torch.nn.Module:
+def build_controlnet(host: SimpleNamespace, parts: SD15Parts, seed: int = 0,
+                     hint_init: str = "torch") -> torch.nn.Module:
     """A ControlNet of the base UNet's config, initialised from the base UNet (ControlNet's
     recipe): encoder and middle block copied, every zero convolution and the hint block's last
-    layer zero, the rest of the hint block random."""
+    layer zero, the rest of the hint block random as `hint_init` says (HINT_INITS)."""
+    if hint_init not in HINT_INITS:
+        raise ValueError(f"hint_init {hint_init!r}: use one of {', '.join(HINT_INITS)}")
     config = dict(parts.patcher.model.model_config.unet_config)
     config.pop("out_channels", None)
     config["hint_channels"] = 3
@@ -47,6 +56,10 @@ def build_controlnet(host: SimpleNamespace, parts: SD15Parts, seed: int = 0) -> 
         model = host.cldm.ControlNet(**config, device="cpu",
                                      operations=host.ops.disable_weight_init)
         reinit(model)
+        if hint_init == "kaiming":
+            for conv in hint_convs(model)[:-1]:
+                torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                torch.nn.init.zeros_(conv.bias)
     unet = parts.unet.state_dict()
     own = model.state_dict()
     copied = {k: v for k, v in unet.items() if k in own and own[k].shape == v.shape}
@@ -58,6 +71,11 @@ def build_controlnet(host: SimpleNamespace, parts: SD15Parts, seed: int = 0) -> 
     log.info("seg ControlNet: %d tensors copied from the base UNet, %d new", len(copied),
              len(own) - len(copied))
     return model.float()
+
+
+def hint_convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    """The hint block's convolutions, in order (the last one maps onto the UNet's width)."""
+    return [m for m in model.input_hint_block if isinstance(m, torch.nn.Conv2d)]
 
 
 def hint_for(host: SimpleNamespace, maps: torch.Tensor, latent_side: int) -> torch.Tensor:
@@ -73,6 +91,45 @@ def control_of(parts: SD15Parts, model: torch.nn.Module, x: torch.Tensor, sigma:
     out = model(x=ms.calculate_input(sigma, x), hint=hint, timesteps=ms.timestep(sigma),
                 context=context)
     return {"input": [], "middle": list(out["middle"]), "output": list(out["output"])}
+
+
+def map_use(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Module,
+            latents: torch.Tensor, maps: torch.Tensor, draws: int = 2, seed: int = 0
+            ) -> dict[str, float]:
+    """Whether the ControlNet reads its map: the base's eps MSE on unscaled image latents
+    (N, 4, h, w), each noised `draws` times (the same noise in every column), with the
+    ControlNet given each image's own map (N, 3, H, W) in [0, 1] ("own"), the next image's (the
+    batch rolled by one, "other"), and no ControlNet ("none"); empty captions, so only the map
+    can tell the layout. One that reads its map: own < none < other; one that ignores it:
+    own == other."""
+    ensure_loaded(host, parts)
+    x0 = parts.patcher.model.latent_format.process_in(latents)
+    context = encode_text(parts.clip, [""] * len(latents))
+    g = torch.Generator().manual_seed(seed)
+    errors: dict[str, list[float]] = {"own": [], "other": [], "none": []}
+    with torch.no_grad():
+        for _ in range(draws):
+            noise, x, sigma = noised(parts, x0, g)
+            for name, m in (("own", maps), ("other", maps.roll(1, 0)), ("none", None)):
+                control = None if m is None else control_of(
+                    parts, model, x, sigma, hint_for(host, m, x.shape[-1]), context)
+                eps = predict_eps(host, parts.patcher, x, sigma, context, control=control)
+                errors[name].append((eps - noise).square().mean().item())
+    return {name: sum(v) / len(v) for name, v in errors.items()}
+
+
+def hint_spread(model: torch.nn.Module, hints: torch.Tensor) -> dict[str, float]:
+    """What is left of the difference between hints (B, 3, H, W) through the hint block: the
+    standard deviation across the batch (mean over channels and positions) before its last
+    convolution ("penultimate") and at its output ("out", 0 while that layer is zero)."""
+    x, spread = hints, {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.input_hint_block):
+            x = layer(x)
+            if i == len(model.input_hint_block) - 2:
+                spread["penultimate"] = x.std(0).mean().item()
+    spread["out"] = x.std(0).mean().item()
+    return spread
 
 
 def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Module,

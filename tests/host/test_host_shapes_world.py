@@ -127,12 +127,21 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--base-longer", "--adapter-seeds", "1",
                                "--controlnet-lr", "3e-4", "1e-4", "--one-object-map",
                                "--controlnet-null", "0.1", "0.5", "--controlnet-end", "0.3",
-                               "1"])
+                               "1", "--hint-init", "torch", "kaiming"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
         "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
-        "one-object-map", "controlnet-null", "controlnet-end"]
+        "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch (the run's "
+        "recipe; its weights equal the run's ControlNet", "hint-init kaiming"]
+    # each hint init probed before training and after every step (4 steps, 20 checkpoints)
+    for line in lines[28:30]:
+        steps = re.findall(r"(?:by step: |; )(\d+): ", line)
+        assert steps == ["0", "1", "2", "3", "4"], line
+        first = re.search(r"by step: 0: ([0-9.]+) / ([0-9.]+) / ([0-9.]+), spread \S+ / (\S+);",
+                          line)
+        assert first[1] == first[2] == first[3] and float(first[4]) == 0.0  # silent at first
+    assert ": yes): the seg ControlNet trained 4 steps, 4 validation layouts" in lines[28]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"

@@ -59,6 +59,37 @@ def test_a_new_controlnet_copies_the_encoder_and_changes_nothing(host, world):
                            predict_eps(host, parts.patcher, x, sigma, ctx))
 
 
+def test_each_hint_init_starts_silent_and_kaiming_keeps_the_maps_apart(host, world):
+    parts, _ = world
+    maps, latents = maps_and_latents()
+    hints = wcn.hint_for(host, maps, 16)
+    models, spread = {}, {}
+    for init in wcn.HINT_INITS:
+        models[init] = wcn.build_controlnet(host, parts, seed=0, hint_init=init)
+        spread[init] = wcn.hint_spread(models[init], hints)
+        assert spread[init]["out"] == 0.0  # the hint block's last layer starts at zero
+        use = wcn.map_use(host, parts, models[init], latents, maps)
+        assert use["own"] == use["other"] == use["none"] > 0  # zero convolutions: no residual
+    # only the hint block's convolutions but the last differ between the inits
+    torch_init, kaiming = (m.state_dict() for m in models.values())
+    differ = {k for k, v in torch_init.items() if not torch.equal(v, kaiming[k])}
+    convs = [i for i, m in enumerate(models["torch"].input_hint_block)
+             if isinstance(m, torch.nn.Conv2d)][:-1]
+    assert differ == {f"input_hint_block.{i}.{p}" for i in convs for p in ("weight", "bias")}
+    assert spread["kaiming"]["penultimate"] > 10 * spread["torch"]["penultimate"], spread
+    # three steps on: which one tells the two maps apart in its prediction (torch's default
+    # loses their difference in the hint block, below float precision here)
+    gap = {}
+    for init, model in models.items():
+        wcn.train_controlnet(host, parts, model, latents, maps, CAPTIONS, steps=3, batch=2,
+                             lr=1e-3, null_prob=0.0)
+        use = wcn.map_use(host, parts, model, latents, maps)
+        gap[init] = abs(use["other"] - use["own"])
+    assert gap["kaiming"] > gap["torch"], gap
+    with pytest.raises(ValueError, match="hint_init 'xavier': use one of torch, kaiming"):
+        wcn.build_controlnet(host, parts, hint_init="xavier")
+
+
 @pytest.fixture(scope="module")
 def trained(host, world, tmp_path_factory):
     parts, _ = world
@@ -73,7 +104,7 @@ def trained(host, world, tmp_path_factory):
     return model, path, losses, before, before_unet
 
 
-def test_training_moves_only_the_controlnet(world, trained):
+def test_training_moves_only_the_controlnet(host, world, trained):
     parts, _ = world
     model, _, losses, before, before_unet = trained
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -81,6 +112,9 @@ def test_training_moves_only_the_controlnet(world, trained):
     assert any(k.startswith("zero_convs.") for k in changed)
     assert all(torch.equal(v, before_unet[k]) for k, v in parts.unet.state_dict().items())
     assert not any(p.requires_grad for p in model.parameters())  # frozen after training
+    maps, latents = maps_and_latents()
+    use = wcn.map_use(host, parts, model, latents, maps)
+    assert use["own"] != use["none"]  # its residuals act now
 
 
 def test_saved_controlnet_loads_exactly_and_other_files_are_refused(host, world, trained,
