@@ -68,6 +68,7 @@ log = logging.getLogger("shapes_world")
 # 3 = the UNet's flipped rows are the flipped images' latents (were the latents flipped, which
 #     this VAE decodes off the images: base.flipped_rows).
 # (--prediction v: a base that predicts v, trained on v's MSE, cached in "...-v2-vpred".)
+# The seg ControlNet keeps its own recipe in its file (shapes_world_fgdm.CONTROLNET_HINT_INIT).
 RECIPE_VERSION = 3
 # --vae-downscale -> the VAE's channel multipliers (one downsampling per multiplier after the
 # first); 4 is WorldConfig's default, every run before the flag existed
@@ -580,7 +581,7 @@ def fgdm_branch(argv: list[str]) -> None:
     resumed = fgdm.resumes(run, "fgdm_seg_ckpt")
     factor_path = fgdm.stage_factor(run, data, base_path)
     timings.mark("fgdm seg factor", cached, resumed)
-    cached = (run["dir"] / "seg_controlnet.safetensors").is_file()
+    cached = fgdm.controlnet_is_current(run["dir"] / "seg_controlnet.safetensors")
     resumed = fgdm.resumes(run, fgdm.CONTROLNET_CHECKPOINTS)
     control_net = fgdm.stage_controlnet(run, host, parts, data)
     timings.mark("seg controlnet", cached, resumed)
@@ -596,8 +597,8 @@ def wait_for_fgdm_models(run: dict, branch: subprocess.Popen, host, parts):
     from locref_core.world import controlnet as world_cn
 
     path = run["dir"] / "seg_controlnet.safetensors"
-    while not path.is_file():
-        if branch.poll() is not None and not path.is_file():
+    while not fgdm.controlnet_is_current(path):  # not one of another recipe, about to go
+        if branch.poll() is not None and not fgdm.controlnet_is_current(path):
             raise RuntimeError(f"the FG-DM half ended (exit code {branch.returncode}) without "
                                f"saving {path}; its log, prefixed fgdm-branch, is above")
         time.sleep(2.0)

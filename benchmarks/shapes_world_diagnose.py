@@ -112,8 +112,9 @@ asks for only the lines of the questions below.
   map, as --controlnet-lr draws (does the map need to speak only while the image is noisy?).
 - --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
   one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
-  from each init of its hint block (torch: the run's, ControlNet's own; kaiming: weights that
-  keep the maps' differences, `world_cn.HINT_INITS`), probed before training and at every
+  from each init of its hint block (torch: ControlNet's own, the run's until recipe 3's
+  ControlNet was retrained; kaiming: weights that keep the maps' differences, the run's now;
+  `world_cn.HINT_INITS`), probed before training and at every
   checkpoint on validation layouts with empty captions: eps MSE with each layout's own map,
   another layout's, and no ControlNet, and the hint block's spread across maps (when does the
   ControlNet start to read its map, and does the hint block's init decide it?).
@@ -242,9 +243,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hint-init", nargs="+", metavar="INIT", default=[],
                    choices=world_cn.HINT_INITS,
                    help="also train the seg ControlNet from these inits of its hint block "
-                   "(torch: the run's, kaiming) as the run trains its own, probing at every "
-                   "checkpoint whether it reads its map (about 25 minutes each on the /4 base, "
-                   "110 on the finer-latent one)")
+                   "(torch: ControlNet's own; kaiming: the run's) as the run trains its own, "
+                   "probing at every checkpoint whether it reads its map (about 25 minutes "
+                   "each on the /4 base, 110 on the finer-latent one)")
     p.add_argument("--one-object-map", action="store_true", help="also draw each held-out "
                    "object alone, from its one-object caption, by the base and by the seg "
                    "ControlNet from the held-out map with that object alone (about 6 minutes)")
@@ -886,25 +887,27 @@ def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
                          null_prob: float = world_cn.NULL_PROB) -> str:
     """`diagnose/seg_controlnet_<lr, null>.safetensors`: the seg ControlNet trained as the run's
     FG-DM half trains its own (its steps, batch, seed, the same latents, and one thread, so a
-    rerun gives the same weights) at learning rate `lr`, dropping the caption in a share
-    `null_prob` of its rows; cached, checkpointed as the run's stages are."""
+    rerun gives the same weights, from the run's hint init) at learning rate `lr`, dropping the
+    caption in a share `null_prob` of its rows; cached (trained again where the cached one is of
+    another hint init), checkpointed as the run's stages are."""
     p, data = run["preset"], run["data"]
     tags = ([f"lr{lr:g}"] if lr != fg.TRAINER_LR else []) + (
         [f"null{null_prob:g}"] if null_prob != world_cn.NULL_PROB else [])
     name = f"diagnose/seg_controlnet_{'_'.join(tags)}"
     out = run["dir"] / f"{name}.safetensors"
-    if out.is_file():
+    if fg.controlnet_is_current(out):
         log.info("controlnet: cached %s", out)
         return str(out)
     log.info("controlnet: the seg ControlNet at lr %g, captions dropped in %g of the rows, %d "
              "steps", lr, null_prob, p["controlnet_steps"])
     out.parent.mkdir(parents=True, exist_ok=True)
+    recipe = {"hint_init": fg.CONTROLNET_HINT_INIT}
     with base.one_thread():  # as the run's FG-DM half: the latents too
-        model = world_cn.build_controlnet(host, parts, seed=run["seed"])
-        fg.train_on_world(run, host, parts, data, model, f"{name}_ckpt", lr=lr,
+        model = world_cn.build_controlnet(host, parts, seed=run["seed"], **recipe)
+        fg.train_on_world(run, host, parts, data, model, f"{name}_ckpt", recipe=recipe, lr=lr,
                           null_prob=null_prob)
     world_cn.save_controlnet(str(out), model, {"preset": run["name"],
-                                               "diagnose": " ".join(tags)})
+                                               "diagnose": " ".join(tags), **recipe})
     shutil.rmtree(run["dir"] / f"{name}_ckpt", ignore_errors=True)
     return str(out)
 
@@ -984,12 +987,13 @@ HINT_PROBES = 16  # validation layouts each hint-init probe reads
 
 def hint_init(run, host, parts, inits: list[str]) -> list[str]:
     """One line per hint-block init (`world_cn.HINT_INITS`): the seg ControlNet trained from it
-    as the run trains its own (its steps, batch, seed, latents and one thread: "torch" retraces
-    the run's ControlNet), probed before training and at each checkpoint on the first
-    HINT_PROBES validation layouts: `map_use` (own map, another's, none) and `hint_spread`
-    (before the hint block's last layer, at its output). A stopped question continues from its
-    checkpoints and keeps the probes it made (`diagnose/hint_<init>_probes.json`); the trained
-    weights are cached (`diagnose/seg_controlnet_hint_<init>.safetensors`)."""
+    as the run trains its own (its steps, batch, seed, latents and one thread: the run's init,
+    fg.CONTROLNET_HINT_INIT, retraces the run's ControlNet), probed before training and at each
+    checkpoint on the first HINT_PROBES validation layouts: `map_use` (own map, another's,
+    none) and `hint_spread` (before the hint block's last layer, at its output). A stopped
+    question continues from its checkpoints and keeps the probes it made
+    (`diagnose/hint_<init>_probes.json`); the trained weights are cached
+    (`diagnose/seg_controlnet_hint_<init>.safetensors`)."""
     val = validation_paths(run)
     maps = ((fg.read_maps(val) + 1) / 2)[:HINT_PROBES]
     steps = run["preset"]["controlnet_steps"]
@@ -1024,15 +1028,19 @@ def hint_init(run, host, parts, inits: list[str]) -> list[str]:
                         probe(step + 1, model)
 
                 fg.train_on_world(run, host, parts, run["data"], model, f"{name}_ckpt",
-                                  on_step=after)
+                                  recipe={"hint_init": init}, on_step=after)
                 world_cn.save_controlnet(str(out), model, {"preset": run["name"],
-                                                           "diagnose": f"hint_init {init}"})
+                                                           "diagnose": f"hint_init {init}",
+                                                           "hint_init": init})
                 shutil.rmtree(run["dir"] / f"{name}_ckpt", ignore_errors=True)
         same = ""
-        if init == "torch" and (run["dir"] / CONTROLNET).is_file():
-            mine, runs = (load_file(str(f)) for f in (out, run["dir"] / CONTROLNET))
-            same = (" (the run's recipe; its weights equal the run's ControlNet: "
-                    f"{'yes' if all(torch.equal(v, runs[k]) for k, v in mine.items()) else 'NO'})")
+        if init == fg.CONTROLNET_HINT_INIT:
+            same = " (the run's recipe)"
+            if fg.controlnet_is_current(run["dir"] / CONTROLNET):
+                mine, runs = (load_file(str(f)) for f in (out, run["dir"] / CONTROLNET))
+                equal = all(torch.equal(v, runs[k]) for k, v in mine.items())
+                same = (" (the run's recipe; its weights equal the run's ControlNet: "
+                        f"{'yes' if equal else 'NO'})")
         lines.append(f"hint-init {init}{same}: the seg ControlNet trained {steps} steps, "
                      f"{len(maps)} validation layouts, empty caption, eps MSE own map / "
                      "another layout's / no ControlNet, and the hint block's spread across "

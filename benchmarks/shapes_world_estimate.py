@@ -182,7 +182,8 @@ def half_rates(est: dict, host, parts, cfg, data: dict, latents: torch.Tensor, b
                                    WARMUP + STEPS)
     rate["seg factor step"] = per_call(trained(fgdm.stage_factor, "fgdm_seg", "factor_steps"),
                                        WARMUP, WARMUP + STEPS)
-    model, clock = world_cn.build_controlnet(host, parts, seed=est["seed"]), StepClock()
+    model, clock = world_cn.build_controlnet(
+        host, parts, seed=est["seed"], hint_init=fgdm.CONTROLNET_HINT_INIT), StepClock()
     world_cn.train_controlnet(host, parts, model, latents, (data["train_maps"] + 1) / 2,
                               data["train_captions"], WARMUP + STEPS,
                               batch=p["controlnet_batch"], seed=est["seed"], on_step=clock,

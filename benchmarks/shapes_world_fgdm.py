@@ -36,6 +36,12 @@ log = logging.getLogger("shapes_world")
 PALETTE = "coco183"  # the synthetic label maps carry COCO-stuff ids
 CHECKPOINTS_PER_STAGE = 20  # a training stage stopped part-way loses at most 1/20 of its steps
 CONTROLNET_CHECKPOINTS = "seg_controlnet_ckpt"
+# The seg ControlNet stage's own recipe: its hint block's init (`world_cn.HINT_INITS`), written
+# in its file's metadata ("hint_init"; a file without it is "torch", as every run before). A
+# cached ControlNet of another init is trained again (the old file kept beside it) and every
+# other stage kept. Kaiming: with torch's default the finer-latent base's ControlNet never read
+# its map in its 1500 steps and the /4 one's only from about step 750 (diagnose --hint-init).
+CONTROLNET_HINT_INIT = "kaiming"
 TRAINER_LR = 1e-4  # the pack's trainers' default (SD-1.5's adapters train at 1e-4)
 
 
@@ -47,11 +53,12 @@ def read_maps(paths: dict, size: int = 64) -> torch.Tensor:
     return torch.stack([ds[i]["condition"] for i in range(len(ds))])
 
 
-def loop_checkpoints(run: dict, folder: str, steps: int) -> base.LoopCheckpoints:
+def loop_checkpoints(run: dict, folder: str, steps: int, **recipe) -> base.LoopCheckpoints:
     """Checkpoints of one of the run's own training loops, in `run["dir"]/folder`: a rerun of a
-    stopped run continues the stage from the newest one (same weights as a run never stopped)."""
+    stopped run continues the stage from the newest one (same weights as a run never stopped);
+    `recipe`: more of what the stage's checkpoints must agree on."""
     return base.LoopCheckpoints(run["dir"] / folder, max(1, steps // CHECKPOINTS_PER_STAGE),
-                                {"stage": folder, "steps": steps, "seed": run["seed"]})
+                                {"stage": folder, "steps": steps, "seed": run["seed"], **recipe})
 
 
 def resumes(run: dict, *folders: str) -> bool:
@@ -109,18 +116,39 @@ def stage_controlnet(run: dict, host, parts, data: dict) -> Any:
     """The seg ControlNet (FG-DM's image factor), trained with the base frozen (cached); the
     host's CONTROL_NET object around it."""
     path = run["dir"] / "seg_controlnet.safetensors"
-    if path.is_file():
+    if controlnet_is_current(path):
         log.info("seg ControlNet: cached %s", path)
         return world_cn.wrap(host, world_cn.load_controlnet(host, parts, str(path)))
+    if path.is_file():
+        made = hint_init_of(path)
+        kept = path.with_name(f"seg_controlnet_hint_{made}.safetensors")
+        log.warning("seg ControlNet: the cached one started its hint block from %r, this recipe "
+                    "from %r: trained again (the old one kept as %s)", made,
+                    CONTROLNET_HINT_INIT, kept)
+        path.replace(kept)
     tb = TrainLog(run["env"], run["tb_args"], "seg_controlnet")
-    model = world_cn.build_controlnet(host, parts, seed=run["seed"])
+    model = world_cn.build_controlnet(host, parts, seed=run["seed"],
+                                      hint_init=CONTROLNET_HINT_INIT)
     train_on_world(run, host, parts, data, model, CONTROLNET_CHECKPOINTS,
+                   recipe={"hint_init": CONTROLNET_HINT_INIT},
                    on_step=lambda s, v: tb.scalars(s + 1, {"controlnet_eps_mse": v}))
     tb.close()
-    world_cn.save_controlnet(str(path), model, {"preset": run["name"]})
+    world_cn.save_controlnet(str(path), model, {"preset": run["name"],
+                                                "hint_init": CONTROLNET_HINT_INIT})
     shutil.rmtree(run["dir"] / CONTROLNET_CHECKPOINTS, ignore_errors=True)
     log_map_use(run, host, parts, data, model)
     return world_cn.wrap(host, model)
+
+
+def hint_init_of(path: Path) -> str:
+    """The hint-block init a saved seg ControlNet started from ("torch" before it was written)."""
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("hint_init", "torch")
+
+
+def controlnet_is_current(path: Path) -> bool:
+    """Whether `path` holds a seg ControlNet trained by this recipe (CONTROLNET_HINT_INIT)."""
+    return path.is_file() and hint_init_of(path) == CONTROLNET_HINT_INIT
 
 
 def log_map_use(run: dict, host, parts, data: dict, model: torch.nn.Module, n: int = 16) -> None:
@@ -142,11 +170,11 @@ def log_map_use(run: dict, host, parts, data: dict, model: torch.nn.Module, n: i
 
 def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,
                    checkpoints: str | None = None, seed: int | None = None,
-                   **options) -> list[float]:
+                   recipe: dict | None = None, **options) -> list[float]:
     """`model` (a seg ControlNet) trained as the run trains its own: the training images'
     latents, their maps and captions, the preset's steps and batch, the run's seed unless
-    `seed`; checkpoints in `run["dir"]/checkpoints` when given; `options` for
-    `train_controlnet` (lr, null_prob, on_step)."""
+    `seed`; checkpoints in `run["dir"]/checkpoints` when given, made with `recipe` (its hint
+    init: `loop_checkpoints`); `options` for `train_controlnet` (lr, null_prob, on_step)."""
     p = run["preset"]
     steps = p["controlnet_steps"]
     latents = base.encode_latents(parts, data["train_images"])
@@ -154,7 +182,8 @@ def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,
     return world_cn.train_controlnet(
         host, parts, model, latents, (data["train_maps"] + 1) / 2, data["train_captions"], steps,
         batch=p["controlnet_batch"], seed=run["seed"] if seed is None else seed,
-        checkpoints=None if checkpoints is None else loop_checkpoints(run, checkpoints, steps),
+        checkpoints=None if checkpoints is None else loop_checkpoints(run, checkpoints, steps,
+                                                                      **(recipe or {})),
         amp=run["amp"], **options)
 
 

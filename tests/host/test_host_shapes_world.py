@@ -78,6 +78,28 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
     # the FG-DM half logs in its own process: its stages are cached when their files stay
     assert {w: (out / f"{w}.safetensors").stat().st_mtime_ns for w in weights} == stamps
     assert (cached["table"], cached["table_fgdm"]) == (first["table"], first["table_fgdm"])
+    # a seg ControlNet of another recipe (its hint block from torch's default, as every run's
+    # before the init was written in the file) is trained again, the old one kept beside it,
+    # every other stage cached; the same weights as the first run's, so the same tables
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    controlnet = out / "seg_controlnet.safetensors"
+    with safe_open(str(controlnet), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["hint_init"] == bench.fgdm.CONTROLNET_HINT_INIT == "kaiming"
+    trained = load_file(controlnet)
+    save_file(trained, str(controlnet), metadata={k: v for k, v in meta.items()
+                                                  if k != "hint_init"})
+    again = run(bench, tmp_path / "a")
+    assert (again["table"], again["table_fgdm"]) == (first["table"], first["table_fgdm"])
+    assert bench.fgdm.hint_init_of(controlnet) == "kaiming"
+    assert bench.fgdm.hint_init_of(out / "seg_controlnet_hint_torch.safetensors") == "torch"
+    assert load_file(controlnet).keys() == trained.keys()
+    kept_file = out / "seg_controlnet_hint_torch.safetensors"
+    assert kept_file.stat().st_mtime_ns < controlnet.stat().st_mtime_ns  # written after it
+    stamps.pop("seg_controlnet")
+    assert {w: (out / f"{w}.safetensors").stat().st_mtime_ns for w in stamps} == stamps
     # from nothing, same seed: stopped after the base UNet's step 5 of 10, then run again
     train_unet = bench.base.train_unet
 
@@ -132,8 +154,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
         "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
-        "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch (the run's "
-        "recipe; its weights equal the run's ControlNet", "hint-init kaiming"]
+        "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch",
+        "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -141,7 +163,9 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         first = re.search(r"by step: 0: ([0-9.]+) / ([0-9.]+) / ([0-9.]+), spread \S+ / (\S+);",
                           line)
         assert first[1] == first[2] == first[3] and float(first[4]) == 0.0  # silent at first
-    assert ": yes): the seg ControlNet trained 4 steps, 4 validation layouts" in lines[28]
+    assert lines[28].startswith("hint-init torch: the seg ControlNet trained 4 steps, 4 "
+                                "validation layouts")
+    assert ": yes): the seg ControlNet trained 4 steps, 4 validation layouts" in lines[29]
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
