@@ -153,8 +153,8 @@ def controlnet_is_current(path: Path) -> bool:
 
 def log_map_use(run: dict, host, parts, data: dict, model: torch.nn.Module, n: int = 16) -> None:
     """Whether the trained seg ControlNet reads its map (`world_cn.map_use` on the first `n`
-    held-out layouts); a warning when its own map does not beat another layout's, since the
-    FG-DM image rows then measure the base and the caption, not the maps."""
+    held-out layouts); a warning when its own map does not beat another layout's by 1 %, since
+    the FG-DM image rows then measure the base and the caption, not the maps."""
     maps = ((read_maps(data["heldout_paths"]) + 1) / 2)[:n]
     use = world_cn.map_use(host, parts, model, base.encode_latents(
         parts, data["heldout_images"][:n]), maps, seed=run["seed"] + 123)

@@ -35,9 +35,9 @@ HINT_UPSCALE = "nearest-exact"  # ControlBase.upscale_algorithm
 NULL_PROB = 0.5  # captions dropped in training (ControlNet's recipe)
 # How the hint block's convolutions but its (zeroed) last start. "torch": torch's default, as
 # ControlNet's own; what tells two maps apart shrinks about 3 times per layer (`hint_spread` over
-# held-out maps: 2e-2 after the first convolution, 6e-6 before the last, on either world VAE).
-# "kaiming": Kaiming-normal weights (ReLU gain) and zero biases; 2e-3 before the last layer.
-# Which one learns to pass the map on: shapes_world_diagnose.py --hint-init.
+# 16 validation maps: 9e-6 before the last convolution). "kaiming": Kaiming-normal weights (ReLU
+# gain) and zero biases; 1e-2 there, on either world VAE. Which one learns to pass the map on,
+# and when: shapes_world_diagnose.py --hint-init.
 HINT_INITS = ("torch", "kaiming")
 
 
