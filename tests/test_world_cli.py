@@ -131,7 +131,12 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--controlnet-null P or --controlnet-end F" in err  # every question is named
+    assert "--controlnet-end F or --hint-init INIT" in err  # every question is named
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--hint-init", "torch",
+                                "kaiming"]).hint_init == ["torch", "kaiming"]
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--hint-init", "xavier"])
+    assert "invalid choice: 'xavier'" in capsys.readouterr().err
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--drawing"]).drawing
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--base-longer"]).base_longer
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-lr", "3e-4",
