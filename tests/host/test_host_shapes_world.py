@@ -80,7 +80,7 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
     assert (cached["table"], cached["table_fgdm"]) == (first["table"], first["table_fgdm"])
     # a seg ControlNet of another recipe (its hint block from torch's default, as every run's
     # before the init was written in the file) is trained again, the old one kept beside it,
-    # every other stage cached; the same weights as the first run's, so the same tables
+    # every other stage cached; trained as the first run's was, so the same tables
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
