@@ -327,7 +327,7 @@ def drop_kept_images(run: dict) -> None:
 def reconstructions(run, parts) -> list[torch.Tensor]:
     """The held-out images through the base's VAE (encode, decode): the best any configuration
     can score once the detector reads what the VAE draws (3, H, W) in [0, 1]."""
-    images = read_images(run["data"]["heldout_paths"]["images"])
+    images = run["data"]["heldout_images"]
     decoded = parts.vae.first_stage_model.decode(base.encode_latents(parts, images))
     return list(((decoded + 1) / 2).clamp(0, 1))
 

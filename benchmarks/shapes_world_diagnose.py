@@ -280,7 +280,7 @@ def interval(name: str, stat) -> str:
 
 @torch.no_grad()
 def vae_noise(run, parts) -> str:
-    images = sw.read_images(run["data"]["heldout_paths"]["images"])
+    images = run["data"]["heldout_images"]
     z = base.encode_latents(parts, images)
     std, g, cells = z.std().item(), torch.Generator().manual_seed(run["seed"]), []
     for frac in (0.0, 0.05, 0.1, 0.2, 0.4):
@@ -342,7 +342,7 @@ def probe(run, host) -> str:
 @torch.no_grad()
 def controlnet_eps(run, host, parts) -> str:
     model = world_cn.load_controlnet(host, parts, str(run["dir"] / CONTROLNET))
-    images = sw.read_images(run["data"]["heldout_paths"]["images"])
+    images = run["data"]["heldout_images"]
     maps = (fg.read_maps(run["data"]["heldout_paths"]) + 1) / 2
     use = world_cn.map_use(host, parts, model, base.encode_latents(parts, images), maps,
                            draws=4, seed=run["seed"] + 123)
@@ -466,7 +466,7 @@ def object_reading(images, items) -> Counter:
 @torch.no_grad()
 def sdedit(run, host, parts) -> str:
     items, steps = run["data"]["heldout"], run["preset"]["sample_steps"]
-    latents = base.encode_latents(parts, sw.read_images(run["data"]["heldout_paths"]["images"]))
+    latents = base.encode_latents(parts, run["data"]["heldout_images"])
     negative = [[encode_text(parts.clip, [""]), {}]]
     positive = [[[encode_text(parts.clip, [item.caption]), {}]] for item in items]
     n, cells = sum(len(it.objects) for it in items), []
@@ -639,7 +639,7 @@ def eps_change_by_region(run, host, parts, state_of, steps=(999, 500, 100)) -> l
     items = run["data"]["heldout"]
     ensure_loaded(host, parts)
     x0 = parts.patcher.model.latent_format.process_in(
-        base.encode_latents(parts, sw.read_images(run["data"]["heldout_paths"]["images"])))
+        base.encode_latents(parts, run["data"]["heldout_images"]))
     context = encode_text(parts.clip, [""])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(run["seed"] + 321))
     patched = []
@@ -901,13 +901,13 @@ def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
     log.info("controlnet: the seg ControlNet at lr %g, captions dropped in %g of the rows, %d "
              "steps", lr, null_prob, p["controlnet_steps"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    recipe = {"hint_init": fg.CONTROLNET_HINT_INIT}
     with base.one_thread():  # as the run's FG-DM half: the latents too
-        model = world_cn.build_controlnet(host, parts, seed=run["seed"], **recipe)
-        fg.train_on_world(run, host, parts, data, model, f"{name}_ckpt", recipe=recipe, lr=lr,
+        model = world_cn.build_controlnet(host, parts, seed=run["seed"],
+                                          hint_init=fg.CONTROLNET_HINT_INIT)
+        fg.train_on_world(run, host, parts, data, model, f"{name}_ckpt", lr=lr,
                           null_prob=null_prob)
-    world_cn.save_controlnet(str(out), model, {"preset": run["name"],
-                                               "diagnose": " ".join(tags), **recipe})
+    world_cn.save_controlnet(str(out), model, {"preset": run["name"], "diagnose": " ".join(tags),
+                                               "hint_init": fg.CONTROLNET_HINT_INIT})
     shutil.rmtree(run["dir"] / f"{name}_ckpt", ignore_errors=True)
     return str(out)
 
@@ -998,15 +998,16 @@ def hint_init(run, host, parts, inits: list[str]) -> list[str]:
     maps = ((fg.read_maps(val) + 1) / 2)[:HINT_PROBES]
     steps = run["preset"]["controlnet_steps"]
     every = max(1, steps // fg.CHECKPOINTS_PER_STAGE)
+    with base.one_thread():  # as the run's FG-DM half: the latents too
+        latents = base.encode_latents(parts, sw.read_images(val["images"])[:HINT_PROBES])
+    hints = world_cn.hint_for(host, maps, latents.shape[-1])
     lines = []
     for init in inits:
         name = f"diagnose/seg_controlnet_hint_{init}"
         out = run["dir"] / f"{name}.safetensors"
         probes_path = run["dir"] / "diagnose" / f"hint_{init}_probes.json"
         probes = json.loads(probes_path.read_text()) if probes_path.is_file() else {}
-        with base.one_thread():  # as the run's FG-DM half: the latents too
-            latents = base.encode_latents(parts, sw.read_images(val["images"])[:HINT_PROBES])
-            hints = world_cn.hint_for(host, maps, latents.shape[-1])
+        with base.one_thread():  # as the run's FG-DM half
 
             def probe(step: int, model) -> None:
                 if str(step) in probes:
@@ -1028,7 +1029,7 @@ def hint_init(run, host, parts, inits: list[str]) -> list[str]:
                         probe(step + 1, model)
 
                 fg.train_on_world(run, host, parts, run["data"], model, f"{name}_ckpt",
-                                  recipe={"hint_init": init}, on_step=after)
+                                  hint_init=init, on_step=after)
                 world_cn.save_controlnet(str(out), model, {"preset": run["name"],
                                                            "diagnose": f"hint_init {init}",
                                                            "hint_init": init})

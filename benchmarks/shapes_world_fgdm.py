@@ -130,7 +130,6 @@ def stage_controlnet(run: dict, host, parts, data: dict) -> Any:
     model = world_cn.build_controlnet(host, parts, seed=run["seed"],
                                       hint_init=CONTROLNET_HINT_INIT)
     train_on_world(run, host, parts, data, model, CONTROLNET_CHECKPOINTS,
-                   recipe={"hint_init": CONTROLNET_HINT_INIT},
                    on_step=lambda s, v: tb.scalars(s + 1, {"controlnet_eps_mse": v}))
     tb.close()
     world_cn.save_controlnet(str(path), model, {"preset": run["name"],
@@ -170,11 +169,12 @@ def log_map_use(run: dict, host, parts, data: dict, model: torch.nn.Module, n: i
 
 def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,
                    checkpoints: str | None = None, seed: int | None = None,
-                   recipe: dict | None = None, **options) -> list[float]:
+                   hint_init: str = CONTROLNET_HINT_INIT, **options) -> list[float]:
     """`model` (a seg ControlNet) trained as the run trains its own: the training images'
     latents, their maps and captions, the preset's steps and batch, the run's seed unless
-    `seed`; checkpoints in `run["dir"]/checkpoints` when given, made with `recipe` (its hint
-    init: `loop_checkpoints`); `options` for `train_controlnet` (lr, null_prob, on_step)."""
+    `seed`; checkpoints in `run["dir"]/checkpoints` when given, which must agree on the
+    `hint_init` `model` was built from; `options` for `train_controlnet` (lr, null_prob,
+    on_step)."""
     p = run["preset"]
     steps = p["controlnet_steps"]
     latents = base.encode_latents(parts, data["train_images"])
@@ -183,7 +183,7 @@ def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,
         host, parts, model, latents, (data["train_maps"] + 1) / 2, data["train_captions"], steps,
         batch=p["controlnet_batch"], seed=run["seed"] if seed is None else seed,
         checkpoints=None if checkpoints is None else loop_checkpoints(run, checkpoints, steps,
-                                                                      **(recipe or {})),
+                                                                      hint_init=hint_init),
         amp=run["amp"], **options)
 
 
