@@ -98,3 +98,14 @@ def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch):
     assert off.writer is None and not off.preview_due(0)
     off.scalars(1, {"loss": 1.0})  # no-ops without a writer
     off.close()
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "2"])
+def test_the_factor_trainer_refuses_an_offset_noise_outside_0_1(bad, tmp_path):
+    from locref_core.train import fgdm
+
+    args = fgdm.build_parser().parse_args([
+        "--comfyui", str(tmp_path), "--tiny-unet", "--images", str(tmp_path),
+        "--conditions", str(tmp_path), "--offset-noise", bad])
+    with pytest.raises(ValueError, match=rf"--offset-noise {bad}\b.*\[0, 1\]"):
+        fgdm.check_args(args, have_dataset=False)

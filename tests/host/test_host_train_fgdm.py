@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from comfy_harness import apply_patched_model
 from harness_env import REPO_ROOT, comfyui_path
@@ -96,6 +97,8 @@ def test_resume_with_other_flags_is_refused(data, tmp_path):
     ckpts = str(out.with_suffix("")) + "_ckpt"
     with pytest.raises(ValueError, match="resume with the same flags"):
         fgdm.main(argv(data, out, "--steps", "2", "--resume", ckpts, "--no-time-conditioned"))
+    with pytest.raises(ValueError, match=r"trained with --offset-noise 0, this run asks 0\.1"):
+        fgdm.main(argv(data, out, "--steps", "2", "--resume", ckpts, "--offset-noise", "0.1"))
 
 
 def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
@@ -116,6 +119,24 @@ def test_the_text_cache_gives_the_same_losses_and_weights(data, tmp_path):
     assert cached["losses"] == plain["losses"] and cached["digest"] == plain["digest"]
     with pytest.raises(ValueError, match="--text-cache -1"):
         fgdm.main(argv(data, tmp_path / "c.safetensors", "--steps", "1", "--text-cache", "-1"))
+
+
+def test_offset_noise_is_drawn_only_when_asked(data, tmp_path):
+    """--offset-noise 0 keeps the default run's draws (losses and weights to the bit); a
+    non-zero offset changes every step's noise, hence the losses."""
+    flags = ("--steps", "3", "--distill-weight", "0")
+    plain = fgdm.main(argv(data, tmp_path / "a.safetensors", *flags))
+    zero = fgdm.main(argv(data, tmp_path / "b.safetensors", *flags, "--offset-noise", "0"))
+    assert zero["losses"] == plain["losses"] and zero["digest"] == plain["digest"]
+    offset = fgdm.main(argv(data, tmp_path / "c.safetensors", *flags, "--offset-noise", "0.5"))
+    assert all(torch.isfinite(torch.tensor(offset["losses"])))
+    assert all(a != b for a, b in zip(offset["losses"], plain["losses"]))
+    noise = {name: safe_open(str(tmp_path / name), "pt").metadata()["offset_noise"]
+             for name in ("a.safetensors", "c.safetensors")}
+    assert noise == {"a.safetensors": "0", "c.safetensors": "0.5"}  # the file says how
+    exported = tmp_path / "exported.safetensors"  # and so does one exported from a checkpoint
+    fgdm.main(["--export", str(tmp_path / "c_ckpt"), "--out", str(exported)])
+    assert safe_open(str(exported), "pt").metadata()["offset_noise"] == "0.5"
 
 
 def test_bad_data_stops_before_any_step(data, tmp_path):
