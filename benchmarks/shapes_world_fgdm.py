@@ -30,7 +30,7 @@ from locref_core.train.loop import TrainLog
 from locref_core.weights import save_whole
 from locref_core.world import base
 from locref_core.world import controlnet as world_cn
-from locref_core.world.evaluate import ratio_interval, sample_seed
+from locref_core.world.evaluate import ratio_interval, sample_seed, world_class_share
 
 log = logging.getLogger("shapes_world")
 PALETTE = "coco183"  # the synthetic label maps carry COCO-stuff ids
@@ -101,15 +101,17 @@ def trainer_argv(run: dict, tag: str, name: str, base_path: str, steps: int, bat
         *(["--tensorboard", str(run["dir"] / "tb" / tag)] if run["tensorboard"] else [])]
 
 
+def factor_data_args(train: dict) -> list[str]:
+    """The FG-DM trainer's data flags for the world's training set (`data["train"]`)."""
+    return ["--images", str(train["images"]), "--conditions", str(train["labels"]),
+            "--captions", str(train["captions"]), "--kind", "seg", "--palette", PALETTE]
+
+
 def stage_factor(run: dict, data: dict, base_path: str) -> str:
     """The seg factor, trained by the pack's own FG-DM trainer on the frozen base (cached)."""
-    p, train = run["preset"], data["train"]
+    p = run["preset"]
     return cached_training(run, "fgdm", "fgdm_seg", fgdm_trainer.main, base_path,
-                           p["factor_steps"], p["factor_batch"], [
-                               "--images", str(train["images"]),
-                               "--conditions", str(train["labels"]),
-                               "--captions", str(train["captions"]), "--kind", "seg",
-                               "--palette", PALETTE])
+                           p["factor_steps"], p["factor_batch"], factor_data_args(data["train"]))
 
 
 def stage_controlnet(run: dict, host, parts, data: dict) -> Any:
@@ -228,14 +230,16 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
         return draw_from_map(run, host, parts, cfg, control_net, item, seed, chosen)
 
     true_maps = read_maps(run["data"]["heldout_paths"])
-    rows: dict[str, dict[str, list]] = {k: {"images": [], "map_recall": [], "maps": []}
-                                        for k in ("n1", "nbig", "true")}
+    rows: dict[str, dict[str, list]] = {
+        k: {"images": [], "map_recall": [], "map_share": [], "maps": []}
+        for k in ("n1", "nbig", "true")}
     t0 = time.perf_counter()
     for done, i in enumerate(indices, start=1):
         item, seed = items[i], sample_seed(run["seed"], i)
         for key, n in (("n1", 1), ("nbig", n_big)):
             chosen, recall = sbpc_maps(run, parts, cfg, nodes, model, negative, item, seed, n)
             rows[key]["map_recall"].append(recall)
+            rows[key]["map_share"].append(world_class_share(chosen[0].numpy()))
             rows[key]["maps"].append(chosen)
             rows[key]["images"].append(draw(item, seed, chosen))
         rows["true"]["images"].append(draw(item, seed, as_hint(true_maps[i])))
@@ -267,7 +271,8 @@ def image_recalls(run: dict, scores: list[dict]) -> tuple[tuple, tuple]:
 
 
 def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> str:
-    """Recall of the images (colour + shape, shape) and of the maps, with bootstrap intervals."""
+    """Recall of the images (colour + shape, shape) and of the maps, and how much of each chosen
+    map is a map of this world (`world_class_share`), with bootstrap intervals."""
     rounds, seed = run["preset"]["bootstrap"], run["seed"]
     n_big = run["preset"]["sbpc_n"]
     names = {"n1": "FG-DM: seg map (N = 1) -> seg ControlNet",
@@ -275,15 +280,20 @@ def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> st
              "true": "diagnostic: the held-out image's own map -> seg ControlNet"}
     fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
     lines = [("| configuration | image recall, colour + shape | image recall, shape | "
-              "map recall, shape classes |"), "| --- | --- | --- | --- |"]
-    table = [("base model, caption only", base_scores, None)]
-    table += [(names[k], scores_of(rows[k]["images"]), rows[k]["map_recall"]) for k in names]
-    # the diagnostic row's map is the truth: no map recall to report
-    for name, scores, map_recall in table:
+              "map recall, shape classes | map pixels in the world's classes |"),
+             "| --- | --- | --- | --- | --- |"]
+    mean = lambda v: "—" if not v else fmt(  # noqa: E731
+        ratio_interval(v, [1.0] * len(v), rounds, seed))
+    table = [("base model, caption only", base_scores, [], [])]
+    # the diagnostic row's map is the truth: no map recall or share to report; a share is
+    # reported only where every layout has one (halves saved before it have none)
+    table += [(names[k], scores_of(rows[k]["images"]), rows[k]["map_recall"],
+               rows[k]["map_share"] if len(rows[k]["map_share"]) == len(rows[k]["map_recall"])
+               else []) for k in names]
+    for name, scores, map_recall, map_share in table:
         both, shape = image_recalls(run, scores)
-        maps = "—" if not map_recall else fmt(
-            ratio_interval(map_recall, [1.0] * len(map_recall), rounds, seed))
-        lines.append(f"| {name} | {fmt(both)} | {fmt(shape)} | {maps} |")
+        lines.append(f"| {name} | {fmt(both)} | {fmt(shape)} | {mean(map_recall)} | "
+                     f"{mean(map_share)} |")
     text = "\n".join(lines)
     (run["dir"] / "table_fgdm.md").write_text(text + "\n")
     return text
@@ -291,12 +301,14 @@ def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> st
 
 
 def save_rows(run: dict, rows: dict, part: str) -> Path:
-    """One process's images, chosen N = 10 maps and maps' recalls (`part`: which half)."""
+    """One process's images, chosen N = 10 maps, maps' recalls and world-class shares (`part`:
+    which half)."""
     tensors = {f"{k}_images": torch.stack(rows[k]["images"]).contiguous() for k in rows}
     tensors["nbig_maps"] = torch.cat(rows["nbig"]["maps"]).contiguous()
     path = rows_path(run, part)
     save_whole(tensors, path, metadata={  # a run stopped while writing leaves no half rows
-        "map_recall": json.dumps({k: rows[k]["map_recall"] for k in rows})})
+        "map_recall": json.dumps({k: rows[k]["map_recall"] for k in rows}),
+        "map_share": json.dumps({k: rows[k]["map_share"] for k in rows})})
     return path
 
 
@@ -319,10 +331,12 @@ def rows_path(run: dict, part: str) -> Path:
 def load_rows(run: dict, part: str) -> dict:
     path = rows_path(run, part)
     with safe_open(str(path), framework="pt") as f:
-        recalls = json.loads(f.metadata()["map_recall"])
+        meta = f.metadata()
+    recalls = json.loads(meta["map_recall"])
+    shares = json.loads(meta.get("map_share", "{}"))  # absent from halves saved before it
     tensors = load_file(str(path))
-    rows = {k: {"images": list(tensors[f"{k}_images"]), "map_recall": recalls[k]}
-            for k in recalls}
+    rows = {k: {"images": list(tensors[f"{k}_images"]), "map_recall": recalls[k],
+                "map_share": shares.get(k, [])} for k in recalls}
     rows["nbig"]["maps"] = list(tensors["nbig_maps"])  # (H, W, 3) each
     return rows
 

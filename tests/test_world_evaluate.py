@@ -138,3 +138,19 @@ def test_references_are_the_ones_the_locref_trainer_cuts(tmp_path):
         assert len(ours) == len(theirs)
         for ref in theirs:
             assert any(torch.equal(ref, o) for o in ours)
+
+
+def test_world_class_share_tells_a_label_map_from_an_image(tmp_path):
+    from locref_core.data.factor_dataset import FactorDataset
+    from locref_core.world.evaluate import world_class_share
+
+    paths = make_synthetic_coco(tmp_path, n_images=6, size=64, seed=5, max_objects=3)
+    maps = FactorDataset(paths["images"], paths["labels"], captions_json=paths["captions"],
+                         kind="seg", palette="coco183", size=64)
+    frame = 1 - 62 * 62 / 64 ** 2  # every label map's void one-pixel frame
+    for i in range(len(maps)):
+        label_map = ((maps[i]["condition"] + 1) / 2).permute(1, 2, 0).numpy()
+        image = ((maps[i]["image"] + 1) / 2).permute(1, 2, 0).numpy()
+        assert world_class_share(label_map) == pytest.approx(1 - frame)
+        # measured on these six: 0.0 each
+        assert world_class_share(image) < 0.1

@@ -20,9 +20,11 @@ from PIL import Image
 
 from ..data.coco import polygon_mask
 from ..data.locref_dataset import crop_edges
-from ..data.synthetic import COLOURS, SHAPE_CLASSES
+from ..data.synthetic import BACKGROUND_CLASS, COLOURS, SHAPE_CLASSES, coco_stuff_id
 from ..eval.boxes import ImageBoxes, Matches, ap_from_matches, match_boxes
 from ..eval.shapes import appearance_scores, detect_shapes, to_image_boxes
+from ..fgdm.maps import decode
+from ..fgdm.palettes import COCO_STUFF
 
 OBJECT = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPE_CLASSES)})\b")
 
@@ -82,6 +84,19 @@ def _reference(pixels: np.ndarray, ann: dict) -> tuple[torch.Tensor, torch.Tenso
     mask = polygon_mask(ann["segmentation"], h, w)[y0:y1, x0:x1]
     crop = torch.from_numpy(pixels[y0:y1, x0:x1].copy()).permute(2, 0, 1).float() / 255.0
     return crop, torch.from_numpy(mask.copy()).float()
+
+
+def world_class_share(rgb: Any) -> float:
+    """How much of a generated seg map (H, W, 3) in [0, 1] is a map of this world: the share of
+    its pixels that the pack's palette decoding (`fgdm.maps.decode`, COCO-stuff) reads as the
+    world's background class or one of its shape classes. A world label map scores all but its
+    void one-pixel frame (0.94 at 64 px); an image of the world decodes to whatever COCO-stuff
+    colours lie nearest its own and scores near 0. SBPC's recall counts a class wherever its
+    colour appears, so a factor that draws images instead of maps still recalls objects."""
+    ids = decode(np.asarray(rgb, dtype=np.float32), COCO_STUFF)
+    world = [COCO_STUFF.canonical_id(coco_stuff_id(name))
+             for name in (BACKGROUND_CLASS, *SHAPE_CLASSES.values())]
+    return float(np.isin(ids, world).mean())
 
 
 def sample_seed(run_seed: int, i: int) -> int:

@@ -34,7 +34,9 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
         "base model, caption only", "FG-DM: seg map (N = 1) -> seg ControlNet",
         "FG-DM: SBPC N = 3 -> seg ControlNet",
         "diagnostic: the held-out image's own map -> seg ControlNet"]
-    assert fgdm_rows[0].endswith("| — |") and fgdm_rows[3].endswith("| — |")
+    assert fgdm_rows[0].endswith("| — | — |") and fgdm_rows[3].endswith("| — | — |")
+    shares = [float(r.split(" | ")[4].split()[0]) for r in fgdm_rows[1:3]]  # N = 1, N = 3
+    assert all(0.0 <= v <= 1.0 for v in shares)
     out = tmp_path / "a" / f"quick-seed0-v{bench.RECIPE_VERSION}"
     for name in ("table.md", "table_fgdm.md", "grid.png", "timings.json", "timings_fgdm.json",
                  "base.safetensors", "locref.safetensors", "fgdm_seg.safetensors",
