@@ -118,6 +118,16 @@ asks for only the lines of the questions below.
   checkpoint on validation layouts with empty captions: eps MSE with each layout's own map,
   another layout's, and no ControlNet, and the hint block's spread across maps (when does the
   ControlNet start to read its map, and does the hint block's init decide it?).
+- --factor-offset S [S ...] (about 15 minutes each to train on the /4 base, then about 12
+  minutes of maps and images per factor): the seg factor trained as the run trains it (the
+  pack's FG-DM trainer, its steps, batch, seed and one thread) with offset noise S (0: the run's
+  own), and each drawn on the validation layouts with the tables' sampling seeds: how much of
+  the x0 it predicts from pure noise at the first sampling steps is a map of this world
+  (`world_class_share`), its maps through the pack's SBPC node at N = 1 and N = 10 (recall of
+  the shape classes and world-class share), and the run's seg ControlNet's images from them
+  beside the base's from the same captions and seeds (does the factor start a map from the
+  noise sampling starts from, or only keep one that leaks through SD-1.5's last timestep, and
+  do the images follow once it draws maps?).
 """
 
 from __future__ import annotations
@@ -148,22 +158,25 @@ from locref_core.composite import square_reference  # noqa: E402
 from locref_core.data.synthetic import phrase  # noqa: E402
 from locref_core.eval.boxes import iou_matrix  # noqa: E402
 from locref_core.eval.shapes import SHAPES, appearance_scores, detect_shapes  # noqa: E402
+from locref_core.train import fgdm as fgdm_trainer  # noqa: E402
 from locref_core.train import locref as locref_trainer  # noqa: E402
 from locref_core.masks import box_masks, foreground_mask  # noqa: E402
 from locref_core.patch import install  # noqa: E402
 from locref_core.train.common import list_checkpoints  # noqa: E402
-from locref_core.train.host import diffuse, encode_text, ensure_loaded, predict_eps  # noqa: E402
+from locref_core.train.host import (decode_latents, diffuse, encode_images,  # noqa: E402
+                                    encode_text, ensure_loaded, predict_eps, unet_denoised)
 from locref_core.train.loop import TrainLog  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
-from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
-                                       score_image, summary)
+from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval,  # noqa: E402
+                                       sample_seed, score_image, summary, world_class_share)
 from locref_core.world.models import load_world, save_world  # noqa: E402
 
 log = logging.getLogger("shapes_world_diagnose")
 
 
 BASE, LOCREF, CONTROLNET = "base.safetensors", "locref.safetensors", "seg_controlnet.safetensors"
+FACTOR = "fgdm_seg.safetensors"
 # The questions asked by a flag (argparse's name -> how the flag is written, the run's model
 # files it reads besides the base); the five basics read the seg ControlNet too.
 QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,)),
@@ -177,7 +190,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "one_object_map": ("--one-object-map", (CONTROLNET,)),
              "controlnet_null": ("--controlnet-null P", (CONTROLNET,)),
              "controlnet_end": ("--controlnet-end F", (CONTROLNET,)),
-             "hint_init": ("--hint-init INIT", ())}
+             "hint_init": ("--hint-init INIT", ()),
+             "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -246,6 +260,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(torch: ControlNet's own; kaiming: the run's) as the run trains its own, "
                    "probing at every checkpoint whether it reads its map (about 25 minutes "
                    "each on the /4 base, 110 on the finer-latent one)")
+    p.add_argument("--factor-offset", type=float, nargs="+", metavar="S", default=[],
+                   help="also train the seg factor with offset noise S (the FG-DM trainer's "
+                   "--offset-noise; the run's steps, batch, seed and one thread; about 15 "
+                   "minutes each on the /4 base; 0 is the run's own factor, not trained again) "
+                   "and draw each, with the run's own, on the validation layouts: how much of "
+                   "the x0 it predicts from pure noise is a map, its maps at N = 1 and SBPC's N, "
+                   "and the seg ControlNet's images from them beside the base's (about 12 "
+                   "minutes per factor)")
     p.add_argument("--one-object-map", action="store_true", help="also draw each held-out "
                    "object alone, from its one-object caption, by the base and by the seg "
                    "ControlNet from the held-out map with that object alone (about 6 minutes)")
@@ -261,6 +283,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(k < 2 for k in args.adapter_times):
         p.error(f"--adapter-times {' '.join(map(str, args.adapter_times))}: each K is a multiple "
                 "of the run's adapter steps of at least 2 (1 is the run's own adapter)")
+    if any(not 0.0 <= v <= 1.0 for v in args.factor_offset):
+        p.error(f"--factor-offset {' '.join(map(str, args.factor_offset))}: each S is the "
+                "offset noise's scale in [0, 1] (0: the run's own factor; 0.1 is the usual)")
     if any(not 0.0 < f <= 1.0 for f in args.controlnet_end):
         p.error(f"--controlnet-end {' '.join(map(str, args.controlnet_end))}: each F is a share "
                 "of the steps in (0, 1] (0 would draw no map at all: the base's own cell)")
@@ -1056,6 +1081,120 @@ def hint_probe(p: dict[str, float]) -> str:
             f"spread {p['penultimate']:.1e} / {p['out']:.1e}")
 
 
+def offset_factor(run, base_path: str, offset: float) -> str:
+    """The seg factor trained with offset noise `offset` as the run trains its own (the pack's
+    FG-DM trainer, the run's steps, batch, seed, one thread); 0 is the run's own file. Cached in
+    `diagnose/fgdm_seg_offset<S>.safetensors`, checkpointed as the run's stages are."""
+    if offset == 0:
+        return str(run["dir"] / FACTOR)
+    p, name = run["preset"], f"diagnose/fgdm_seg_offset{offset:g}"
+    (run["dir"] / "diagnose").mkdir(exist_ok=True)
+    with base.one_thread():  # as the run's FG-DM half
+        return fg.cached_training(run, f"fgdm_offset{offset:g}", name, fgdm_trainer.main,
+                                  base_path, p["factor_steps"], p["factor_batch"],
+                                  [*fg.factor_data_args(run["data"]["train"]),
+                                   "--offset-noise", f"{offset:g}"])
+
+
+FROM_NOISE_STEPS = (999, 900, 800)  # DDPM timesteps of the first sampling steps
+
+
+@torch.no_grad()
+def from_noise(run, host, parts, model, texts: list[str], maps: torch.Tensor
+               ) -> dict[int, tuple[float, float]]:
+    """Timestep -> world-class share of the x0 that `model` predicts there (a) from pure noise,
+    what sampling starts from, and (b) from the layouts' own maps (N, 3, H, W) in [-1, 1]
+    noised to that step, what training shows it (SD-1.5's last timestep keeps 7 % of the
+    latent); one draw per text, the same noise for every model."""
+    ensure_loaded(host, parts)
+    x0 = encode_images(parts, maps)
+    g = torch.Generator().manual_seed(run["seed"] + 321)
+    context = encode_text(parts.clip, texts)
+
+    def share(x, sigma) -> float:
+        images = decode_latents(parts, unet_denoised(host, model, x, sigma, context))
+        return float(np.mean([world_class_share(im.permute(1, 2, 0).clamp(0, 1).numpy())
+                              for im in images]))
+
+    out = {}
+    for t in FROM_NOISE_STEPS:
+        noise = torch.randn(x0.shape, generator=g)
+        steps = torch.full((len(texts),), t)
+        out[t] = tuple(share(*diffuse(parts, start, noise, steps))
+                       for start in (torch.zeros_like(x0), x0))
+    return out
+
+
+def noise_cell(shares: dict[int, tuple[float, float]]) -> str:
+    return ("world classes of the x0 from pure noise (from the own map noised) " + ", ".join(
+        f"t {t}: {pure:.3f} ({leaked:.3f})" for t, (pure, leaked) in shares.items()))
+
+
+def factor_cells(run, host, parts, cfg, nodes, factor_path: str, control_net, layouts,
+                 maps: torch.Tensor, question: str) -> str:
+    """One factor on `layouts`: its from-noise shares, its maps at N = 1 and SBPC's N through
+    the pack's node (recall, world-class share) and the seg ControlNet's images from them."""
+    from locref_core.fgdm.weights import load_factor
+
+    model = nodes["fgdm_nodes"].FGDMApplyFactor().apply(parts.patcher, load_factor(factor_path),
+                                                        1.0)[0]
+    negative = [[base.encode_text(parts.clip, [""]), {}]]
+    n_big = run["preset"]["sbpc_n"]
+    rows = {n: {"recall": [], "share": [], "images": []} for n in (1, n_big)}
+    t0 = time.perf_counter()
+    for i, item in enumerate(layouts):
+        seed = sample_seed(run["seed"], i)
+        for n, row in rows.items():
+            chosen, recall = fg.sbpc_maps(run, parts, cfg, nodes, model, negative, item, seed, n)
+            row["recall"].append(recall)
+            row["share"].append(world_class_share(chosen[0].numpy()))
+            row["images"].append(fg.draw_from_map(run, host, parts, cfg, control_net, item, seed,
+                                                  chosen))
+        if (i + 1) % 10 == 0 or i + 1 == len(layouts):
+            rate = (i + 1) / (time.perf_counter() - t0)
+            log.info("%s: %d/%d layouts, ETA %.0f s", question, i + 1, len(layouts),
+                     (len(layouts) - i - 1) / rate)
+    noise = from_noise(run, host, parts, model, [item.caption for item in layouts], maps)
+    return (noise_cell(noise) + "; " + "; ".join(
+        f"N = {n}: maps recall {mean_cell(run, row['recall'])}, world classes "
+        f"{mean_cell(run, row['share'])}, "
+        f"images {recall_cells(run, row['images'], layouts)}" for n, row in rows.items()))
+
+
+def mean_cell(run, values: list[float]) -> str:
+    """The mean of per-layout values in [0, 1], with its bootstrap interval over layouts."""
+    return interval("", ratio_interval(values, [1.0] * len(values), run["preset"]["bootstrap"],
+                                       run["seed"])).strip()
+
+
+def factor_offset(run, host, parts, cfg, base_path: str, offsets: list[float]) -> str:
+    """The seg factor trained with offset noise (`offset_factor`), each with the run's own on
+    the validation layouts (`factor_cells`), beside the base's images from the same captions
+    and seeds. (Not under no_grad: it trains; the cells draw without gradients.)"""
+    paths = {0.0: offset_factor(run, base_path, 0.0)}
+    for offset in sorted(set(offsets) - {0.0}):
+        paths[offset] = offset_factor(run, base_path, offset)
+    control_net = world_cn.wrap(host, world_cn.load_controlnet(host, parts,
+                                                               str(run["dir"] / CONTROLNET)))
+    nodes, layouts = sw.load_pack(), validation_layouts(run)
+    texts = [item.caption for item in layouts]
+    seeds = [sample_seed(run["seed"], i) for i in range(len(layouts))]
+    base_images = base.sample_images(host, parts.patcher, parts, texts, seeds, cfg,
+                                     steps=run["preset"]["sample_steps"],
+                                     guidance=run["guidance"],
+                                     on_image=every_tenth("factor-offset, base"))
+    maps = fg.read_maps(validation_paths(run))
+    shares = from_noise(run, host, parts, parts.patcher, texts, maps)
+    cells = [f"base, no factor: {noise_cell(shares)}; images "
+             f"{recall_cells(run, base_images, layouts)}"]
+    for offset, path in paths.items():
+        who = "offset 0 (the run's factor)" if offset == 0 else f"offset {offset:g}"
+        cells.append(f"{who}: " + factor_cells(run, host, parts, cfg, nodes, path, control_net,
+                                              layouts, maps, f"factor-offset {offset:g}"))
+    return (f"factor-offset: the seg factor at {run['preset']['factor_steps']} steps, "
+            f"{len(layouts)} validation layouts: " + " | ".join(cells))
+
+
 BASE_LONGER = "diagnose/base_longer"
 
 
@@ -1167,7 +1306,7 @@ def missing_models(run: dict, args: argparse.Namespace) -> list[str]:
     for q, (_, reads) in QUESTIONS.items():
         if getattr(args, q):
             needed.update(reads)
-    return [name for name in (BASE, LOCREF, CONTROLNET)
+    return [name for name in (BASE, LOCREF, FACTOR, CONTROLNET)
             if name in needed and not (run["dir"] / name).is_file()]
 
 
@@ -1225,6 +1364,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: controlnet_end(run, host, parts, cfg, args.controlnet_end))
     if args.hint_init:
         asked.append(lambda: hint_init(run, host, parts, args.hint_init))
+    if args.factor_offset:
+        asked.append(lambda: factor_offset(run, host, parts, cfg, base_path, args.factor_offset))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

@@ -151,13 +151,15 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--base-longer", "--adapter-seeds", "1",
                                "--controlnet-lr", "3e-4", "1e-4", "--one-object-map",
                                "--controlnet-null", "0.1", "0.5", "--controlnet-end", "0.3",
-                               "1", "--hint-init", "torch", "kaiming"])
+                               "1", "--hint-init", "torch", "kaiming", "--factor-offset", "0.5",
+                               "0"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
         "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
         "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch",
-        "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet"]
+        "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet",
+        "factor-offset"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -168,6 +170,25 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert lines[28].startswith("hint-init torch: the seg ControlNet trained 4 steps, 4 "
                                 "validation layouts")
     assert ": yes): the seg ControlNet trained 4 steps, 4 validation layouts" in lines[29]
+    # the seg factor trained with offset noise 0.5 beside the run's (0: not trained again), each
+    # with its from-noise shares, maps at N = 1 and SBPC's N (3 on the quick preset) and images
+    assert lines[30].startswith("factor-offset: the seg factor at ")
+    cells = lines[30].split("validation layouts: ", 1)[1].split(" | ")
+    assert [c.split(":")[0] for c in cells] == [
+        "base, no factor", "offset 0 (the run's factor)", "offset 0.5"]
+    for cell in cells:
+        shares = re.findall(r"t (\d+): ([0-9.]+)", cell.split(";")[0])
+        assert [t for t, _ in shares] == ["999", "900", "800"]
+        assert all(0.0 <= float(v) <= 1.0 for _, v in shares)
+    for cell in cells[1:]:
+        assert "; N = 1: maps recall " in cell and "; N = 3: maps recall " in cell
+        assert cell.count("world classes ") == 3 and cell.count("images recall ") == 2
+    from safetensors import safe_open
+
+    factor = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
+    with safe_open(str(factor / "fgdm_seg_offset0.5.safetensors"), "pt") as f:
+        assert f.metadata()["offset_noise"] == "0.5"
+    assert not (factor / "fgdm_seg_offset0.safetensors").exists()
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
