@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with the empty prompt, for classifier-free guidance")
     g.add_argument("--offset-noise", type=float, default=0.0, help="add this times a per-sample, "
                    "per-channel constant to the training noise (offset noise; 0: off, the "
-                   "paper's). SD-1.5's last timestep keeps 7%% of the latent, so a factor trained "
-                   "without it learns to keep a map that leaks through the noise, not to start "
-                   "one from pure noise as sampling does; 0.1 is the usual value")
+                   "paper's; 0.1 is the usual value): SD-1.5's last timestep keeps 7%% of the "
+                   "latent, so a model trained without it reads a map's mean colour through the "
+                   "noise instead of learning to set it, as sampling from pure noise needs. On "
+                   "the shapes world 0.1 did not change that (README)")
     g.add_argument("--distill-weight", type=float, default=0.1, help="weight of the attention-"
                    "distillation KL (0: off)")
     g.add_argument("--distill-every", type=int, default=10, help="apply the distillation loss "
