@@ -168,8 +168,8 @@ from locref_core.train.host import (decode_latents, diffuse, encode_images,  # n
 from locref_core.train.loop import TrainLog  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
-from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval,  # noqa: E402
-                                       sample_seed, score_image, summary, world_class_share)
+from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
+                                       score_image, summary, world_class_share)
 from locref_core.world.models import load_world, save_world  # noqa: E402
 
 log = logging.getLogger("shapes_world_diagnose")
@@ -1134,20 +1134,17 @@ def factor_cells(run, host, parts, cfg, nodes, factor_path: str, control_net, la
                  maps: torch.Tensor, question: str) -> str:
     """One factor on `layouts`: its from-noise shares, its maps at N = 1 and SBPC's N through
     the pack's node (recall, world-class share) and the seg ControlNet's images from them."""
-    from locref_core.fgdm.weights import load_factor
-
-    model = nodes["fgdm_nodes"].FGDMApplyFactor().apply(parts.patcher, load_factor(factor_path),
-                                                        1.0)[0]
-    negative = [[base.encode_text(parts.clip, [""]), {}]]
+    model, negative = fg.factor_model(parts, nodes, factor_path)
     n_big = run["preset"]["sbpc_n"]
     rows = {n: {"recall": [], "share": [], "images": []} for n in (1, n_big)}
     t0 = time.perf_counter()
     for i, item in enumerate(layouts):
         seed = sample_seed(run["seed"], i)
         for n, row in rows.items():
-            chosen, recall = fg.sbpc_maps(run, parts, cfg, nodes, model, negative, item, seed, n)
+            chosen, recall, share = fg.sbpc_maps(run, parts, cfg, nodes, model, negative, item,
+                                                 seed, n)
             row["recall"].append(recall)
-            row["share"].append(world_class_share(chosen[0].numpy()))
+            row["share"].append(share)
             row["images"].append(fg.draw_from_map(run, host, parts, cfg, control_net, item, seed,
                                                   chosen))
         if (i + 1) % 10 == 0 or i + 1 == len(layouts):
@@ -1162,9 +1159,8 @@ def factor_cells(run, host, parts, cfg, nodes, factor_path: str, control_net, la
 
 
 def mean_cell(run, values: list[float]) -> str:
-    """The mean of per-layout values in [0, 1], with its bootstrap interval over layouts."""
-    return interval("", ratio_interval(values, [1.0] * len(values), run["preset"]["bootstrap"],
-                                       run["seed"])).strip()
+    """`value [low, high]`: `fg.mean_interval` as the diagnose lines print it."""
+    return interval("", fg.mean_interval(run, values)).strip()
 
 
 def factor_offset(run, host, parts, cfg, base_path: str, offsets: list[float]) -> str:

@@ -194,17 +194,28 @@ def required_objects(item) -> str:
     return ", ".join(sorted({SHAPE_CLASSES[shape] for _, shape in item.objects}))
 
 
+def factor_model(parts, nodes: dict, factor_path: str) -> tuple[Any, list]:
+    """What SBPC samples maps from: the base with the factor applied by the pack's own FGDM Apply
+    Factor (once: every layout samples from the same patched clone), and the empty negative."""
+    from locref_core.fgdm.weights import load_factor
+
+    model = nodes["fgdm_nodes"].FGDMApplyFactor().apply(parts.patcher, load_factor(factor_path),
+                                                        1.0)[0]
+    return model, [[base.encode_text(parts.clip, [""]), {}]]
+
+
 def sbpc_maps(run: dict, parts, cfg, nodes: dict, model, negative: list, item, seed: int,
-              n: int) -> tuple[torch.Tensor, float]:
-    """SBPC through the pack's own node on `model` (the base with the factor applied): N maps
-    from `seed`, the chosen one (1, H, W, 3) in [0, 1] at the image size and its recall."""
+              n: int) -> tuple[torch.Tensor, float, float]:
+    """SBPC through the pack's own node on `model` (`factor_model`): N maps from `seed`, the
+    chosen one (1, H, W, 3) in [0, 1] at the image size, its recall and how much of it is a map
+    of this world (`world_class_share`)."""
     pos = [[base.encode_text(parts.clip, [item.caption]), {}]]
     side = cfg.size
     out = nodes["fgdm_map_nodes"].FGDMSBPCSelect().select(
         model, pos, negative, parts.vae, n, run["preset"]["sample_steps"], run["guidance"],
         "euler", "normal", side, side, seed, required_objects(item), PALETTE, side, side)
     chosen_map, recall = out["result"][0], out["result"][3]
-    return chosen_map, float(recall)
+    return chosen_map, float(recall), world_class_share(chosen_map[0].numpy())
 
 
 def halves(n: int) -> tuple[range, range]:
@@ -218,12 +229,7 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
     """Per held-out layout in `indices`: maps at N = 1 and N = 10 (same first seed) and their
     images, and the image from the layout's own map; progress with ETA. Each layout draws from
     its own seeds, so which process draws it changes nothing."""
-    from locref_core.fgdm.weights import load_factor
-
-    # FGDM Apply Factor once: every layout samples its maps from the same patched clone
-    model = nodes["fgdm_nodes"].FGDMApplyFactor().apply(parts.patcher, load_factor(factor_path),
-                                                        1.0)[0]
-    negative = [[base.encode_text(parts.clip, [""]), {}]]
+    model, negative = factor_model(parts, nodes, factor_path)
     items, n_big = run["data"]["heldout"], run["preset"]["sbpc_n"]
 
     def draw(item, seed: int, chosen: torch.Tensor) -> torch.Tensor:
@@ -237,9 +243,10 @@ def generate(run: dict, host, parts, cfg, nodes: dict, factor_path: str, control
     for done, i in enumerate(indices, start=1):
         item, seed = items[i], sample_seed(run["seed"], i)
         for key, n in (("n1", 1), ("nbig", n_big)):
-            chosen, recall = sbpc_maps(run, parts, cfg, nodes, model, negative, item, seed, n)
+            chosen, recall, share = sbpc_maps(run, parts, cfg, nodes, model, negative, item,
+                                              seed, n)
             rows[key]["map_recall"].append(recall)
-            rows[key]["map_share"].append(world_class_share(chosen[0].numpy()))
+            rows[key]["map_share"].append(share)
             rows[key]["maps"].append(chosen)
             rows[key]["images"].append(draw(item, seed, chosen))
         rows["true"]["images"].append(draw(item, seed, as_hint(true_maps[i])))
@@ -270,10 +277,15 @@ def image_recalls(run: dict, scores: list[dict]) -> tuple[tuple, tuple]:
                                 run["seed"]) for k in ("recalled", "shapes_recalled"))
 
 
+def mean_interval(run: dict, values: list[float]) -> tuple[float, float, float]:
+    """The mean of per-layout values in [0, 1] (map recall, world-class share) with its bootstrap
+    interval over layouts: (value, low, high)."""
+    return ratio_interval(values, [1.0] * len(values), run["preset"]["bootstrap"], run["seed"])
+
+
 def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> str:
     """Recall of the images (colour + shape, shape) and of the maps, and how much of each chosen
     map is a map of this world (`world_class_share`), with bootstrap intervals."""
-    rounds, seed = run["preset"]["bootstrap"], run["seed"]
     n_big = run["preset"]["sbpc_n"]
     names = {"n1": "FG-DM: seg map (N = 1) -> seg ControlNet",
              "nbig": f"FG-DM: SBPC N = {n_big} -> seg ControlNet",
@@ -282,8 +294,7 @@ def write_table(run: dict, base_scores: list[dict], rows: dict, scores_of) -> st
     lines = [("| configuration | image recall, colour + shape | image recall, shape | "
               "map recall, shape classes | map pixels in the world's classes |"),
              "| --- | --- | --- | --- | --- |"]
-    mean = lambda v: "—" if not v else fmt(  # noqa: E731
-        ratio_interval(v, [1.0] * len(v), rounds, seed))
+    mean = lambda v: "—" if not v else fmt(mean_interval(run, v))  # noqa: E731
     table = [("base model, caption only", base_scores, [], [])]
     # the diagnostic row's map is the truth: no map recall or share to report; a share is
     # reported only where every layout has one (halves saved before it have none)

@@ -252,6 +252,13 @@ def resolve_checkpoint(path: str) -> str:
     return found[-1]
 
 
+def checkpoint_metadata(path: str) -> dict[str, str]:
+    """A checkpoint's metadata (config, the flags it was trained with, step), without its
+    tensors."""
+    with safe_open(os.path.join(resolve_checkpoint(path), WEIGHTS_FILE), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def read_checkpoint_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a checkpoint's weights file."""
     path = resolve_checkpoint(path)

@@ -30,9 +30,9 @@ from ..fgdm.adapter import KINDS, FactorAdapter, FactorConfig, sinusoidal_embedd
 from ..fgdm.factor_patch import WRAPPER_KEY, FactorWrapper
 from ..fgdm.weights import load_factor, load_strict, save_factor
 from .attention_maps import AttentionRecorder
-from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, init_distributed,
-                     load_checkpoint, read_checkpoint_weights, setup_logging, sharded_batches,
-                     shutdown_distributed, step_generator, wrap_ddp)
+from .common import (DistEnv, Progress, autocast_dtype, check_same_weights, checkpoint_metadata,
+                     init_distributed, load_checkpoint, read_checkpoint_weights, setup_logging,
+                     sharded_batches, shutdown_distributed, step_generator, wrap_ddp)
 from .host import (SD15Parts, TextCache, add_text_cache_flag, add_world_base_flag, diffuse,
                    enable_grad_checkpointing, encode_images, encode_text, ensure_loaded,
                    load_base, load_host, predict_eps, text_cache)
@@ -129,8 +129,8 @@ def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
 def check_resumed_offset(args: argparse.Namespace) -> None:
     """--resume continues the checkpoint's training noise: ValueError when its --offset-noise
     (0 in checkpoints from before the flag) is not this run's."""
-    _, meta = read_checkpoint_weights(args.resume)
-    saved = float(json.loads(meta.get("args", "{}")).get("offset_noise", 0.0))
+    trained = json.loads(checkpoint_metadata(args.resume).get("args", "{}"))
+    saved = float(trained.get("offset_noise", 0.0))
     if saved != args.offset_noise:
         raise ValueError(f"--resume {args.resume}: trained with --offset-noise {saved:g}, this "
                          f"run asks {args.offset_noise:g}; resume with the same flags or start "
