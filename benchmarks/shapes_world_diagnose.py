@@ -128,6 +128,11 @@ asks for only the lines of the questions below.
   beside the base's from the same captions and seeds (does the factor start a map from the
   noise sampling starts from, or only keep one that leaks through SD-1.5's last timestep, and
   do the images follow once it draws maps?).
+- --factor-loss-weight W [W ...] (as --factor-offset): the seg factor trained with the FG-DM
+  trainer's --loss-weight W (v: each row's epsilon MSE times 1 + sigma^2, the x0 error weighing
+  alike at every noise level; eps: the run's own), drawn as --factor-offset draws (with the
+  plain epsilon loss an error in the map's x0 at the first timestep costs 1/213 of what it
+  costs in the x0 at sigma 1: is that why the factor never learns to start a map?).
 """
 
 from __future__ import annotations
@@ -191,7 +196,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "controlnet_null": ("--controlnet-null P", (CONTROLNET,)),
              "controlnet_end": ("--controlnet-end F", (CONTROLNET,)),
              "hint_init": ("--hint-init INIT", ()),
-             "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET))}
+             "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET)),
+             "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -268,6 +274,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the x0 it predicts from pure noise is a map, its maps at N = 1 and SBPC's N, "
                    "and the seg ControlNet's images from them beside the base's (about 12 "
                    "minutes per factor)")
+    p.add_argument("--factor-loss-weight", nargs="+", metavar="W", default=[],
+                   choices=fgdm_trainer.LOSS_WEIGHTS,
+                   help="also train the seg factor with the FG-DM trainer's --loss-weight W "
+                   "(v: the x0 error weighs alike at every noise level; eps is the run's own "
+                   "factor, not trained again) and draw each as --factor-offset draws")
     p.add_argument("--one-object-map", action="store_true", help="also draw each held-out "
                    "object alone, from its one-object caption, by the base and by the seg "
                    "ControlNet from the held-out map with that object alone (about 6 minutes)")
@@ -1081,19 +1092,26 @@ def hint_probe(p: dict[str, float]) -> str:
             f"spread {p['penultimate']:.1e} / {p['out']:.1e}")
 
 
-def offset_factor(run, base_path: str, offset: float) -> str:
-    """The seg factor trained with offset noise `offset` as the run trains its own (the pack's
-    FG-DM trainer, the run's steps, batch, seed, one thread); 0 is the run's own file. Cached in
-    `diagnose/fgdm_seg_offset<S>.safetensors`, checkpointed as the run's stages are."""
-    if offset == 0:
+def variant_factor(run, base_path: str, suffix: str, flags: list[str]) -> str:
+    """The seg factor trained as the run trains its own (the pack's FG-DM trainer, the run's
+    steps, batch, seed, one thread) plus the trainer's `flags`; with no flags, the run's own
+    file. Cached in `diagnose/fgdm_seg_<suffix>.safetensors`, checkpointed as the run's stages
+    are."""
+    if not flags:
         return str(run["dir"] / FACTOR)
-    p, name = run["preset"], f"diagnose/fgdm_seg_offset{offset:g}"
+    p, name = run["preset"], f"diagnose/fgdm_seg_{suffix}"
     (run["dir"] / "diagnose").mkdir(exist_ok=True)
     with base.one_thread():  # as the run's FG-DM half
-        return fg.cached_training(run, f"fgdm_offset{offset:g}", name, fgdm_trainer.main,
+        return fg.cached_training(run, f"fgdm_{suffix}", name, fgdm_trainer.main,
                                   base_path, p["factor_steps"], p["factor_batch"],
-                                  [*fg.factor_data_args(run["data"]["train"]),
-                                   "--offset-noise", f"{offset:g}"])
+                                  [*fg.factor_data_args(run["data"]["train"]), *flags])
+
+
+def offset_factor(run, base_path: str, offset: float) -> str:
+    """The seg factor trained with offset noise `offset` (`variant_factor`; 0: the run's own),
+    cached in `diagnose/fgdm_seg_offset<S>.safetensors`."""
+    return variant_factor(run, base_path, f"offset{offset:g}",
+                          ["--offset-noise", f"{offset:g}"] if offset else [])
 
 
 FROM_NOISE_STEPS = (999, 900, 800)  # DDPM timesteps of the first sampling steps
@@ -1135,6 +1153,8 @@ def factor_cells(run, host, parts, cfg, nodes, factor_path: str, control_net, la
     """One factor on `layouts`: its from-noise shares, its maps at N = 1 and SBPC's N through
     the pack's node (recall, world-class share) and the seg ControlNet's images from them."""
     model, negative = fg.factor_model(parts, nodes, factor_path)
+    noise = from_noise(run, host, parts, model, [item.caption for item in layouts], maps)
+    log.info("%s: %s", question, noise_cell(noise))  # known in seconds; the maps take minutes
     n_big = run["preset"]["sbpc_n"]
     rows = {n: {"recall": [], "share": [], "images": []} for n in (1, n_big)}
     t0 = time.perf_counter()
@@ -1151,7 +1171,6 @@ def factor_cells(run, host, parts, cfg, nodes, factor_path: str, control_net, la
             rate = (i + 1) / (time.perf_counter() - t0)
             log.info("%s: %d/%d layouts, ETA %.0f s", question, i + 1, len(layouts),
                      (len(layouts) - i - 1) / rate)
-    noise = from_noise(run, host, parts, model, [item.caption for item in layouts], maps)
     return (noise_cell(noise) + "; " + "; ".join(
         f"N = {n}: maps recall {mean_cell(run, row['recall'])}, world classes "
         f"{mean_cell(run, row['share'])}, "
@@ -1165,11 +1184,28 @@ def mean_cell(run, values: list[float]) -> str:
 
 def factor_offset(run, host, parts, cfg, base_path: str, offsets: list[float]) -> str:
     """The seg factor trained with offset noise (`offset_factor`), each with the run's own on
-    the validation layouts (`factor_cells`), beside the base's images from the same captions
-    and seeds. (Not under no_grad: it trains; the cells draw without gradients.)"""
-    paths = {0.0: offset_factor(run, base_path, 0.0)}
+    the validation layouts (`factor_variants`)."""
+    paths = {"offset 0 (the run's factor)": offset_factor(run, base_path, 0.0)}
     for offset in sorted(set(offsets) - {0.0}):
-        paths[offset] = offset_factor(run, base_path, offset)
+        paths[f"offset {offset:g}"] = offset_factor(run, base_path, offset)
+    return factor_variants(run, host, parts, cfg, paths, "factor-offset")
+
+
+def factor_loss_weight(run, host, parts, cfg, base_path: str, weights: list[str]) -> str:
+    """The seg factor trained with the FG-DM trainer's --loss-weight W (`variant_factor`,
+    cached in `diagnose/fgdm_seg_weight-<W>.safetensors`), each with the run's own (eps) on the
+    validation layouts (`factor_variants`)."""
+    paths = {"eps (the run's factor)": variant_factor(run, base_path, "weight-eps", [])}
+    for weight in sorted(set(weights) - {"eps"}):
+        paths[weight] = variant_factor(run, base_path, f"weight-{weight}",
+                                       ["--loss-weight", weight])
+    return factor_variants(run, host, parts, cfg, paths, "factor-loss-weight")
+
+
+def factor_variants(run, host, parts, cfg, paths: dict[str, str], question: str) -> str:
+    """Each seg factor of `paths` (label -> file) on the validation layouts (`factor_cells`),
+    beside the base's images from the same captions and seeds. (Not under no_grad: the
+    factors were trained just before; the cells draw without gradients.)"""
     control_net = world_cn.wrap(host, world_cn.load_controlnet(host, parts,
                                                                str(run["dir"] / CONTROLNET)))
     nodes, layouts = sw.load_pack(), validation_layouts(run)
@@ -1178,16 +1214,16 @@ def factor_offset(run, host, parts, cfg, base_path: str, offsets: list[float]) -
     base_images = base.sample_images(host, parts.patcher, parts, texts, seeds, cfg,
                                      steps=run["preset"]["sample_steps"],
                                      guidance=run["guidance"],
-                                     on_image=every_tenth("factor-offset, base"))
+                                     on_image=every_tenth(f"{question}, base"))
     maps = fg.read_maps(validation_paths(run))
     shares = from_noise(run, host, parts, parts.patcher, texts, maps)
     cells = [f"base, no factor: {noise_cell(shares)}; images "
              f"{recall_cells(run, base_images, layouts)}"]
-    for offset, path in paths.items():
-        who = "offset 0 (the run's factor)" if offset == 0 else f"offset {offset:g}"
+    log.info("%s: base, no factor: %s", question, noise_cell(shares))
+    for who, path in paths.items():
         cells.append(f"{who}: " + factor_cells(run, host, parts, cfg, nodes, path, control_net,
-                                              layouts, maps, f"factor-offset {offset:g}"))
-    return (f"factor-offset: the seg factor at {run['preset']['factor_steps']} steps, "
+                                              layouts, maps, f"{question} {who}"))
+    return (f"{question}: the seg factor at {run['preset']['factor_steps']} steps, "
             f"{len(layouts)} validation layouts: " + " | ".join(cells))
 
 
@@ -1362,6 +1398,9 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: hint_init(run, host, parts, args.hint_init))
     if args.factor_offset:
         asked.append(lambda: factor_offset(run, host, parts, cfg, base_path, args.factor_offset))
+    if args.factor_loss_weight:
+        asked.append(lambda: factor_loss_weight(run, host, parts, cfg, base_path,
+                                                args.factor_loss_weight))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

@@ -109,3 +109,17 @@ def test_the_factor_trainer_refuses_an_offset_noise_outside_0_1(bad, tmp_path):
         "--conditions", str(tmp_path), "--offset-noise", bad])
     with pytest.raises(ValueError, match=rf"--offset-noise {bad}\b.*\[0, 1\]"):
         fgdm.check_args(args, have_dataset=False)
+
+
+def test_the_factor_losses_v_weight_is_one_plus_sigma_squared_with_mean_1_over_the_schedule():
+    from locref_core.train import fgdm
+
+    sigmas = torch.tensor([0.1, 1.0, 3.0])  # 1 + s^2: 1.01, 2, 10; mean 13.01 / 3
+    assert fgdm.loss_weights(sigmas, sigmas, "eps") is None  # the plain MSE, as before
+    w = fgdm.loss_weights(sigmas, torch.tensor([3.0, 0.1]), "v")
+    assert torch.allclose(w, torch.tensor([10.0, 1.01]) * 3 / 13.01)
+    assert torch.allclose(fgdm.loss_weights(sigmas, sigmas, "v").mean(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="--loss-weight 'snr': use one of eps, v"):
+        fgdm.loss_weights(sigmas, sigmas, "snr")
+    with pytest.raises(SystemExit):  # argparse refuses it first
+        fgdm.build_parser().parse_args(["--loss-weight", "snr"])

@@ -131,7 +131,7 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--hint-init INIT or --factor-offset S" in err  # every question is named
+    assert "--factor-offset S or --factor-loss-weight W" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--hint-init", "torch",
                                 "kaiming"]).hint_init == ["torch", "kaiming"]
     with pytest.raises(SystemExit):
@@ -154,6 +154,11 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
     with pytest.raises(SystemExit):
         diagnose.parse_args(["--comfyui", "x", "--factor-offset", "1.5"])
     assert "--factor-offset 1.5: each S is the offset noise" in capsys.readouterr().err
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--factor-loss-weight",
+                                "v"]).factor_loss_weight == ["v"]
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--factor-loss-weight", "snr"])
+    assert "invalid choice: 'snr'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
@@ -247,6 +252,8 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--controlnet-end", "0.5") == ["seg_controlnet.safetensors"]
     # the run's factor is drawn beside those trained with offset noise, through its ControlNet
     assert missing("--skip-basics", "--factor-offset", "0.1") == [
+        "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--factor-loss-weight", "v") == [
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()
     assert missing("--longer") == []

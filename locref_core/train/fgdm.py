@@ -41,6 +41,8 @@ from .loop import (TrainLog, add_optimizer_flags, add_output_flags, add_precisio
                    preview_latents)
 from .losses import attention_kl
 
+LOSS_WEIGHTS = ("eps", "v")  # --loss-weight: how a row's epsilon MSE is weighted (loss_weights)
+
 log = logging.getLogger(__name__)
 
 
@@ -86,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "latent, so a model trained without it reads a map's mean colour through the "
                    "noise instead of learning to set it, as sampling from pure noise needs. On "
                    "the shapes world 0.1 did not change that (README)")
+    g.add_argument("--loss-weight", default="eps", choices=LOSS_WEIGHTS, help="how each row's "
+                   "epsilon MSE is weighted by its noise level: eps, none (the paper's); v, "
+                   "times 1 + sigma^2 (the v-prediction loss of an epsilon model: the x0 error "
+                   "counts alike at every noise level, so the steps where sampling must set a "
+                   "map's layout and colours from pure noise weigh as much as the last ones), "
+                   "normalised to mean 1 over the schedule's timesteps")
     g.add_argument("--distill-weight", type=float, default=0.1, help="weight of the attention-"
                    "distillation KL (0: off)")
     g.add_argument("--distill-every", type=int, default=10, help="apply the distillation loss "
@@ -126,15 +134,29 @@ def check_args(args: argparse.Namespace, have_dataset: bool) -> None:
                          "one; pass only one")
 
 
-def check_resumed_offset(args: argparse.Namespace) -> None:
-    """--resume continues the checkpoint's training noise: ValueError when its --offset-noise
-    (0 in checkpoints from before the flag) is not this run's."""
+def check_resumed_objective(args: argparse.Namespace) -> None:
+    """--resume continues the checkpoint's objective: ValueError when its --offset-noise or
+    --loss-weight (0 and eps in checkpoints from before the flags) are not this run's."""
     trained = json.loads(checkpoint_metadata(args.resume).get("args", "{}"))
-    saved = float(trained.get("offset_noise", 0.0))
-    if saved != args.offset_noise:
-        raise ValueError(f"--resume {args.resume}: trained with --offset-noise {saved:g}, this "
-                         f"run asks {args.offset_noise:g}; resume with the same flags or start "
-                         "a new --ckpt-dir")
+    for flag, saved, asked in (
+            ("--offset-noise", f"{float(trained.get('offset_noise', 0.0)):g}",
+             f"{args.offset_noise:g}"),
+            ("--loss-weight", trained.get("loss_weight", "eps"), args.loss_weight)):
+        if saved != asked:
+            raise ValueError(f"--resume {args.resume}: trained with {flag} {saved}, this run "
+                             f"asks {asked}; resume with the same flags or start a new "
+                             "--ckpt-dir")
+
+
+def loss_weights(sigmas: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """Per-row weights of the epsilon MSE at noise levels `sigma` (B,) for --loss-weight `kind`,
+    normalised to mean 1 over the schedule's `sigmas`; None for eps (the plain mean, computed
+    as before the flag so those runs keep their numbers)."""
+    if kind == "eps":
+        return None
+    if kind == "v":
+        return (1.0 + sigma.float().square()) / (1.0 + sigmas.float().square()).mean()
+    raise ValueError(f"--loss-weight {kind!r}: use one of {', '.join(LOSS_WEIGHTS)}")
 
 
 class TrainableFactorWrapper(FactorWrapper):
@@ -208,7 +230,7 @@ def setup(args: argparse.Namespace, env: DistEnv) -> Run:
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     args.start_step = 0
     if args.resume:
-        check_resumed_offset(args)
+        check_resumed_objective(args)
         state = load_checkpoint(args.resume, adapter, optimizer, cfg.to_json())
         args.start_step = int(state["step"])
         if state["extra"].get("scaler"):
@@ -249,7 +271,12 @@ def train_step(run: Run, step: int, batch: dict[str, Any], preview: bool = False
     amp = torch.autocast(dev.type, dtype=run.amp) if run.amp else contextlib.nullcontext()
     with amp:
         eps = predict_eps(run.host, run.student_rec if distill else run.student, x, sigma, context)
-        loss_eps = F.mse_loss(eps.float(), noise)
+        weights = loss_weights(ms.sigmas, sigma, args.loss_weight)
+        if weights is None:
+            loss_eps = F.mse_loss(eps.float(), noise)
+        else:
+            per_row = (eps.float() - noise).square().mean(dim=(1, 2, 3))
+            loss_eps = (per_row * weights.to(per_row.device)).mean()
         if distill:
             s_self, g_self = run.rec_s.take("self")
             s_cross, g_cross = run.rec_s.take("cross")
@@ -312,6 +339,7 @@ def _export_meta(step: int | str, args: argparse.Namespace | None = None) -> dic
     meta = {"trainer": "locref_core.train.fgdm", "trained_steps": str(step)}
     if args is not None:
         meta["offset_noise"] = f"{args.offset_noise:g}"  # how the factor was trained
+        meta["loss_weight"] = args.loss_weight
         if args.checkpoint:
             meta["base_model"] = os.path.basename(args.checkpoint)
     return meta
@@ -328,7 +356,8 @@ def export_checkpoint(ckpt: str, out: str) -> str:
     load_strict(ckpt, adapter, tensors)
     trained = json.loads(meta.get("args") or "{}")  # the flags it was trained with
     save_factor(adapter, out, {**_export_meta(meta.get("step", "?")),
-                               "offset_noise": f"{float(trained.get('offset_noise', 0.0)):g}"})
+                               "offset_noise": f"{float(trained.get('offset_noise', 0.0)):g}",
+                               "loss_weight": trained.get("loss_weight", "eps")})
     log.info("exported %s (step %s) to %s", ckpt, meta.get("step"), out)
     return out
 

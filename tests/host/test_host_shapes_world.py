@@ -152,14 +152,14 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--controlnet-lr", "3e-4", "1e-4", "--one-object-map",
                                "--controlnet-null", "0.1", "0.5", "--controlnet-end", "0.3",
                                "1", "--hint-init", "torch", "kaiming", "--factor-offset", "0.5",
-                               "0"])
+                               "0", "--factor-loss-weight", "v"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
         "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
         "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch",
         "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet",
-        "factor-offset"]
+        "factor-offset", "factor-loss-weight"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -189,6 +189,16 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     with safe_open(str(factor / "fgdm_seg_offset0.5.safetensors"), "pt") as f:
         assert f.metadata()["offset_noise"] == "0.5"
     assert not (factor / "fgdm_seg_offset0.safetensors").exists()
+    # the seg factor trained with the v loss weight beside the run's (eps), drawn alike
+    assert lines[31].startswith("factor-loss-weight: the seg factor at ")
+    cells = lines[31].split("validation layouts: ", 1)[1].split(" | ")
+    assert [c.split(":")[0] for c in cells] == ["base, no factor", "eps (the run's factor)", "v"]
+    offset_cells = lines[30].split("validation layouts: ", 1)[1].split(" | ")
+    assert cells[0] == offset_cells[0]  # the same base, noise, layouts and seeds
+    assert cells[1].split(": ", 1)[1] == offset_cells[1].split(": ", 1)[1]  # the same factor
+    with safe_open(str(factor / "fgdm_seg_weight-v.safetensors"), "pt") as f:
+        assert f.metadata()["loss_weight"] == "v"
+    assert not (factor / "fgdm_seg_weight-eps.safetensors").exists()
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"

@@ -99,6 +99,8 @@ def test_resume_with_other_flags_is_refused(data, tmp_path):
         fgdm.main(argv(data, out, "--steps", "2", "--resume", ckpts, "--no-time-conditioned"))
     with pytest.raises(ValueError, match=r"trained with --offset-noise 0, this run asks 0\.1"):
         fgdm.main(argv(data, out, "--steps", "2", "--resume", ckpts, "--offset-noise", "0.1"))
+    with pytest.raises(ValueError, match=r"trained with --loss-weight eps, this run asks v"):
+        fgdm.main(argv(data, out, "--steps", "2", "--resume", ckpts, "--loss-weight", "v"))
 
 
 def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
@@ -137,6 +139,28 @@ def test_offset_noise_is_drawn_only_when_asked(data, tmp_path):
     exported = tmp_path / "exported.safetensors"  # and so does one exported from a checkpoint
     fgdm.main(["--export", str(tmp_path / "c_ckpt"), "--out", str(exported)])
     assert safe_open(str(exported), "pt").metadata()["offset_noise"] == "0.5"
+
+
+def test_the_v_loss_weight_keeps_the_draws_and_reweighs_the_rows(data, tmp_path):
+    """--loss-weight v draws the same batches, timesteps and noise as the default (the
+    weights are all that differ: with a learning rate of 0 and no distillation the two runs'
+    weights stay equal) and changes every step's loss; the file, and a file exported from its
+    checkpoint, say how it was trained."""
+    flags = ("--steps", "3", "--distill-weight", "0", "--lr", "0")
+    plain = fgdm.main(argv(data, tmp_path / "a.safetensors", *flags))
+    v = fgdm.main(argv(data, tmp_path / "b.safetensors", *flags, "--loss-weight", "v"))
+    assert v["digest"] == plain["digest"]
+    assert all(torch.isfinite(torch.tensor(v["losses"])))
+    assert all(a != b for a, b in zip(v["losses"], plain["losses"]))
+    weight = {name: safe_open(str(tmp_path / name), "pt").metadata()["loss_weight"]
+              for name in ("a.safetensors", "b.safetensors")}
+    assert weight == {"a.safetensors": "eps", "b.safetensors": "v"}
+    exported = tmp_path / "exported.safetensors"
+    fgdm.main(["--export", str(tmp_path / "b_ckpt"), "--out", str(exported)])
+    assert safe_open(str(exported), "pt").metadata()["loss_weight"] == "v"
+    trained = fgdm.main(argv(data, tmp_path / "c.safetensors", "--steps", "3", "--distill-weight",
+                             "0", "--loss-weight", "v"))
+    assert trained["digest"] != plain["digest"]  # it trains
 
 
 def test_bad_data_stops_before_any_step(data, tmp_path):
