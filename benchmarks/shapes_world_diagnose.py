@@ -1195,11 +1195,21 @@ def factor_loss_weight(run, host, parts, cfg, base_path: str, weights: list[str]
     """The seg factor trained with the FG-DM trainer's --loss-weight W (`variant_factor`,
     cached in `diagnose/fgdm_seg_weight-<W>.safetensors`), each with the run's own (eps) on the
     validation layouts (`factor_variants`)."""
-    paths = {"eps (the run's factor)": variant_factor(run, base_path, "weight-eps", [])}
+    paths = {"eps (the run's factor)": str(run["dir"] / FACTOR)}
     for weight in sorted(set(weights) - {"eps"}):
         paths[weight] = variant_factor(run, base_path, f"weight-{weight}",
                                        ["--loss-weight", weight])
     return factor_variants(run, host, parts, cfg, paths, "factor-loss-weight")
+
+
+def drawn_once(run, key: str, draw: Callable[[], str]) -> str:
+    """The cells `draw` returns, drawn once per diagnose: --factor-offset and
+    --factor-loss-weight both draw the base and the run's own factor on the same layouts and
+    seeds, which give the same cells."""
+    memo = run.setdefault("factor_cells", {})
+    if key not in memo:
+        memo[key] = draw()
+    return memo[key]
 
 
 def factor_variants(run, host, parts, cfg, paths: dict[str, str], question: str) -> str:
@@ -1210,19 +1220,22 @@ def factor_variants(run, host, parts, cfg, paths: dict[str, str], question: str)
                                                                str(run["dir"] / CONTROLNET)))
     nodes, layouts = sw.load_pack(), validation_layouts(run)
     texts = [item.caption for item in layouts]
-    seeds = [sample_seed(run["seed"], i) for i in range(len(layouts))]
-    base_images = base.sample_images(host, parts.patcher, parts, texts, seeds, cfg,
-                                     steps=run["preset"]["sample_steps"],
-                                     guidance=run["guidance"],
-                                     on_image=every_tenth(f"{question}, base"))
     maps = fg.read_maps(validation_paths(run))
-    shares = from_noise(run, host, parts, parts.patcher, texts, maps)
-    cells = [f"base, no factor: {noise_cell(shares)}; images "
-             f"{recall_cells(run, base_images, layouts)}"]
-    log.info("%s: base, no factor: %s", question, noise_cell(shares))
+
+    def base_cell() -> str:
+        seeds = [sample_seed(run["seed"], i) for i in range(len(layouts))]
+        base_images = base.sample_images(host, parts.patcher, parts, texts, seeds, cfg,
+                                         steps=run["preset"]["sample_steps"],
+                                         guidance=run["guidance"],
+                                         on_image=every_tenth(f"{question}, base"))
+        shares = from_noise(run, host, parts, parts.patcher, texts, maps)
+        log.info("%s: base, no factor: %s", question, noise_cell(shares))
+        return f"{noise_cell(shares)}; images {recall_cells(run, base_images, layouts)}"
+
+    cells = [f"base, no factor: {drawn_once(run, 'base', base_cell)}"]
     for who, path in paths.items():
-        cells.append(f"{who}: " + factor_cells(run, host, parts, cfg, nodes, path, control_net,
-                                              layouts, maps, f"{question} {who}"))
+        cells.append(f"{who}: " + drawn_once(run, path, lambda: factor_cells(
+            run, host, parts, cfg, nodes, path, control_net, layouts, maps, f"{question} {who}")))
     return (f"{question}: the seg factor at {run['preset']['factor_steps']} steps, "
             f"{len(layouts)} validation layouts: " + " | ".join(cells))
 

@@ -1,6 +1,7 @@
 """The loop pieces both trainers share: flags, one optimizer step, the checkpoint cadence."""
 
 import argparse
+import json
 import os
 
 import pytest
@@ -123,3 +124,21 @@ def test_the_factor_losses_v_weight_is_one_plus_sigma_squared_with_mean_1_over_t
         fgdm.loss_weights(sigmas, sigmas, "snr")
     with pytest.raises(SystemExit):  # argparse refuses it first
         fgdm.build_parser().parse_args(["--loss-weight", "snr"])
+
+
+def test_factor_export_metadata_from_flags_or_a_checkpoints_record():
+    """One list of training flags in an exported factor: the run's own (vars(args)) and a
+    checkpoint's recorded args give the same metadata; a record from before the flags gets
+    their defaults."""
+    from locref_core.train import fgdm
+
+    args = fgdm.build_parser().parse_args(
+        ["--comfyui", "c", "--checkpoint", "/m/sd15.safetensors", "--images", "i",
+         "--conditions", "k", "--offset-noise", "0.5", "--loss-weight", "v"])
+    meta = fgdm._export_meta(1500, vars(args))
+    assert meta == {"trainer": "locref_core.train.fgdm", "trained_steps": "1500",
+                    "offset_noise": "0.5", "loss_weight": "v", "base_model": "sd15.safetensors"}
+    recorded = json.loads(json.dumps(vars(args), default=str))  # as save_checkpoint writes it
+    assert fgdm._export_meta("1500", recorded) == meta
+    old = fgdm._export_meta("75", {"steps": 75})
+    assert (old["offset_noise"], old["loss_weight"], "base_model" in old) == ("0", "eps", False)

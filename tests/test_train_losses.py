@@ -1,4 +1,5 @@
-"""Training losses: LocRef's weighted epsilon MSE and FG-DM's attention-distillation KL."""
+"""Training losses: LocRef's weighted epsilon MSE, FG-DM's attention-distillation KL and the v
+weight of an epsilon error."""
 
 import math
 
@@ -9,6 +10,7 @@ from locref_core.train.losses import (
     attention_kl,
     latent_weight_mask,
     resize_query_grid,
+    v_error_weight,
     weighted_eps_mse,
 )
 
@@ -101,3 +103,20 @@ def test_kl_errors_name_the_problem():
         attention_kl(torch.ones(1, 4, 2), torch.ones(1, 4, 3))
     with pytest.raises(ValueError, match="same non-zero number"):
         attention_kl([torch.ones(1, 4, 2)], [])
+
+
+def test_v_error_weight_is_v_error_over_eps_error():
+    """An epsilon prediction's v error, in the unit-variance input scale, squared, is its
+    epsilon error squared times v_error_weight(sigma), row by row."""
+    g = torch.Generator().manual_seed(3)
+    x0, eps, eps_hat = (torch.randn(3, 4, 5, 5, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.03, 1.0, 14.6])
+    s = sigma[:, None, None, None]
+    x_t = x0 + s * eps
+    x0_hat = x_t - s * eps_hat
+    v = (eps - s * x0) / (1 + s**2).sqrt()
+    v_hat = (eps_hat - s * x0_hat) / (1 + s**2).sqrt()
+    v_err = (v_hat - v).square().mean(dim=(1, 2, 3))
+    eps_err = (eps_hat - eps).square().mean(dim=(1, 2, 3))
+    assert torch.allclose(v_err, eps_err * v_error_weight(sigma), rtol=1e-4)
+    assert not torch.allclose(v_err, eps_err, rtol=1e-2)  # it is not 1 away from sigma 0

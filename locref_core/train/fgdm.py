@@ -39,7 +39,7 @@ from .host import (SD15Parts, TextCache, add_text_cache_flag, add_world_base_fla
 from .loop import (TrainLog, add_optimizer_flags, add_output_flags, add_precision_flags,
                    check_tensorboard, checkpoint_if_due, log_step, optimizer_step,
                    preview_latents)
-from .losses import attention_kl
+from .losses import attention_kl, v_error_weight
 
 LOSS_WEIGHTS = ("eps", "v")  # --loss-weight: how a row's epsilon MSE is weighted (loss_weights)
 
@@ -155,7 +155,7 @@ def loss_weights(sigmas: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.
     if kind == "eps":
         return None
     if kind == "v":
-        return (1.0 + sigma.float().square()) / (1.0 + sigmas.float().square()).mean()
+        return v_error_weight(sigma.float()) / v_error_weight(sigmas.float()).mean()
     raise ValueError(f"--loss-weight {kind!r}: use one of {', '.join(LOSS_WEIGHTS)}")
 
 
@@ -328,20 +328,22 @@ def train(args: argparse.Namespace, env: DistEnv, dataset: Any = None,
                           run.optimizer, run.scaler)
     tb.close()
     if env.is_main:
-        save_factor(run.adapter, args.out, _export_meta(args.steps, args))
+        save_factor(run.adapter, args.out, _export_meta(args.steps, vars(args)))
         log.info("exported %s", args.out)
     digest = check_same_weights(run.adapter, env)
     return {"losses": losses, "digest": digest, "out": args.out,
             "rank": env.rank, "steps": args.steps}
 
 
-def _export_meta(step: int | str, args: argparse.Namespace | None = None) -> dict[str, str]:
-    meta = {"trainer": "locref_core.train.fgdm", "trained_steps": str(step)}
-    if args is not None:
-        meta["offset_noise"] = f"{args.offset_noise:g}"  # how the factor was trained
-        meta["loss_weight"] = args.loss_weight
-        if args.checkpoint:
-            meta["base_model"] = os.path.basename(args.checkpoint)
+def _export_meta(step: int | str, trained: dict[str, Any]) -> dict[str, str]:
+    """The exported factor's metadata: the trainer, its steps and how it was trained, from the
+    run's flags (`vars(args)`) or a checkpoint's recorded ones (files from before a flag get
+    its default)."""
+    meta = {"trainer": "locref_core.train.fgdm", "trained_steps": str(step),
+            "offset_noise": f"{float(trained.get('offset_noise') or 0.0):g}",
+            "loss_weight": str(trained.get("loss_weight") or "eps")}
+    if trained.get("checkpoint"):
+        meta["base_model"] = os.path.basename(str(trained["checkpoint"]))
     return meta
 
 
@@ -355,9 +357,7 @@ def export_checkpoint(ckpt: str, out: str) -> str:
     adapter = FactorAdapter(cfg)
     load_strict(ckpt, adapter, tensors)
     trained = json.loads(meta.get("args") or "{}")  # the flags it was trained with
-    save_factor(adapter, out, {**_export_meta(meta.get("step", "?")),
-                               "offset_noise": f"{float(trained.get('offset_noise', 0.0)):g}",
-                               "loss_weight": trained.get("loss_weight", "eps")})
+    save_factor(adapter, out, _export_meta(meta.get("step", "?"), trained))
     log.info("exported %s (step %s) to %s", ckpt, meta.get("step"), out)
     return out
 

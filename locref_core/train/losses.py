@@ -2,6 +2,8 @@
 
 * `weighted_eps_mse`: LocRef-Diffusion's epsilon MSE, weighted Wf on instance foreground and Wb
   elsewhere (arXiv 2411.15252, Sec. 3.4).
+* `v_error_weight`: how much more a v-prediction's squared error weighs than the epsilon error
+  it implies, per row (the world's v base and the FG-DM trainer's `--loss-weight v`).
 * `attention_kl`: FG-DM's attention-distillation loss, KL(teacher || student) between attention
   probability maps whose query grids are resized to a common size (Sridhar & Vasconcelos, Sec. 3.3;
   official code: DeepakSridhar/fgdm `ldm/models/diffusion/ddpm.py`, `compute_attn_distill_loss`
@@ -56,6 +58,13 @@ def weighted_eps_mse(pred: torch.Tensor, target: torch.Tensor, fg_mask: torch.Te
     if w.shape[0] != err.shape[0]:
         raise ValueError(f"fg_mask has {w.shape[0]} rows, pred has {err.shape[0]}")
     return (w * err).mean()
+
+
+def v_error_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """1 + sigma^2 per row (B,): with x_t = x0 + sigma * eps, v = (eps - sigma * x0) /
+    sqrt(1 + sigma^2) in the unit-variance input scale, and an epsilon model's v error is its
+    epsilon error times sqrt(1 + sigma^2), so v's squared error is epsilon's times this."""
+    return 1.0 + sigma.square()
 
 
 def square_grid(tokens: int) -> Grid:

@@ -26,6 +26,7 @@ from ..train.common import (DistEnv, Progress, list_checkpoints, load_checkpoint
                             save_checkpoint)
 from ..train.host import (SD15Parts, TextCache, diffuse, encode_text, ensure_loaded, freeze,
                           predict_eps)
+from ..train.losses import v_error_weight
 from .models import WorldConfig, set_latent_scale
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ def objective(host: SimpleNamespace, parts: SD15Parts, error: torch.Tensor,
     numbers). v: each row's mean times 1 + sigma^2 (v's error is epsilon's times
     sqrt(1 + sigma^2)), averaged."""
     if parts.patcher.model.model_type == host.model_base.ModelType.V_PREDICTION:
-        return (error.mean(dim=(1, 2, 3)) * (1.0 + sigma.square())).mean()
+        return (error.mean(dim=(1, 2, 3)) * v_error_weight(sigma)).mean()
     return error.mean()
 
 
