@@ -101,6 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="width of the base UNet (model_channels; a multiple of 32, GroupNorm's "
                         "groups). The presets are sized for 32; another width is an experiment, "
                         "cached in its own folder (...-c64)")
+    p.add_argument("--unet-norm-groups", type=int, default=32, choices=[32, 8, 4],
+                   help="GroupNorm groups in the base UNet's norms (the host builds 32; at 32 "
+                        "channels that normalises each channel alone, its spatial mean too, so "
+                        "the UNet can hardly set a latent's mean colour; 4 gives SD-1.5's 8 to "
+                        "32 channels a group). Not 32 is an experiment, cached in its own "
+                        "folder (...-g4)")
     p.add_argument("--vae-downscale", type=int, default=4, choices=[2, 4],
                    help="how much the base's VAE shrinks the 64 px images: 4 gives 16 x 16 "
                         "latents (a small square spans 3 to 4), 2 gives 32 x 32 (four times the "
@@ -411,6 +417,7 @@ def world_config(run: dict) -> WorldConfig:
     """The base's sizes for this run (before its VAE fixes the latent scale)."""
     return WorldConfig(seed=run["seed"], prediction=run["prediction"],
                        unet_channels=run["unet_channels"],
+                       unet_norm_groups=run["unet_norm_groups"],
                        vae_mult=VAE_MULT[run["vae_downscale"]])
 
 
@@ -421,13 +428,15 @@ def make_run(args: argparse.Namespace) -> dict:
     run = {"name": name, "preset": PRESETS[name], "seed": args.seed, "comfyui": args.comfyui,
            "guidance": args.guidance,
            "prediction": args.prediction, "unet_channels": args.unet_channels,
-           "vae_downscale": args.vae_downscale,
+           "vae_downscale": args.vae_downscale, "unet_norm_groups": args.unet_norm_groups,
            "dir": Path(args.cache) / (f"{name}-seed{args.seed}-v{RECIPE_VERSION}"
                                       + ("-vpred" if args.prediction == "v" else "")
                                       + (f"-c{args.unet_channels}"
                                          if args.unet_channels != 32 else "")
                                       + (f"-f{args.vae_downscale}"
                                          if args.vae_downscale != 4 else "")
+                                      + (f"-g{args.unet_norm_groups}"
+                                         if args.unet_norm_groups != 32 else "")
                                       + ("-bf16" if args.precision == "bf16" else ""))}
     run["amp"] = torch.bfloat16 if args.precision == "bf16" else None
     if run["amp"] is not None:

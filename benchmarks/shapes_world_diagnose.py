@@ -213,6 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the base's width of that run (shapes_world.py --unet-channels)")
     p.add_argument("--vae-downscale", default="4",
                    help="the base's VAE of that run (shapes_world.py --vae-downscale)")
+    p.add_argument("--unet-norm-groups", default="32",
+                   help="the base's UNet norms of that run (shapes_world.py --unet-norm-groups)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="that run's training precision (shapes_world.py --precision); what "
                         "the diagnose trains, it trains so too")
@@ -1362,6 +1364,7 @@ def main(argv=None) -> list[str]:
                                      "--seed", str(args.seed), "--prediction", args.prediction,
                                      "--unet-channels", args.unet_channels,
                                      "--vae-downscale", args.vae_downscale,
+                                     "--unet-norm-groups", args.unet_norm_groups,
                                      "--precision", args.precision,
                                      *(["--quick"] if args.quick else [])]))
     missing = missing_models(run, args)

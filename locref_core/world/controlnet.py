@@ -27,6 +27,7 @@ from ..train.host import (SD15Parts, TextCache, encode_text, ensure_loaded, free
                           reinit)
 from ..weights import save_whole
 from .base import WORLD_CAPTIONS, LoopCheckpoints, autocast, noised, objective, pick_captions
+from .models import norm_groups, set_norm_groups
 
 log = logging.getLogger(__name__)
 FORMAT = "locref-shapes-world-seg-controlnet"
@@ -60,6 +61,7 @@ def build_controlnet(host: SimpleNamespace, parts: SD15Parts, seed: int = 0,
             for conv in hint_convs(model)[:-1]:
                 torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
                 torch.nn.init.zeros_(conv.bias)
+    set_norm_groups(model, norm_groups(parts.unet))  # normalised as the base UNet it copies
     unet = parts.unet.state_dict()
     own = model.state_dict()
     copied = {k: v for k, v in unet.items() if k in own and own[k].shape == v.shape}

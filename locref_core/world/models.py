@@ -39,11 +39,20 @@ class WorldConfig:
     # What the UNet predicts: "eps" (SD-1.5's, what the pack's trainers assume, and every base
     # saved before this field existed) or "v" (SD-2's; the benchmark's --prediction v)
     prediction: str = "eps"
+    # GroupNorm groups in every UNet norm (SD-1.5: 32 over 320 to 1280 channels, 10 to 40 a
+    # group). At 32 channels, 32 groups normalise each channel on its own, its spatial mean
+    # included, up to the output layer, so the UNet can hardly set the per-channel mean of what
+    # it predicts; 4 groups give 8 to 32 channels a group, SD-1.5's proportions.
+    unet_norm_groups: int = 32
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"WorldConfig.prediction {self.prediction!r}: use one of "
                              f"{sorted(PREDICTIONS)}")
+        if self.unet_norm_groups < 1 or self.unet_channels % self.unet_norm_groups:
+            raise ValueError(f"WorldConfig.unet_norm_groups {self.unet_norm_groups} must divide "
+                             f"unet_channels {self.unet_channels} (every UNet width is a multiple "
+                             "of it); try 32, 8 or 4")
 
     @property
     def downscale(self) -> int:
@@ -62,6 +71,7 @@ class WorldConfig:
         data = json.loads(text)
         data["vae_mult"] = tuple(data["vae_mult"])
         data.setdefault("prediction", "eps")  # saved before v-prediction existed
+        data.setdefault("unet_norm_groups", 32)  # saved before the groups were a setting
         return cls(**data)
 
 
@@ -72,6 +82,7 @@ def build_world(host: SimpleNamespace, cfg: WorldConfig) -> SD15Parts:
     heads = {"num_heads": -1, "num_head_channels": cfg.head_channels}
     parts = build_tiny_sd15(host, model_channels=cfg.unet_channels, seed=cfg.seed,
                             unet_overrides=heads)
+    set_norm_groups(parts.unet, cfg.unet_norm_groups)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 2)
         ae = host.autoencoder.AutoencoderKL(ddconfig=cfg.ddconfig(), embed_dim=4)
@@ -80,6 +91,25 @@ def build_world(host: SimpleNamespace, cfg: WorldConfig) -> SD15Parts:
     set_prediction(host, parts, cfg.prediction)
     set_latent_scale(parts, cfg.latent_scale)
     return parts
+
+
+def set_norm_groups(module: torch.nn.Module, groups: int) -> None:
+    """Every GroupNorm of `module` (the host builds them with 32 groups) normalises in `groups`
+    groups instead: the same weights, another normalisation. 32 changes nothing."""
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.GroupNorm):
+            if norm.num_channels % groups:
+                raise ValueError(f"{groups} GroupNorm groups do not divide a norm of "
+                                 f"{norm.num_channels} channels")
+            norm.num_groups = groups
+
+
+def norm_groups(module: torch.nn.Module) -> int:
+    """The groups of `module`'s GroupNorms (one number: `set_norm_groups` sets them all)."""
+    found = {m.num_groups for m in module.modules() if isinstance(m, torch.nn.GroupNorm)}
+    if len(found) != 1:
+        raise ValueError(f"the module's GroupNorms use {sorted(found)} groups, not one number")
+    return found.pop()
 
 
 def set_prediction(host: SimpleNamespace, parts: SD15Parts, prediction: str) -> None:
