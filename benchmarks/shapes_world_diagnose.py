@@ -133,6 +133,14 @@ asks for only the lines of the questions below.
   alike at every noise level; eps: the run's own), drawn as --factor-offset draws (with the
   plain epsilon loss an error in the map's x0 at the first timestep costs 1/213 of what it
   costs in the x0 at sigma 1: is that why the factor never learns to start a map?).
+- --mean-control (about 5 minutes on the /4 base): the per-channel spatial mean of the
+  validation maps' latents and of their images' (sampler scale); how far each model (the base,
+  the run's seg factor) moves the mean of the epsilon it predicts with the mean of the noise
+  it is given (a per-channel offset N(0, 1) added to the noise: slope 1 follows it, 0 cannot
+  set it); and, from the tables' sampling seeds, how the mean of each sample's final latent
+  follows the mean of the noise it started from (sigma_max times the noise's mean). Can the
+  UNet set a latent's mean colour at all, or does the starting noise fix it (and with it
+  whether a sample lands among the maps' means or the images')?
 """
 
 from __future__ import annotations
@@ -197,7 +205,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "controlnet_end": ("--controlnet-end F", (CONTROLNET,)),
              "hint_init": ("--hint-init INIT", ()),
              "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET)),
-             "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET))}
+             "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET)),
+             "mean_control": ("--mean-control", (FACTOR,))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -281,6 +290,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train the seg factor with the FG-DM trainer's --loss-weight W "
                    "(v: the x0 error weighs alike at every noise level; eps is the run's own "
                    "factor, not trained again) and draw each as --factor-offset draws")
+    p.add_argument("--mean-control", action="store_true",
+                   help="also measure whether the base and the run's seg factor can set the "
+                   "per-channel mean of what they predict, and how a sample's mean follows its "
+                   "starting noise's (about 5 minutes)")
     p.add_argument("--one-object-map", action="store_true", help="also draw each held-out "
                    "object alone, from its one-object caption, by the base and by the seg "
                    "ControlNet from the held-out map with that object alone (about 6 minutes)")
@@ -1242,6 +1255,83 @@ def factor_variants(run, host, parts, cfg, paths: dict[str, str], question: str)
             f"{len(layouts)} validation layouts: " + " | ".join(cells))
 
 
+MEAN_CONTROL_STEPS = (999, 700, 400, 100)  # DDPM timesteps where the epsilon mean is read
+
+
+def slope(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Least-squares slope of y on x (flattened)."""
+    x, y = x.flatten().double(), y.flatten().double()
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / x.square().sum())
+
+
+def channel_means(latents: torch.Tensor) -> torch.Tensor:
+    """(B, 4, h, w) -> (B, 4): each latent's per-channel spatial mean."""
+    return latents.mean(dim=(2, 3))
+
+
+@torch.no_grad()
+def mean_control(run, host, parts, cfg) -> str:
+    """The --mean-control line (see the module's docstring)."""
+    nodes, layouts = sw.load_pack(), validation_layouts(run)
+    texts = [item.caption for item in layouts]
+    val = validation_paths(run)
+    ensure_loaded(host, parts)
+    x_maps = encode_images(parts, fg.read_maps(val))
+    x_images = encode_images(parts, sw.read_images(val["images"]))
+    m_maps, m_images = channel_means(x_maps), channel_means(x_images)
+
+    def vec(v: torch.Tensor) -> str:
+        return "[" + ", ".join(f"{float(c):.2f}" for c in v) + "]"
+
+    cells = [f"per-channel mean of the latents (sampler scale): maps {vec(m_maps.mean(0))} "
+             f"(spread across maps {vec(m_maps.std(0))}), images {vec(m_images.mean(0))} "
+             f"(spread {vec(m_images.std(0))}), apart by "
+             f"{float((m_maps.mean(0) - m_images.mean(0)).norm()):.2f}"]
+    models = {"base": parts.patcher,
+              "the run's factor": fg.factor_model(parts, nodes, str(run["dir"] / FACTOR))[0]}
+    context = encode_text(parts.clip, texts)
+    g = torch.Generator().manual_seed(run["seed"] + 654)
+    slopes: dict[str, list[str]] = {who: [] for who in models}
+    for t in MEAN_CONTROL_STEPS:
+        noise = torch.randn(x_maps.shape, generator=g)
+        noise = noise + torch.randn(len(texts), x_maps.shape[1], 1, 1, generator=g)
+        x, sigma = diffuse(parts, x_maps, noise, torch.full((len(texts),), t))
+        for who, model in models.items():
+            eps = (x - unet_denoised(host, model, x, sigma, context)) / sigma[:, None, None, None]
+            slopes[who].append(f"{slope(channel_means(noise), channel_means(eps)):.3f}")
+    cells.append(f"the mean of the epsilon predicted against the noise's mean (a per-channel "
+                 f"offset N(0, 1) added; 1 follows it, 0 cannot set it), slope at t "
+                 f"{'/'.join(map(str, MEAN_CONTROL_STEPS))}: " + "; ".join(
+                     f"{who} {'/'.join(v)}" for who, v in slopes.items()))
+    side = cfg.size // cfg.downscale
+    sigma_max = float(parts.patcher.model.model_sampling.sigma_max)
+    empty = torch.zeros(1, 4, side, side)
+    neg = [[encode_text(parts.clip, [""]), {}]]
+    fmt = parts.patcher.model.latent_format
+    for who, model in models.items():
+        start, end = [], []
+        for i, text in enumerate(texts):
+            seed = sample_seed(run["seed"], i)
+            noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(seed))
+            latent = host.sample.sample(model, noise, run["preset"]["sample_steps"],
+                                        run["guidance"], "euler", "normal",
+                                        [[encode_text(parts.clip, [text]), {}]], neg, empty,
+                                        disable_pbar=True, seed=seed)
+            start.append(channel_means(noise * sigma_max))
+            end.append(channel_means(fmt.process_in(latent.float())))
+        start, end = torch.cat(start), torch.cat(end)
+        nearer = int(((end - m_maps.mean(0)).norm(dim=1)
+                      < (end - m_images.mean(0)).norm(dim=1)).sum())
+        corr = float(torch.corrcoef(torch.stack([start.flatten(), end.flatten()]))[0, 1])
+        cells.append(f"{who}'s samples from the tables' seeds: their latent's mean against "
+                     f"the starting noise's (sigma_max {sigma_max:.1f} times its mean, spread "
+                     f"{float(start.std()):.2f}): slope {slope(start, end):.2f}, correlation "
+                     f"{corr:.2f}; nearer the maps' mean than the images' {nearer} of "
+                     f"{len(texts)}")
+    return (f"mean-control: {len(texts)} validation layouts: " + " | ".join(cells))
+
+
 BASE_LONGER = "diagnose/base_longer"
 
 
@@ -1417,6 +1507,8 @@ def main(argv=None) -> list[str]:
     if args.factor_loss_weight:
         asked.append(lambda: factor_loss_weight(run, host, parts, cfg, base_path,
                                                 args.factor_loss_weight))
+    if args.mean_control:
+        asked.append(lambda: mean_control(run, host, parts, cfg))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

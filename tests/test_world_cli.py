@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,12 @@ def test_each_width_and_prediction_has_its_own_cache(sw, tmp_path):
     assert sw.world_config(fine).downscale == 2 and sw.world_config(fine).unet_channels == 32
     both = run_dir("--unet-channels", "64", "--vae-downscale", "2")
     assert both["dir"].name == f"full-seed0-v{sw.RECIPE_VERSION}-c64-f2"
+    grouped = run_dir("--unet-norm-groups", "4")
+    assert grouped["dir"].name == f"full-seed0-v{sw.RECIPE_VERSION}-g4"
+    assert (sw.world_config(grouped).unet_norm_groups, sw.world_config(plain).unet_norm_groups) \
+        == (4, 32)
+    with pytest.raises(SystemExit):
+        run_dir("--unet-norm-groups", "5")
 
 
 def test_bf16_trains_in_its_own_cache_and_tells_every_trainer(sw, tmp_path, monkeypatch,
@@ -131,7 +138,7 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--factor-offset S or --factor-loss-weight W" in err  # every question is named
+    assert "--factor-loss-weight W or --mean-control" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--hint-init", "torch",
                                 "kaiming"]).hint_init == ["torch", "kaiming"]
     with pytest.raises(SystemExit):
@@ -159,6 +166,8 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
     with pytest.raises(SystemExit):
         diagnose.parse_args(["--comfyui", "x", "--factor-loss-weight", "snr"])
     assert "invalid choice: 'snr'" in capsys.readouterr().err
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--mean-control",
+                                "--unet-norm-groups", "4"]).unet_norm_groups == "4"
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
@@ -255,10 +264,19 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--factor-loss-weight", "v") == [
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--mean-control") == ["fgdm_seg.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()
     assert missing("--longer") == []
     (folder / "fgdm_seg.safetensors").touch()
     assert missing("--skip-basics", "--factor-offset", "0.1") == []
+
+
+def test_diagnose_slope_and_channel_means(diagnose):
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    assert diagnose.slope(x, 2 * x + 1) == pytest.approx(2.0)
+    assert diagnose.slope(x, torch.full_like(x, 5.0)) == 0.0
+    latents = torch.arange(32.0).view(1, 2, 4, 4)  # channel 0 holds 0..15, channel 1 16..31
+    assert diagnose.channel_means(latents).tolist() == [[7.5, 23.5]]
 
 
 def test_diagnose_counts_squares_by_the_side_drawn(diagnose):

@@ -152,14 +152,14 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--controlnet-lr", "3e-4", "1e-4", "--one-object-map",
                                "--controlnet-null", "0.1", "0.5", "--controlnet-end", "0.3",
                                "1", "--hint-init", "torch", "kaiming", "--factor-offset", "0.5",
-                               "0", "--factor-loss-weight", "v"])
+                               "0", "--factor-loss-weight", "v", "--mean-control"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
         "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
         "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch",
         "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet",
-        "factor-offset", "factor-loss-weight"]
+        "factor-offset", "factor-loss-weight", "mean-control"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -199,6 +199,19 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     with safe_open(str(factor / "fgdm_seg_weight-v.safetensors"), "pt") as f:
         assert f.metadata()["loss_weight"] == "v"
     assert not (factor / "fgdm_seg_weight-eps.safetensors").exists()
+    # the latents' means, each model's epsilon-mean slope at 4 timesteps, its samples' means
+    assert lines[32].startswith("mean-control: 4 validation layouts: per-channel mean of the "
+                                "latents (sampler scale): maps [")
+    cells = lines[32].split("validation layouts: ", 1)[1].split(" | ")
+    assert len(cells) == 4
+    slopes = re.findall(r"(base|the run's factor) ([-0-9.]+)/([-0-9.]+)/([-0-9.]+)/([-0-9.]+)",
+                        cells[1])
+    assert [who for who, *_ in slopes] == ["base", "the run's factor"]
+    for cell, who in zip(cells[2:], ("base", "the run's factor")):
+        assert cell.startswith(f"{who}'s samples from the tables' seeds")
+        corr = float(re.search(r"correlation ([-0-9.]+)", cell)[1])
+        assert -1.0 <= corr <= 1.0
+        assert re.search(r"nearer the maps' mean than the images' [0-4] of 4$", cell)
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"

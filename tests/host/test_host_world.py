@@ -71,6 +71,35 @@ def test_saved_base_loads_exactly(host, world):
     assert torch.equal(ae.decode(latents[:2]), ae2.decode(latents[:2]))
 
 
+def test_norm_groups_reach_every_unet_norm_the_saved_file_and_the_controlnet(host, world,
+                                                                            tmp_path):
+    """--unet-norm-groups 4: the same weights normalised in 4 groups (another function of the
+    input), kept through save and load, and the seg ControlNet copied from it normalises alike."""
+    from locref_core.world import controlnet as world_cn
+    from locref_core.world.models import norm_groups
+
+    path, parts, cfg, _, latents = world
+    grouped = dataclasses.replace(cfg, unet_norm_groups=4)
+    other = build_world(host, grouped)
+    other.unet.load_state_dict(parts.unet.state_dict())
+    norms = [m for m in other.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) > 20 and {m.num_groups for m in norms} == {4}
+    assert norm_groups(parts.unet) == 32
+    context = encode_text(parts.clip, ["a red square"])
+    sigma = torch.tensor([1.0])
+    same_weights = [unet_denoised(host, p.patcher, latents[:1], sigma, context)
+                    for p in (parts, other)]
+    assert not torch.allclose(*same_weights, atol=1e-4)  # the groups change the function
+    saved = str(tmp_path / "g4.safetensors")
+    save_world(saved, other, grouped, {})
+    loaded, loaded_cfg = load_world(host, saved)
+    assert loaded_cfg.unet_norm_groups == 4 and norm_groups(loaded.unet) == 4
+    assert torch.equal(unet_denoised(host, loaded.patcher, latents[:1], sigma, context),
+                       same_weights[1])
+    assert norm_groups(world_cn.build_controlnet(host, loaded)) == 4
+    assert norm_groups(world_cn.build_controlnet(host, parts)) == 32
+
+
 def test_sampling_through_the_host_sampler(host, world):
     _, parts, cfg, _, _ = world
     images = base.sample_images(host, parts.patcher, parts, ["a red square", "a blue disc"],
