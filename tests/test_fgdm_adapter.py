@@ -6,6 +6,7 @@ import torch
 from locref_core.fgdm.adapter import (
     FactorAdapter,
     FactorConfig,
+    TimeResBlock,
     control_for_unet,
     merge_control,
     sinusoidal_embedding,
@@ -118,6 +119,32 @@ def test_config_validation():
         FactorConfig(kind="pose")
     with pytest.raises(ValueError, match="multiple of 4"):
         FactorConfig(in_channels=6)
+    with pytest.raises(ValueError, match=r"norm_groups=3 must divide"):
+        FactorConfig(norm_groups=3, **SMALL)
+
+
+def test_norm_groups_default_and_older_configs():
+    assert FactorConfig().norm_groups == 32  # SD-1.5's, as the official release builds it
+    old = '{"channels": [32, 64, 128, 128], "emb_channels": 128, "kind": "seg"}'
+    assert FactorConfig.from_json(old).norm_groups == 32  # files from before the field
+    cfg = FactorConfig(norm_groups=4, **SMALL)
+    assert FactorConfig.from_json(cfg.to_json()) == cfg
+    norms = [m for m in FactorAdapter(cfg).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {4}
+
+
+@pytest.mark.parametrize("groups, hears_time", [(32, False), (8, True), (4, True)])
+def test_one_channel_a_group_removes_the_time_embedding(groups, hears_time):
+    """At 32 channels in 32 groups each norm removes each channel's mean, and with it the
+    time embedding's per-channel constant: the block's output no longer depends on t."""
+    torch.manual_seed(0)
+    block = TimeResBlock(32, 32, 16, down=False, groups=groups).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(1, 32, 8, 8)
+    a, b = block(x, torch.randn(1, 16)), block(x, torch.randn(1, 16))
+    assert torch.allclose(a, b, atol=1e-5) != hears_time
 
 
 def lightning_checkpoint(adapter):

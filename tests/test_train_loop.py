@@ -142,3 +142,52 @@ def test_factor_export_metadata_from_flags_or_a_checkpoints_record():
     assert fgdm._export_meta("1500", recorded) == meta
     old = fgdm._export_meta("75", {"steps": 75})
     assert (old["offset_noise"], old["loss_weight"], "base_model" in old) == ("0", "eps", False)
+
+
+def test_the_factors_norms_follow_the_unets_unless_asked():
+    """factor_config: the adapter's widths from the UNet, its GroupNorm groups the UNet's own
+    (32 for SD-1.5) or --norm-groups."""
+    from locref_core.train import fgdm
+
+    class TinyUNet(torch.nn.Module):
+        model_channels, channel_mult = 32, (1, 2, 4, 4)
+
+        def __init__(self, groups):
+            super().__init__()
+            self.norms = torch.nn.ModuleList([torch.nn.GroupNorm(groups, 32),
+                                              torch.nn.GroupNorm(groups, 64)])
+            self.time_embed = torch.nn.Sequential(torch.nn.Linear(32, 128))
+
+    flags = ["--comfyui", "c", "--images", "i", "--conditions", "k"]
+    args = fgdm.build_parser().parse_args(flags)
+    for groups in (32, 4):
+        cfg = fgdm.factor_config(args, TinyUNet(groups))
+        assert (cfg.channels, cfg.emb_channels, cfg.norm_groups) == ((32, 64, 128, 128), 128,
+                                                                     groups)
+    asked = fgdm.build_parser().parse_args([*flags, "--norm-groups", "8"])
+    assert fgdm.factor_config(asked, TinyUNet(32)).norm_groups == 8
+    with pytest.raises(ValueError, match="norm_groups=3 must divide"):
+        fgdm.factor_config(fgdm.build_parser().parse_args([*flags, "--norm-groups", "3"]),
+                           TinyUNet(32))
+
+
+def test_a_checkpoint_from_before_norm_groups_resumes_a_run_that_means_the_same(tmp_path):
+    """Its config JSON lacks norm_groups (32 by default): the same adapter, so it resumes; a
+    run asking 4 groups gets the checkpoint refused by load_checkpoint."""
+    from locref_core.fgdm.adapter import FactorAdapter, FactorConfig
+    from locref_core.train import fgdm
+    from locref_core.train.common import load_checkpoint, save_checkpoint
+
+    cfg = FactorConfig(channels=(32, 64, 128, 128), emb_channels=128)
+    old = json.loads(cfg.to_json())
+    del old["norm_groups"]
+    adapter = FactorAdapter(cfg)
+    opt = torch.optim.AdamW(adapter.parameters())
+    save_checkpoint(str(tmp_path), 5, adapter, opt, json.dumps(old, sort_keys=True), {}, {})
+    said = fgdm.resumed_config(str(tmp_path), cfg)
+    assert said == json.dumps(old, sort_keys=True)
+    assert load_checkpoint(str(tmp_path), FactorAdapter(cfg), None, said)["step"] == 5
+    four = FactorConfig(channels=(32, 64, 128, 128), emb_channels=128, norm_groups=4)
+    with pytest.raises(ValueError, match="same flags"):
+        load_checkpoint(str(tmp_path), FactorAdapter(four), None,
+                        fgdm.resumed_config(str(tmp_path), four))

@@ -37,6 +37,7 @@ class FactorConfig:
     time_conditioned: bool = True  # False: the official release's variant without timestep
     emb_channels: int = 1280  # the UNet's time-embedding width (4 x model_channels)
     palette: str = "coco183"  # for seg factors: the palette its maps are painted in
+    norm_groups: int = 32  # groups of the time blocks' GroupNorms (SD-1.5's and the release's)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -48,6 +49,9 @@ class FactorConfig:
         if len(self.channels) != len(SD15_ADAPTER_BLOCKS):
             raise ValueError(f"an SD-1.5 factor adapter has {len(SD15_ADAPTER_BLOCKS)} scales, "
                              f"got channels {self.channels}")
+        if self.norm_groups < 1 or any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"norm_groups={self.norm_groups} must divide every scale's "
+                             f"channels {self.channels}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -76,15 +80,19 @@ def _down(x: torch.Tensor) -> torch.Tensor:
 
 
 class TimeResBlock(nn.Module):
-    """LDM ResBlock: GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-conv (zero init)."""
+    """LDM ResBlock: GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-conv (zero init).
 
-    def __init__(self, cin: int, cout: int, emb_channels: int, down: bool):
+    `groups`: the GroupNorms' groups (32 in LDM). The time embedding enters as a per-channel
+    constant before the second norm, so a norm of one channel a group (32 groups at 32 channels,
+    as in a tiny UNet) removes it: the block then cannot add a timestep-dependent constant."""
+
+    def __init__(self, cin: int, cout: int, emb_channels: int, down: bool, groups: int = 32):
         super().__init__()
         self.down = down
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(),
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, cin), nn.SiLU(),
                                        nn.Conv2d(cin, cout, 3, 1, 1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, cout))
-        self.out_layers = nn.Sequential(nn.GroupNorm(32, cout), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, cout), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(cout, cout, 3, 1, 1))
         nn.init.zeros_(self.out_layers[3].weight)
         nn.init.zeros_(self.out_layers[3].bias)
@@ -132,7 +140,8 @@ class FactorAdapter(nn.Module):
         for i, c in enumerate(ch):
             for j in range(cfg.num_res_blocks):
                 cin, down = (ch[i - 1], True) if (i > 0 and j == 0) else (c, False)
-                blocks.append(TimeResBlock(cin, c, cfg.emb_channels, down) if cfg.time_conditioned
+                blocks.append(TimeResBlock(cin, c, cfg.emb_channels, down, cfg.norm_groups)
+                              if cfg.time_conditioned
                               else PlainResBlock(cin, c, down))
         self.body = nn.ModuleList(blocks)
 

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-conditioned", action=argparse.BooleanOptionalAction, default=True,
                    help="timestep-conditioned adapter (FG-DM's TimeAdapter); --no-time-"
                    "conditioned for the official plain variant")
+    g.add_argument("--norm-groups", type=int, default=None, help="groups of the adapter's "
+                   "GroupNorms (default: the UNet's own, 32 for SD-1.5 as in the release). A "
+                   "tiny UNet of 32 channels normalised in 32 groups holds one channel a group, "
+                   "which removes the time embedding's per-channel constant (README, the "
+                   "shapes world)")
     g.add_argument("--init", help="start from this factor .safetensors (e.g. the converted "
                    "official seg factor) instead of random weights")
     g = p.add_argument_group("optimisation")
@@ -179,12 +184,32 @@ class TrainableFactorWrapper(FactorWrapper):
         return self.forward_module(x.to(dtype), emb)
 
 
+def unet_norm_groups(unet: torch.nn.Module) -> int:
+    """The groups of the UNet's GroupNorms (32 for SD-1.5), or 32 when they differ."""
+    found = {m.num_groups for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)}
+    return found.pop() if len(found) == 1 else 32
+
+
+def resumed_config(ckpt: str, cfg: FactorConfig) -> str:
+    """The config JSON a checkpoint must carry to resume this run: its own text when it means
+    `cfg` (a checkpoint written before a config field existed spells it without the field),
+    else `cfg`'s, which load_checkpoint then refuses by name."""
+    saved = read_checkpoint_weights(ckpt)[1].get("config")
+    try:
+        same = saved is not None and FactorConfig.from_json(saved) == cfg
+    except (ValueError, TypeError):
+        same = False
+    return saved if same else cfg.to_json()
+
+
 def factor_config(args: argparse.Namespace, unet: torch.nn.Module) -> FactorConfig:
-    """The adapter's shape follows the host UNet (320/640/1280/1280 and 1280 for SD-1.5)."""
+    """The adapter's shape follows the host UNet (320/640/1280/1280 and 1280 for SD-1.5), and so
+    do its norms unless --norm-groups says otherwise."""
+    groups = args.norm_groups if args.norm_groups is not None else unet_norm_groups(unet)
     return FactorConfig(kind=args.kind, palette=args.palette, in_channels=4,
                         time_conditioned=args.time_conditioned,
                         channels=tuple(unet.model_channels * m for m in unet.channel_mult),
-                        emb_channels=unet.time_embed[-1].out_features)
+                        emb_channels=unet.time_embed[-1].out_features, norm_groups=groups)
 
 
 @dataclass
@@ -231,7 +256,7 @@ def setup(args: argparse.Namespace, env: DistEnv) -> Run:
     args.start_step = 0
     if args.resume:
         check_resumed_objective(args)
-        state = load_checkpoint(args.resume, adapter, optimizer, cfg.to_json())
+        state = load_checkpoint(args.resume, adapter, optimizer, resumed_config(args.resume, cfg))
         args.start_step = int(state["step"])
         if state["extra"].get("scaler"):
             scaler.load_state_dict(state["extra"]["scaler"])
