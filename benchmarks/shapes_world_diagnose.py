@@ -141,6 +141,15 @@ asks for only the lines of the questions below.
   follows the mean of the noise it started from (sigma_max times the noise's mean). Can the
   UNet set a latent's mean colour at all, or does the starting noise fix it (and with it
   whether a sample lands among the maps' means or the images')?
+- --factor-norm-groups G [G ...] (as --factor-offset): the seg factor trained with the FG-DM
+  trainer's --norm-groups G, its adapter's GroupNorms in G groups, drawn as --factor-offset
+  draws (the time embedding enters each block as a per-channel constant before a norm: in 32
+  groups at 32 channels, the tiny UNet's width, that norm removes it; does the factor start a
+  map once its first scale hears the timestep?).
+- --unet-on-maps (about 20 minutes on one thread, then as --factor-offset): the base's whole
+  UNet trained on the maps as the seg factor is trained (its steps, batch, rate and caption
+  drop; no EMA), drawn beside the run's factor as --factor-offset draws (can the world's UNet
+  learn to draw its maps in the factor's steps, when it is not held frozen behind an adapter?).
 """
 
 from __future__ import annotations
@@ -206,7 +215,9 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "hint_init": ("--hint-init INIT", ()),
              "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET)),
              "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET)),
-             "mean_control": ("--mean-control", (FACTOR,))}
+             "mean_control": ("--mean-control", (FACTOR,)),
+             "factor_norm_groups": ("--factor-norm-groups G", (FACTOR, CONTROLNET)),
+             "unet_on_maps": ("--unet-on-maps", (FACTOR, CONTROLNET))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -290,6 +301,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train the seg factor with the FG-DM trainer's --loss-weight W "
                    "(v: the x0 error weighs alike at every noise level; eps is the run's own "
                    "factor, not trained again) and draw each as --factor-offset draws")
+    p.add_argument("--factor-norm-groups", type=int, nargs="+", metavar="G", default=[],
+                   help="also train the seg factor with the FG-DM trainer's --norm-groups G "
+                   "(its adapter's GroupNorms; the run's own factor normalises as the base's "
+                   "UNet) and draw each as --factor-offset draws")
+    p.add_argument("--unet-on-maps", action="store_true",
+                   help="also train the base's whole UNet on the maps as the seg factor is "
+                   "trained (about 20 minutes on one thread) and draw it beside the run's "
+                   "factor as --factor-offset draws: can the world's UNet learn to draw its "
+                   "maps at all in the factor's steps?")
     p.add_argument("--mean-control", action="store_true",
                    help="also measure whether the base and the run's seg factor can set the "
                    "per-channel mean of what they predict, and how a sample's mean follows its "
@@ -312,6 +332,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(not 0.0 <= v <= 1.0 for v in args.factor_offset):
         p.error(f"--factor-offset {' '.join(map(str, args.factor_offset))}: each S is the "
                 "offset noise's scale in [0, 1] (0: the run's own factor; 0.1 is the usual)")
+    if any(g < 1 for g in args.factor_norm_groups):
+        p.error(f"--factor-norm-groups {' '.join(map(str, args.factor_norm_groups))}: each G is "
+                "a number of GroupNorm groups, at least 1, that divides the adapter's widths")
     if any(not 0.0 < f <= 1.0 for f in args.controlnet_end):
         p.error(f"--controlnet-end {' '.join(map(str, args.controlnet_end))}: each F is a share "
                 "of the steps in (0, 1] (0 would draw no map at all: the base's own cell)")
@@ -1168,6 +1191,13 @@ def factor_cells(run, host, parts, cfg, nodes, factor_path: str, control_net, la
     """One factor on `layouts`: its from-noise shares, its maps at N = 1 and SBPC's N through
     the pack's node (recall, world-class share) and the seg ControlNet's images from them."""
     model, negative = fg.factor_model(parts, nodes, factor_path)
+    return model_cells(run, host, parts, cfg, nodes, model, negative, control_net, layouts, maps,
+                       question)
+
+
+def model_cells(run, host, parts, cfg, nodes, model, negative: list, control_net, layouts,
+                maps: torch.Tensor, question: str) -> str:
+    """`factor_cells` for any model that draws maps (a factor applied, or a UNet of its own)."""
     noise = from_noise(run, host, parts, model, [item.caption for item in layouts], maps)
     log.info("%s: %s", question, noise_cell(noise))  # known in seconds; the maps take minutes
     n_big = run["preset"]["sbpc_n"]
@@ -1217,6 +1247,59 @@ def factor_loss_weight(run, host, parts, cfg, base_path: str, weights: list[str]
     return factor_variants(run, host, parts, cfg, paths, "factor-loss-weight")
 
 
+def factor_norm_groups(run, host, parts, cfg, base_path: str, groups: list[int]) -> str:
+    """The seg factor trained with the FG-DM trainer's --norm-groups G (its adapter's
+    GroupNorms; `variant_factor`, cached in `diagnose/fgdm_seg_groups<G>.safetensors`; the run's
+    own factor's groups are the run's factor, not trained again), each with the run's own on
+    the validation layouts (`factor_variants`)."""
+    own = fg.factor_norm_groups(run["dir"] / FACTOR)
+    paths = {f"{own} groups (the run's factor)": str(run["dir"] / FACTOR)}
+    for g in sorted(set(groups) - {own}):
+        paths[f"{g} groups"] = variant_factor(run, base_path, f"groups{g}",
+                                              ["--norm-groups", str(g)])
+    return factor_variants(run, host, parts, cfg, paths, "factor-norm-groups")
+
+
+UNET_ON_MAPS = "diagnose/unet_on_maps"
+
+
+def unet_on_maps_base(run, host, data):
+    """(parts, cfg) of the run's base with its whole UNet trained on the training maps as the
+    seg factor is trained (the factor's steps, batch and rate, the FG-DM trainer's caption drop,
+    no EMA, the run's seed, one thread); cached in diagnose/, checkpointed as the run's
+    stages are. Not FG-DM: a reference for how far the frozen UNet with an adapter falls short
+    of a UNet free to learn the maps."""
+    out = run["dir"] / f"{UNET_ON_MAPS}.safetensors"
+    if out.is_file():
+        log.info("unet-on-maps: cached %s", out)
+        return load_world(host, str(out))
+    p = run["preset"]
+    steps = p["factor_steps"]
+    parts, cfg = load_world(host, str(run["dir"] / BASE))
+    null_prob = fgdm_trainer.build_parser().get_default("null_prob")
+    log.info("unet-on-maps: the base's UNet trained on the maps, %d steps", steps)
+    with base.one_thread():
+        base.train_unet(host, parts, base.encode_latents(parts, data["train_maps"]),
+                        data["train_captions"], steps, batch=p["factor_batch"],
+                        lr=fg.TRAINER_LR, null_prob=null_prob, seed=run["seed"], ema=0,
+                        amp=run["amp"],
+                        checkpoints=fg.loop_checkpoints(run, f"{UNET_ON_MAPS}_ckpt", steps))
+    save_world(str(out), parts, cfg, {"preset": run["name"], "diagnose": "unet-on-maps"})
+    shutil.rmtree(run["dir"] / f"{UNET_ON_MAPS}_ckpt", ignore_errors=True)
+    return parts, cfg
+
+
+def unet_on_maps(run, host, data, parts, cfg) -> str:
+    """The run's seg factor beside the base's whole UNet trained on the maps
+    (`unet_on_maps_base`), each drawn as --factor-offset draws its factors."""
+    def unet() -> tuple:
+        maps_parts, _ = unet_on_maps_base(run, host, data)
+        return maps_parts.patcher, [[encode_text(parts.clip, [""]), {}]]
+
+    return factor_variants(run, host, parts, cfg, {"the run's factor": str(run["dir"] / FACTOR)},
+                           "unet-on-maps", {"the base's UNet trained on the maps": unet})
+
+
 def drawn_once(run, key: str, draw: Callable[[], str]) -> str:
     """The cells `draw` returns, drawn once per diagnose: --factor-offset and
     --factor-loss-weight both draw the base and the run's own factor on the same layouts and
@@ -1227,10 +1310,12 @@ def drawn_once(run, key: str, draw: Callable[[], str]) -> str:
     return memo[key]
 
 
-def factor_variants(run, host, parts, cfg, paths: dict[str, str], question: str) -> str:
+def factor_variants(run, host, parts, cfg, paths: dict[str, str], question: str,
+                    others: dict[str, Callable[[], tuple]] | None = None) -> str:
     """Each seg factor of `paths` (label -> file) on the validation layouts (`factor_cells`),
-    beside the base's images from the same captions and seeds. (Not under no_grad: the
-    factors were trained just before; the cells draw without gradients.)"""
+    beside the base's images from the same captions and seeds; `others` (label -> a function
+    giving (model, negative)): more map generators drawn so (`model_cells`). (Not under
+    no_grad: the factors were trained just before; the cells draw without gradients.)"""
     control_net = world_cn.wrap(host, world_cn.load_controlnet(host, parts,
                                                                str(run["dir"] / CONTROLNET)))
     nodes, layouts = sw.load_pack(), validation_layouts(run)
@@ -1251,6 +1336,9 @@ def factor_variants(run, host, parts, cfg, paths: dict[str, str], question: str)
     for who, path in paths.items():
         cells.append(f"{who}: " + drawn_once(run, path, lambda: factor_cells(
             run, host, parts, cfg, nodes, path, control_net, layouts, maps, f"{question} {who}")))
+    for who, make in (others or {}).items():
+        cells.append(f"{who}: " + model_cells(run, host, parts, cfg, nodes, *make(), control_net,
+                                              layouts, maps, f"{question} {who}"))
     return (f"{question}: the seg factor at {run['preset']['factor_steps']} steps, "
             f"{len(layouts)} validation layouts: " + " | ".join(cells))
 
@@ -1306,21 +1394,15 @@ def mean_control(run, host, parts, cfg) -> str:
                      f"{who} {'/'.join(v)}" for who, v in slopes.items()))
     side = cfg.size // cfg.downscale
     sigma_max = float(parts.patcher.model.model_sampling.sigma_max)
-    empty = torch.zeros(1, 4, side, side)
-    neg = [[encode_text(parts.clip, [""]), {}]]
+    seeds = [sample_seed(run["seed"], i) for i in range(len(texts))]
+    start = torch.cat([channel_means(sigma_max * torch.randn(  # the noise sample_images draws
+        1, 4, side, side, generator=torch.Generator().manual_seed(seed))) for seed in seeds])
     fmt = parts.patcher.model.latent_format
     for who, model in models.items():
-        start, end = [], []
-        for i, text in enumerate(texts):
-            seed = sample_seed(run["seed"], i)
-            noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(seed))
-            latent = host.sample.sample(model, noise, run["preset"]["sample_steps"],
-                                        run["guidance"], "euler", "normal",
-                                        [[encode_text(parts.clip, [text]), {}]], neg, empty,
-                                        disable_pbar=True, seed=seed)
-            start.append(channel_means(noise * sigma_max))
-            end.append(channel_means(fmt.process_in(latent.float())))
-        start, end = torch.cat(start), torch.cat(end)
+        latents = base.sample_images(host, model, parts, texts, seeds, cfg,
+                                     steps=run["preset"]["sample_steps"],
+                                     guidance=run["guidance"], decode=False)
+        end = channel_means(fmt.process_in(latents.float()))
         nearer = int(((end - m_maps.mean(0)).norm(dim=1)
                       < (end - m_images.mean(0)).norm(dim=1)).sum())
         corr = float(torch.corrcoef(torch.stack([start.flatten(), end.flatten()]))[0, 1])
@@ -1509,6 +1591,11 @@ def main(argv=None) -> list[str]:
                                                 args.factor_loss_weight))
     if args.mean_control:
         asked.append(lambda: mean_control(run, host, parts, cfg))
+    if args.factor_norm_groups:
+        asked.append(lambda: factor_norm_groups(run, host, parts, cfg, base_path,
+                                                args.factor_norm_groups))
+    if args.unet_on_maps:
+        asked.append(lambda: unet_on_maps(run, host, data, parts, cfg))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

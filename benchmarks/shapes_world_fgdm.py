@@ -108,10 +108,26 @@ def factor_data_args(train: dict) -> list[str]:
 
 
 def stage_factor(run: dict, data: dict, base_path: str) -> str:
-    """The seg factor, trained by the pack's own FG-DM trainer on the frozen base (cached)."""
+    """The seg factor, trained by the pack's own FG-DM trainer on the frozen base (cached). The
+    trainer's adapter normalises in the base UNet's groups; a cached factor of other groups
+    (made before it did) is trained again, the old file kept beside it."""
     p = run["preset"]
+    path = run["dir"] / "fgdm_seg.safetensors"
+    made = factor_norm_groups(path) if path.is_file() else None
+    if made is not None and made != run["unet_norm_groups"]:
+        kept = path.with_name(f"fgdm_seg_groups{made}.safetensors")
+        log.warning("seg factor: the cached one normalises in %d groups, the base's UNet in %d: "
+                    "trained again (the old one kept as %s)", made, run["unet_norm_groups"], kept)
+        path.replace(kept)
     return cached_training(run, "fgdm", "fgdm_seg", fgdm_trainer.main, base_path,
                            p["factor_steps"], p["factor_batch"], factor_data_args(data["train"]))
+
+
+def factor_norm_groups(path: Path) -> int:
+    """The GroupNorm groups of a saved factor's adapter (32 in files from before the field)."""
+    from locref_core.fgdm.weights import load_factor
+
+    return load_factor(str(path)).cfg.norm_groups
 
 
 def stage_controlnet(run: dict, host, parts, data: dict) -> Any:

@@ -138,7 +138,7 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--factor-loss-weight W or --mean-control" in err  # every question is named
+    assert "--factor-norm-groups G or --unet-on-maps" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--hint-init", "torch",
                                 "kaiming"]).hint_init == ["torch", "kaiming"]
     with pytest.raises(SystemExit):
@@ -168,6 +168,13 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
     assert "invalid choice: 'snr'" in capsys.readouterr().err
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--mean-control",
                                 "--unet-norm-groups", "4"]).unet_norm_groups == "4"
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--factor-norm-groups", "4",
+                                "8"]).factor_norm_groups == [4, 8]
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--factor-norm-groups", "0"])
+    assert "--factor-norm-groups 0: each G is a number of GroupNorm groups" in (
+        capsys.readouterr().err)
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--unet-on-maps"]).unet_on_maps
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
@@ -265,6 +272,9 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--factor-loss-weight", "v") == [
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--mean-control") == ["fgdm_seg.safetensors"]
+    for question in (["--factor-norm-groups", "4"], ["--unet-on-maps"]):  # beside the run's
+        assert missing("--skip-basics", *question) == [
+            "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()
     assert missing("--longer") == []
     (folder / "fgdm_seg.safetensors").touch()

@@ -369,7 +369,8 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
                   maps: Sequence[torch.Tensor] | None = None,
                   on_image: Callable[[int, int], None] | None = None,
                   regions: Sequence[Sequence[tuple[str, torch.Tensor]]] | None = None,
-                  control_percent: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+                  control_percent: tuple[float, float] = (0.0, 1.0),
+                  decode: bool = True) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from `patcher` (the base or a patched clone) through the
     host's own sampler (comfy.sample.sample, what KSampler calls), one seed per text; with a
     `control_net` (the host's CONTROL_NET) each image gets its map (1, H, W, 3) in [0, 1] as the
@@ -378,7 +379,8 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
     (H, W) in [0, 1]) pairs are further positive conditionings, masked as ConditioningSetMask
     masks them (strength 1), and the image's own text is masked to where none of them is: the
     host blends the predictions by mask, so inside a region only its text speaks.
-    `on_image(done, total)` after each image (progress for long lists)."""
+    `on_image(done, total)` after each image (progress for long lists). `decode` False: the
+    sampled latents (B, 4, h, w) as the sampler returns them, not decoded."""
     from .controlnet import with_control
 
     side = cfg.size // cfg.downscale
@@ -398,7 +400,8 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
         noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(int(seed)))
         latent = host.sample.sample(patcher, noise, steps, guidance, sampler, "normal", pos,
                                     negative_cond, empty, disable_pbar=True, seed=int(seed))
-        out.append(parts.vae.decode(latent).movedim(-1, 1))  # (1, 3, H, W) in [0, 1]
+        out.append(parts.vae.decode(latent).movedim(-1, 1) if decode  # (1, 3, H, W) in [0, 1]
+                   else latent)
         if on_image is not None:
             on_image(i + 1, len(texts))
     return torch.cat(out)

@@ -152,14 +152,16 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--controlnet-lr", "3e-4", "1e-4", "--one-object-map",
                                "--controlnet-null", "0.1", "0.5", "--controlnet-end", "0.3",
                                "1", "--hint-init", "torch", "kaiming", "--factor-offset", "0.5",
-                               "0", "--factor-loss-weight", "v", "--mean-control"])
+                               "0", "--factor-loss-weight", "v", "--mean-control",
+                               "--factor-norm-groups", "8", "--unet-on-maps"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
         "placement", *["base-longer"] * 6, *["adapter-seeds"] * 3, "controlnet-lr",
         "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch",
         "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet",
-        "factor-offset", "factor-loss-weight", "mean-control"]
+        "factor-offset", "factor-loss-weight", "mean-control", "factor-norm-groups",
+        "unet-on-maps"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -212,6 +214,26 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         corr = float(re.search(r"correlation ([-0-9.]+)", cell)[1])
         assert -1.0 <= corr <= 1.0
         assert re.search(r"nearer the maps' mean than the images' [0-4] of 4$", cell)
+    # the seg factor with its adapter's norms in 8 groups beside the run's (the base UNet's 32)
+    assert lines[33].startswith("factor-norm-groups: the seg factor at ")
+    cells = lines[33].split("validation layouts: ", 1)[1].split(" | ")
+    assert [c.split(":")[0] for c in cells] == [
+        "base, no factor", "32 groups (the run's factor)", "8 groups"]
+    assert cells[:2] == [offset_cells[0], "32 groups (the run's factor): "
+                         + offset_cells[1].split(": ", 1)[1]]
+    from locref_core.fgdm.weights import load_factor
+
+    assert load_factor(str(factor / "fgdm_seg_groups8.safetensors")).cfg.norm_groups == 8
+    assert load_factor(str(factor.parent / "fgdm_seg.safetensors")).cfg.norm_groups == 32
+    # the base's whole UNet trained on the maps, drawn beside the run's factor
+    assert lines[34].startswith("unet-on-maps: the seg factor at ")
+    cells = lines[34].split("validation layouts: ", 1)[1].split(" | ")
+    assert [c.split(":")[0] for c in cells] == [
+        "base, no factor", "the run's factor", "the base's UNet trained on the maps"]
+    assert cells[1].split(": ", 1)[1] == offset_cells[1].split(": ", 1)[1]
+    assert "; N = 1: maps recall " in cells[2] and "; N = 3: maps recall " in cells[2]
+    assert (factor / "unet_on_maps.safetensors").is_file()
+    assert not (factor / "unet_on_maps_ckpt").exists()
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
