@@ -186,8 +186,12 @@ class TrainableFactorWrapper(FactorWrapper):
 
 def unet_norm_groups(unet: torch.nn.Module) -> int:
     """The groups of the UNet's GroupNorms (32 for SD-1.5), or 32 when they differ."""
-    found = {m.num_groups for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)}
-    return found.pop() if len(found) == 1 else 32
+    from ..world.models import norm_groups  # noqa: PLC0415 - world builds on train.host
+
+    try:
+        return norm_groups(unet)
+    except ValueError:
+        return 32
 
 
 def resumed_config(ckpt: str, cfg: FactorConfig) -> str:
