@@ -112,15 +112,24 @@ def stage_factor(run: dict, data: dict, base_path: str) -> str:
     trainer's adapter normalises in the base UNet's groups; a cached factor of other groups
     (made before it did) is trained again, the old file kept beside it."""
     p = run["preset"]
-    path = run["dir"] / "fgdm_seg.safetensors"
-    made = factor_norm_groups(path) if path.is_file() else None
-    if made is not None and made != run["unet_norm_groups"]:
-        kept = path.with_name(f"fgdm_seg_groups{made}.safetensors")
-        log.warning("seg factor: the cached one normalises in %d groups, the base's UNet in %d: "
-                    "trained again (the old one kept as %s)", made, run["unet_norm_groups"], kept)
-        path.replace(kept)
+    retire_stale_factor(run)
     return cached_training(run, "fgdm", "fgdm_seg", fgdm_trainer.main, base_path,
                            p["factor_steps"], p["factor_batch"], factor_data_args(data["train"]))
+
+
+def retire_stale_factor(run: dict) -> Path | None:
+    """A cached seg factor whose adapter normalises in other groups than the base's UNet (made
+    before the trainer followed the UNet's) moved aside to `fgdm_seg_groups<G>.safetensors`, so
+    the stage trains it again; returns where it went (None: nothing cached, or it is current)."""
+    path = run["dir"] / "fgdm_seg.safetensors"
+    made = factor_norm_groups(path) if path.is_file() else None
+    if made is None or made == run["unet_norm_groups"]:
+        return None
+    kept = path.with_name(f"fgdm_seg_groups{made}.safetensors")
+    log.warning("seg factor: the cached one normalises in %d groups, the base's UNet in %d: "
+                "trained again (the old one kept as %s)", made, run["unet_norm_groups"], kept)
+    path.replace(kept)
+    return kept
 
 
 def factor_norm_groups(path: Path) -> int:

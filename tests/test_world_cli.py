@@ -113,6 +113,26 @@ def test_a_stopped_trainer_stage_continues_from_its_checkpoints(sw, tmp_path):
     assert locref.build_parser().parse_args(argv()).resume == str(ckpt)
 
 
+def test_a_cached_factor_in_other_groups_than_the_base_is_trained_again(sw, tmp_path):
+    """The trainer's adapter now normalises in the base UNet's groups: a cached factor made
+    in 32 groups for a 4-group base is moved aside (kept), one that matches stays."""
+    from locref_core.fgdm.adapter import FactorAdapter, FactorConfig
+    from locref_core.fgdm.weights import save_factor
+
+    small = dict(channels=(32, 64, 128, 128), emb_channels=128)
+    for groups, made, stale in ((4, 32, True), (4, 4, False), (32, 32, False)):
+        run = sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path / str(made)),
+                                         "--unet-norm-groups", str(groups)]))
+        run["dir"].mkdir(parents=True, exist_ok=True)
+        path = run["dir"] / "fgdm_seg.safetensors"
+        assert sw.fgdm.retire_stale_factor(run) is None  # nothing cached
+        save_factor(FactorAdapter(FactorConfig(norm_groups=made, **small)), str(path))
+        kept = sw.fgdm.retire_stale_factor(run)
+        assert (kept is not None) == stale and path.is_file() != stale
+        if stale:
+            assert kept == run["dir"] / "fgdm_seg_groups32.safetensors" and kept.is_file()
+
+
 def test_a_resumed_stage_keeps_its_minutes_apart(sw, tmp_path):
     run = {"dir": tmp_path}
     timings = sw.Timings(run)
