@@ -87,10 +87,11 @@ def trainer_argv(run: dict, tag: str, name: str, base_path: str, steps: int, bat
     """The trainer's flags for one of the run's stages (`name` may hold a subfolder of the
     run's): checkpoints in `<name>_ckpt` every 1/CHECKPOINTS_PER_STAGE of the steps, and
     `--resume` from there when a stopped run left one (the trainer then ends with the weights
-    of a run never stopped)."""
+    of a run never stopped). `data_args` come last, so a flag there wins over the stage's own
+    (argparse keeps the last)."""
     ckpt = run["dir"] / f"{name}_ckpt"
     return [
-        "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu", *data_args,
+        "--comfyui", run["comfyui"], "--world-base", base_path, "--device", "cpu",
         "--size", "64", "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0",
         "--lr", f"{lr:g}", "--seed", str(run["seed"] if seed is None else seed),
         "--log-every", str(max(1, steps // 20)),
@@ -98,7 +99,8 @@ def trainer_argv(run: dict, tag: str, name: str, base_path: str, steps: int, bat
         "--ckpt-dir", str(ckpt), "--ckpt-every", str(max(1, steps // CHECKPOINTS_PER_STAGE)),
         *(["--resume", str(ckpt)] if list_checkpoints(str(ckpt)) else []),
         *(["--mixed-precision", "bf16"] if run["amp"] == torch.bfloat16 else []),
-        *(["--tensorboard", str(run["dir"] / "tb" / tag)] if run["tensorboard"] else [])]
+        *(["--tensorboard", str(run["dir"] / "tb" / tag)] if run["tensorboard"] else []),
+        *data_args]
 
 
 def factor_data_args(train: dict) -> list[str]:

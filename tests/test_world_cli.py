@@ -111,6 +111,11 @@ def test_a_stopped_trainer_stage_continues_from_its_checkpoints(sw, tmp_path):
     assert locref.build_parser().parse_args(argv()).resume is None
     (ckpt / "step_00000150" / STATE_FILE).write_bytes(b"")
     assert locref.build_parser().parse_args(argv()).resume == str(ckpt)
+    # a variant's flag (the diagnose's variant_factor) wins over the stage's own
+    varied = sw.fgdm.trainer_argv(run, "v", "v", "base.safetensors", 3000, 8,
+                                  ["--images", "i", "--instances", "j", "--lr", "1e-3"])
+    assert locref.build_parser().parse_args(varied).lr == 1e-3
+    assert locref.build_parser().parse_args(argv()).lr == 1e-4
 
 
 def test_a_cached_factor_in_other_groups_than_the_base_is_trained_again(sw, tmp_path):
