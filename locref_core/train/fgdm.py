@@ -198,7 +198,7 @@ def resumed_config(ckpt: str, cfg: FactorConfig) -> str:
     """The config JSON a checkpoint must carry to resume this run: its own text when it means
     `cfg` (a checkpoint written before a config field existed spells it without the field),
     else `cfg`'s, which load_checkpoint then refuses by name."""
-    saved = read_checkpoint_weights(ckpt)[1].get("config")
+    saved = checkpoint_metadata(ckpt).get("config")  # its tensors are read once, on loading
     try:
         same = saved is not None and FactorConfig.from_json(saved) == cfg
     except (ValueError, TypeError):
