@@ -150,6 +150,10 @@ asks for only the lines of the questions below.
   UNet trained on the maps as the seg factor is trained (its steps, batch, rate and caption
   drop; no EMA), drawn beside the run's factor as --factor-offset draws (can the world's UNet
   learn to draw its maps in the factor's steps, when it is not held frozen behind an adapter?).
+- --factor-lr LR [LR ...] (as --factor-offset): the seg factor trained with the FG-DM
+  trainer's --lr LR (the run's: 1e-4, SD-1.5's adapter rate; not trained again), drawn as
+  --factor-offset draws (the adapter starts no map at 1e-4 where the UNet trained whole at the
+  same rate does: is the rate too low for an adapter that learns from nothing?).
 """
 
 from __future__ import annotations
@@ -217,7 +221,8 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET)),
              "mean_control": ("--mean-control", (FACTOR,)),
              "factor_norm_groups": ("--factor-norm-groups G", (FACTOR, CONTROLNET)),
-             "unet_on_maps": ("--unet-on-maps", (FACTOR, CONTROLNET))}
+             "unet_on_maps": ("--unet-on-maps", (FACTOR, CONTROLNET)),
+             "factor_lr": ("--factor-lr LR", (FACTOR, CONTROLNET))}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -310,6 +315,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "trained (about 20 minutes on one thread) and draw it beside the run's "
                    "factor as --factor-offset draws: can the world's UNet learn to draw its "
                    "maps at all in the factor's steps?")
+    p.add_argument("--factor-lr", type=float, nargs="+", metavar="LR", default=[],
+                   help="also train the seg factor with the FG-DM trainer's --lr LR (the run's "
+                   "own, 1e-4, is the run's factor, not trained again) and draw each as "
+                   "--factor-offset draws")
     p.add_argument("--mean-control", action="store_true",
                    help="also measure whether the base and the run's seg factor can set the "
                    "per-channel mean of what they predict, and how a sample's mean follows its "
@@ -335,6 +344,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(g < 1 for g in args.factor_norm_groups):
         p.error(f"--factor-norm-groups {' '.join(map(str, args.factor_norm_groups))}: each G is "
                 "a number of GroupNorm groups, at least 1, that divides the adapter's widths")
+    if any(not 0.0 < lr < 1.0 for lr in args.factor_lr):
+        p.error(f"--factor-lr {' '.join(f'{lr:g}' for lr in args.factor_lr)}: each LR is a "
+                "learning rate in (0, 1) (the run's is 1e-4)")
     if any(not 0.0 < f <= 1.0 for f in args.controlnet_end):
         p.error(f"--controlnet-end {' '.join(map(str, args.controlnet_end))}: each F is a share "
                 "of the steps in (0, 1] (0 would draw no map at all: the base's own cell)")
@@ -1260,6 +1272,16 @@ def factor_norm_groups(run, host, parts, cfg, base_path: str, groups: list[int])
     return factor_variants(run, host, parts, cfg, paths, "factor-norm-groups")
 
 
+def factor_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str:
+    """The seg factor trained with the FG-DM trainer's --lr LR (`variant_factor`, cached in
+    `diagnose/fgdm_seg_lr<LR>.safetensors`; the run's rate is the run's factor, not trained
+    again), each with the run's own on the validation layouts (`factor_variants`)."""
+    paths = {f"lr {fg.TRAINER_LR:g} (the run's factor)": str(run["dir"] / FACTOR)}
+    for lr in sorted(set(rates) - {fg.TRAINER_LR}):
+        paths[f"lr {lr:g}"] = variant_factor(run, base_path, f"lr{lr:g}", ["--lr", f"{lr:g}"])
+    return factor_variants(run, host, parts, cfg, paths, "factor-lr")
+
+
 UNET_ON_MAPS = "diagnose/unet_on_maps"
 
 
@@ -1596,6 +1618,8 @@ def main(argv=None) -> list[str]:
                                                 args.factor_norm_groups))
     if args.unet_on_maps:
         asked.append(lambda: unet_on_maps(run, host, data, parts, cfg))
+    if args.factor_lr:
+        asked.append(lambda: factor_lr(run, host, parts, cfg, base_path, args.factor_lr))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

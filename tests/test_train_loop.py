@@ -134,14 +134,16 @@ def test_factor_export_metadata_from_flags_or_a_checkpoints_record():
 
     args = fgdm.build_parser().parse_args(
         ["--comfyui", "c", "--checkpoint", "/m/sd15.safetensors", "--images", "i",
-         "--conditions", "k", "--offset-noise", "0.5", "--loss-weight", "v"])
+         "--conditions", "k", "--offset-noise", "0.5", "--loss-weight", "v", "--lr", "3e-4"])
     meta = fgdm._export_meta(1500, vars(args))
     assert meta == {"trainer": "locref_core.train.fgdm", "trained_steps": "1500",
-                    "offset_noise": "0.5", "loss_weight": "v", "base_model": "sd15.safetensors"}
+                    "offset_noise": "0.5", "loss_weight": "v", "lr": "0.0003",
+                    "base_model": "sd15.safetensors"}
     recorded = json.loads(json.dumps(vars(args), default=str))  # as save_checkpoint writes it
     assert fgdm._export_meta("1500", recorded) == meta
     old = fgdm._export_meta("75", {"steps": 75})
     assert (old["offset_noise"], old["loss_weight"], "base_model" in old) == ("0", "eps", False)
+    assert "lr" not in old  # a record without the rate says nothing of it
 
 
 def test_the_factors_norms_follow_the_unets_unless_asked():

@@ -163,7 +163,7 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--factor-norm-groups G or --unet-on-maps" in err  # every question is named
+    assert "--unet-on-maps or --factor-lr LR" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--hint-init", "torch",
                                 "kaiming"]).hint_init == ["torch", "kaiming"]
     with pytest.raises(SystemExit):
@@ -200,6 +200,13 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
     assert "--factor-norm-groups 0: each G is a number of GroupNorm groups" in (
         capsys.readouterr().err)
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--unet-on-maps"]).unet_on_maps
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--factor-lr", "1e-3",
+                                "3e-3"]).factor_lr == [1e-3, 3e-3]
+    for bad in ("0", "1", "2"):
+        with pytest.raises(SystemExit):
+            diagnose.parse_args(["--comfyui", "x", "--factor-lr", "1e-3", bad])
+        assert f"--factor-lr 0.001 {float(bad):g}: each LR is a learning rate in (0, 1)" in (
+            capsys.readouterr().err)
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
@@ -297,7 +304,8 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--factor-loss-weight", "v") == [
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--mean-control") == ["fgdm_seg.safetensors"]
-    for question in (["--factor-norm-groups", "4"], ["--unet-on-maps"]):  # beside the run's
+    for question in (["--factor-norm-groups", "4"], ["--unet-on-maps"],
+                     ["--factor-lr", "1e-3"]):  # beside the run's
         assert missing("--skip-basics", *question) == [
             "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()

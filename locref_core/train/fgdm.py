@@ -371,6 +371,8 @@ def _export_meta(step: int | str, trained: dict[str, Any]) -> dict[str, str]:
     meta = {"trainer": "locref_core.train.fgdm", "trained_steps": str(step),
             "offset_noise": f"{float(trained.get('offset_noise') or 0.0):g}",
             "loss_weight": str(trained.get("loss_weight") or "eps")}
+    if trained.get("lr") is not None:
+        meta["lr"] = f"{float(trained['lr']):g}"
     if trained.get("checkpoint"):
         meta["base_model"] = os.path.basename(str(trained["checkpoint"]))
     return meta

@@ -153,7 +153,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--controlnet-null", "0.1", "0.5", "--controlnet-end", "0.3",
                                "1", "--hint-init", "torch", "kaiming", "--factor-offset", "0.5",
                                "0", "--factor-loss-weight", "v", "--mean-control",
-                               "--factor-norm-groups", "8", "--unet-on-maps"])
+                               "--factor-norm-groups", "8", "--unet-on-maps",
+                               "--factor-lr", "1e-4", "3e-4"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
@@ -161,7 +162,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch",
         "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet",
         "factor-offset", "factor-loss-weight", "mean-control", "factor-norm-groups",
-        "unet-on-maps"]
+        "unet-on-maps", "factor-lr"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -234,6 +235,17 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert "; N = 1: maps recall " in cells[2] and "; N = 3: maps recall " in cells[2]
     assert (factor / "unet_on_maps.safetensors").is_file()
     assert not (factor / "unet_on_maps_ckpt").exists()
+    # the seg factor trained at 3e-4 beside the run's (1e-4: not trained again), drawn alike
+    assert lines[35].startswith("factor-lr: the seg factor at ")
+    cells = lines[35].split("validation layouts: ", 1)[1].split(" | ")
+    assert [c.split(":")[0] for c in cells] == [
+        "base, no factor", "lr 0.0001 (the run's factor)", "lr 0.0003"]
+    assert cells[:2] == [offset_cells[0], "lr 0.0001 (the run's factor): "
+                         + offset_cells[1].split(": ", 1)[1]]
+    assert "; N = 1: maps recall " in cells[2] and "; N = 3: maps recall " in cells[2]
+    with safe_open(str(factor / "fgdm_seg_lr0.0003.safetensors"), "pt") as f:
+        assert f.metadata()["lr"] == "0.0003"
+    assert not (factor / "fgdm_seg_lr0.0001.safetensors").exists()
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
     held = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "data" / "heldout"
