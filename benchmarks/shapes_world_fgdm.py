@@ -135,10 +135,11 @@ def retire_stale_factor(run: dict) -> Path | None:
 
 
 def factor_norm_groups(path: Path) -> int:
-    """The GroupNorm groups of a saved factor's adapter (32 in files from before the field)."""
-    from locref_core.fgdm.weights import load_factor
+    """The GroupNorm groups of a saved factor's adapter (32 in files from before the field),
+    from its metadata alone."""
+    from locref_core.fgdm.weights import read_factor_config
 
-    return load_factor(str(path)).cfg.norm_groups
+    return read_factor_config(str(path)).norm_groups
 
 
 def stage_controlnet(run: dict, host, parts, data: dict) -> Any:

@@ -12,7 +12,7 @@ from locref_core.fgdm.adapter import (
     sinusoidal_embedding,
 )
 from locref_core.fgdm.convert_official import convert, extract_adapter, read_checkpoint
-from locref_core.fgdm.weights import load_factor, save_factor
+from locref_core.fgdm.weights import load_factor, read_factor_config, save_factor
 
 SMALL = dict(channels=(32, 64, 128, 128), emb_channels=128)
 
@@ -90,8 +90,10 @@ def test_save_load_round_trip(tmp_path):
     assert again.cfg == adapter.cfg
     assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(),
                                                  again.state_dict().values()))
-    with pytest.raises(ValueError, match="only .safetensors"):
-        load_factor(str(tmp_path / "x.pth"))
+    assert read_factor_config(path) == adapter.cfg  # the header alone
+    for read in (load_factor, read_factor_config):
+        with pytest.raises(ValueError, match="only .safetensors"):
+            read(str(tmp_path / "x.pth"))
 
 
 def test_a_file_that_does_not_match_its_config_names_the_mismatches(tmp_path):
@@ -112,6 +114,7 @@ def test_a_file_that_does_not_match_its_config_names_the_mismatches(tmp_path):
     with pytest.raises(ValueError, match=r"bad.safetensors: does not match the factor config "
                        r"\(\d+ tensors expected\): 1 missing .*1 with the wrong shape"):
         load_factor(bad)
+    assert read_factor_config(bad) == adapter.cfg  # the header is sound; the tensors are not
 
 
 def test_config_validation():

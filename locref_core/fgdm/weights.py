@@ -25,8 +25,23 @@ def save_factor(adapter: FactorAdapter, path: str, metadata: dict[str, str] | No
               path, metadata=meta)
 
 
+def read_factor_config(path: str) -> FactorConfig:
+    """The FactorConfig of a factor file, read from its metadata alone (no tensor is read);
+    the same named errors as `load_factor`."""
+    return _read_factor(path, tensors=False)[0]
+
+
 def load_factor(path: str) -> FactorAdapter:
     """Load a factor adapter written by `save_factor` or the converter; strict, named errors."""
+    cfg, tensors = _read_factor(path, tensors=True)
+    adapter = FactorAdapter(cfg)
+    load_strict(os.path.basename(path), adapter, tensors)
+    return adapter.eval()
+
+
+def _read_factor(path: str, tensors: bool) -> tuple[FactorConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of a factor file after the checks both readers make; `tensors` False
+    leaves the dict empty and reads the header alone."""
     name = os.path.basename(path)
     if not path.endswith((".safetensors", ".sft")):
         raise ValueError(f"{name}: only .safetensors factor files are loaded; convert the official "
@@ -35,7 +50,7 @@ def load_factor(path: str) -> FactorAdapter:
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            weights = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (OSError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{name}: not a readable safetensors file ({err})") from None
     if meta.get("format_version") != FORMAT_VERSION:
@@ -45,9 +60,7 @@ def load_factor(path: str) -> FactorAdapter:
         cfg = FactorConfig.from_json(meta["config"])
     except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{name}: bad or missing factor config in the metadata ({err})") from None
-    adapter = FactorAdapter(cfg)
-    load_strict(name, adapter, tensors)
-    return adapter.eval()
+    return cfg, weights
 
 
 def load_strict(name: str, adapter: FactorAdapter, tensors: dict[str, torch.Tensor]) -> None:
