@@ -169,6 +169,7 @@ from pathlib import Path
 
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -1286,36 +1287,30 @@ UNET_ON_MAPS = "diagnose/unet_on_maps"
 
 
 def unet_on_maps_base(run, host, data):
-    """(parts, cfg) of the run's base with its whole UNet trained on the training maps as the
-    seg factor is trained (the factor's steps, batch and rate, the FG-DM trainer's caption drop,
-    no EMA, the run's seed, one thread); cached in diagnose/, checkpointed as the run's
-    stages are. Not FG-DM: a reference for how far the frozen UNet with an adapter falls short
-    of a UNet free to learn the maps."""
-    out = run["dir"] / f"{UNET_ON_MAPS}.safetensors"
-    if out.is_file():
-        log.info("unet-on-maps: cached %s", out)
-        return load_world(host, str(out))
+    """(parts, cfg, path) of the run's base with its whole UNet trained on the training maps as
+    the seg factor is trained (the factor's steps, batch and rate, the FG-DM trainer's caption
+    drop, no EMA, the run's seed, one thread); cached in diagnose/ (`cached_base`). Not FG-DM:
+    a reference for how far the frozen UNet with an adapter falls short of a UNet free to learn
+    the maps."""
     p = run["preset"]
-    steps = p["factor_steps"]
-    parts, cfg = load_world(host, str(run["dir"] / BASE))
     null_prob = fgdm_trainer.build_parser().get_default("null_prob")
-    log.info("unet-on-maps: the base's UNet trained on the maps, %d steps", steps)
-    with base.one_thread():
-        base.train_unet(host, parts, base.encode_latents(parts, data["train_maps"]),
-                        data["train_captions"], steps, batch=p["factor_batch"],
-                        lr=fg.TRAINER_LR, null_prob=null_prob, seed=run["seed"], ema=0,
-                        amp=run["amp"],
-                        checkpoints=fg.loop_checkpoints(run, f"{UNET_ON_MAPS}_ckpt", steps))
-    save_world(str(out), parts, cfg, {"preset": run["name"], "diagnose": "unet-on-maps"})
-    shutil.rmtree(run["dir"] / f"{UNET_ON_MAPS}_ckpt", ignore_errors=True)
-    return parts, cfg
+
+    def train(parts, checkpoints) -> None:
+        with base.one_thread():
+            base.train_unet(host, parts, base.encode_latents(parts, data["train_maps"]),
+                            data["train_captions"], p["factor_steps"], batch=p["factor_batch"],
+                            lr=fg.TRAINER_LR, null_prob=null_prob, seed=run["seed"], ema=0,
+                            amp=run["amp"], checkpoints=checkpoints)
+
+    return cached_base(run, host, UNET_ON_MAPS, "unet-on-maps", p["factor_steps"],
+                       "the base's UNet trained on the maps", train)
 
 
 def unet_on_maps(run, host, data, parts, cfg) -> str:
     """The run's seg factor beside the base's whole UNet trained on the maps
     (`unet_on_maps_base`), each drawn as --factor-offset draws its factors."""
     def unet() -> tuple:
-        maps_parts, _ = unet_on_maps_base(run, host, data)
+        maps_parts, *_ = unet_on_maps_base(run, host, data)
         return maps_parts.patcher, [[encode_text(parts.clip, [""]), {}]]
 
     return factor_variants(run, host, parts, cfg, {"the run's factor": str(run["dir"] / FACTOR)},
@@ -1439,31 +1434,44 @@ def mean_control(run, host, parts, cfg) -> str:
 BASE_LONGER = "diagnose/base_longer"
 
 
+def cached_base(run, host, stem: str, question: str, steps: int, what: str,
+                train: Callable[[Any, Any], None]) -> tuple:
+    """(parts, cfg, path) of the run's base after `train(parts, checkpoints)` (`steps` of
+    training, checkpointed as the run's stages are), cached in `<stem>.safetensors` under the
+    run's folder; the checkpoints are removed once it is saved."""
+    out = run["dir"] / f"{stem}.safetensors"
+    if out.is_file():
+        log.info("%s: cached %s", question, out)
+        return (*load_world(host, str(out)), str(out))
+    parts, cfg = load_world(host, str(run["dir"] / BASE))
+    log.info("%s: %s, %d steps", question, what, steps)
+    train(parts, fg.loop_checkpoints(run, f"{stem}_ckpt", steps))
+    save_world(str(out), parts, cfg, {"preset": run["name"], "diagnose": question})
+    shutil.rmtree(run["dir"] / f"{stem}_ckpt", ignore_errors=True)
+    return parts, cfg, str(out)
+
+
 def longer_base(run, host, data):
     """(parts, cfg, path) of the run's base with its UNet trained as many steps again (cached in
-    diagnose/, checkpointed as the run's stages are): from the saved weights (the EMA the run
-    ends with), a fresh AdamW at the run's rate, a fresh EMA and the draws of the next seed. The
-    run's cache keeps neither the UNet's last raw weights nor its optimizer, so this is a second
-    round of the run's training, not one run of twice the steps."""
-    out = run["dir"] / f"{BASE_LONGER}.safetensors"
-    if out.is_file():
-        log.info("base-longer: cached %s", out)
-        return (*load_world(host, str(out)), str(out))
+    diagnose/, `cached_base`): from the saved weights (the EMA the run ends with), a fresh AdamW
+    at the run's rate, a fresh EMA and the draws of the next seed. The run's cache keeps neither
+    the UNet's last raw weights nor its optimizer, so this is a second round of the run's
+    training, not one run of twice the steps."""
     steps = run["preset"]["unet_steps"]
-    parts, cfg = load_world(host, str(run["dir"] / BASE))
-    tb = TrainLog(run["env"], argparse.Namespace(tensorboard=str(run["dir"] / "tb" / Path(
-        BASE_LONGER).name) if run["tensorboard"] else None, preview_every=0), "base")
-    log.info("base-longer: the base's UNet, %d more steps", steps)
-    images = data["train_images"]
-    base.train_unet(host, parts, base.encode_latents(parts, images),
-                    data["train_captions"], steps, seed=run["seed"] + 1,
-                    mirrored=base.encode_latents(parts, images.flip(-1)), amp=run["amp"],
-                    on_step=lambda s, v: tb.scalars(steps + s + 1, {"unet_loss": v}),
-                    checkpoints=fg.loop_checkpoints(run, f"{BASE_LONGER}_ckpt", steps))
-    tb.close()
-    save_world(str(out), parts, cfg, {"preset": run["name"], "diagnose": "base-longer"})
-    shutil.rmtree(run["dir"] / f"{BASE_LONGER}_ckpt", ignore_errors=True)
-    return parts, cfg, str(out)
+
+    def train(parts, checkpoints) -> None:
+        tb = TrainLog(run["env"], argparse.Namespace(tensorboard=str(run["dir"] / "tb" / Path(
+            BASE_LONGER).name) if run["tensorboard"] else None, preview_every=0), "base")
+        images = data["train_images"]
+        base.train_unet(host, parts, base.encode_latents(parts, images),
+                        data["train_captions"], steps, seed=run["seed"] + 1,
+                        mirrored=base.encode_latents(parts, images.flip(-1)), amp=run["amp"],
+                        on_step=lambda s, v: tb.scalars(steps + s + 1, {"unet_loss": v}),
+                        checkpoints=checkpoints)
+        tb.close()
+
+    return cached_base(run, host, BASE_LONGER, "base-longer", steps,
+                       "the base's UNet trained again", train)
 
 
 def base_longer(run, host, data, parts, cfg) -> list[str]:
