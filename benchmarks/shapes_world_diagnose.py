@@ -1303,7 +1303,7 @@ def unet_on_maps_base(run, host, data):
                             amp=run["amp"], checkpoints=checkpoints)
 
     return cached_base(run, host, UNET_ON_MAPS, "unet-on-maps", p["factor_steps"],
-                       "the base's UNet trained on the maps", train)
+                       f"the base's UNet trained on the maps, {p['factor_steps']} steps", train)
 
 
 def unet_on_maps(run, host, data, parts, cfg) -> str:
@@ -1437,14 +1437,15 @@ BASE_LONGER = "diagnose/base_longer"
 def cached_base(run, host, stem: str, question: str, steps: int, what: str,
                 train: Callable[[Any, Any], None]) -> tuple:
     """(parts, cfg, path) of the run's base after `train(parts, checkpoints)` (`steps` of
-    training, checkpointed as the run's stages are), cached in `<stem>.safetensors` under the
-    run's folder; the checkpoints are removed once it is saved."""
+    training, checkpointed as the run's stages are; `what` is logged first), cached in
+    `<stem>.safetensors` under the run's folder; the checkpoints are removed once it is
+    saved."""
     out = run["dir"] / f"{stem}.safetensors"
     if out.is_file():
         log.info("%s: cached %s", question, out)
         return (*load_world(host, str(out)), str(out))
     parts, cfg = load_world(host, str(run["dir"] / BASE))
-    log.info("%s: %s, %d steps", question, what, steps)
+    log.info("%s: %s", question, what)
     train(parts, fg.loop_checkpoints(run, f"{stem}_ckpt", steps))
     save_world(str(out), parts, cfg, {"preset": run["name"], "diagnose": question})
     shutil.rmtree(run["dir"] / f"{stem}_ckpt", ignore_errors=True)
@@ -1471,7 +1472,7 @@ def longer_base(run, host, data):
         tb.close()
 
     return cached_base(run, host, BASE_LONGER, "base-longer", steps,
-                       "the base's UNet trained again", train)
+                       f"the base's UNet, {steps} more steps", train)
 
 
 def base_longer(run, host, data, parts, cfg) -> list[str]:
