@@ -1151,6 +1151,12 @@ def variant_factor(run, base_path: str, suffix: str, flags: list[str]) -> str:
     if not flags:
         return str(run["dir"] / FACTOR)
     p, name = run["preset"], f"diagnose/fgdm_seg_{suffix}"
+    stale = fg.stale_factor_groups(run)
+    if stale is not None and "--norm-groups" not in flags:
+        log.warning("seg factor %s: the run's own normalises in %d groups, this one in the base "
+                    "UNet's %d (the trainer's default since): beside the run's it differs in "
+                    "its norms as well as in %s; shapes_world.py with the same flags trains the "
+                    "run's again", suffix, stale, run["unet_norm_groups"], " ".join(flags))
     (run["dir"] / "diagnose").mkdir(exist_ok=True)
     with base.one_thread():  # as the run's FG-DM half
         return fg.cached_training(run, f"fgdm_{suffix}", name, fgdm_trainer.main,

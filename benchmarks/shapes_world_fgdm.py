@@ -123,15 +123,23 @@ def retire_stale_factor(run: dict) -> Path | None:
     """A cached seg factor whose adapter normalises in other groups than the base's UNet (made
     before the trainer followed the UNet's) moved aside to `fgdm_seg_groups<G>.safetensors`, so
     the stage trains it again; returns where it went (None: nothing cached, or it is current)."""
-    path = run["dir"] / "fgdm_seg.safetensors"
-    made = factor_norm_groups(path) if path.is_file() else None
-    if made is None or made == run["unet_norm_groups"]:
+    made = stale_factor_groups(run)
+    if made is None:
         return None
+    path = run["dir"] / "fgdm_seg.safetensors"
     kept = path.with_name(f"fgdm_seg_groups{made}.safetensors")
     log.warning("seg factor: the cached one normalises in %d groups, the base's UNet in %d: "
                 "trained again (the old one kept as %s)", made, run["unet_norm_groups"], kept)
     path.replace(kept)
     return kept
+
+
+def stale_factor_groups(run: dict) -> int | None:
+    """The GroupNorm groups of the run's cached seg factor where they are not its base UNet's
+    (a factor made before the trainer followed the UNet's); None: nothing cached, or current."""
+    path = run["dir"] / "fgdm_seg.safetensors"
+    made = factor_norm_groups(path) if path.is_file() else None
+    return None if made is None or made == run["unet_norm_groups"] else made
 
 
 def factor_norm_groups(path: Path) -> int:

@@ -132,10 +132,43 @@ def test_a_cached_factor_in_other_groups_than_the_base_is_trained_again(sw, tmp_
         path = run["dir"] / "fgdm_seg.safetensors"
         assert sw.fgdm.retire_stale_factor(run) is None  # nothing cached
         save_factor(FactorAdapter(FactorConfig(norm_groups=made, **small)), str(path))
+        assert sw.fgdm.stale_factor_groups(run) == (made if stale else None)
         kept = sw.fgdm.retire_stale_factor(run)
         assert (kept is not None) == stale and path.is_file() != stale
         if stale:
             assert kept == run["dir"] / "fgdm_seg_groups32.safetensors" and kept.is_file()
+
+
+def test_a_variant_factor_beside_a_stale_run_factor_says_so(diagnose, sw, tmp_path,
+                                                            monkeypatch, caplog):
+    """The diagnose's factor variants train in the base UNet's groups (the trainer's default):
+    beside a cached run factor made in other groups, the warning says they differ there too,
+    unless the variant asks for its groups itself."""
+    from locref_core.fgdm.adapter import FactorAdapter, FactorConfig
+    from locref_core.fgdm.weights import save_factor
+
+    run = sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path),
+                                     "--unet-norm-groups", "4"]))
+    run["dir"].mkdir(parents=True, exist_ok=True)
+    run["data"] = {"train": {k: tmp_path / k for k in ("images", "labels", "captions")}}
+    flags_seen = []
+    monkeypatch.setattr(diagnose.fg, "cached_training",
+                        lambda *a, **k: flags_seen.append(a[-1][-2:]) or "trained")
+    small = dict(channels=(32, 64, 128, 128), emb_channels=128)
+    path = run["dir"] / "fgdm_seg.safetensors"
+    for made, warned in ((4, False), (32, True)):
+        save_factor(FactorAdapter(FactorConfig(norm_groups=made, **small)), str(path))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert diagnose.variant_factor(run, "b", "lr0.001", ["--lr", "0.001"]) == "trained"
+        assert ("the run's own normalises in 32 groups, this one in the base UNet's 4" in
+                caplog.text) == warned
+        assert ("as well as in --lr 0.001" in caplog.text) == warned
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the groups asked for: nothing to say
+        diagnose.variant_factor(run, "b", "groups8", ["--norm-groups", "8"])
+    assert "normalises" not in caplog.text
+    assert flags_seen == [["--lr", "0.001"], ["--lr", "0.001"], ["--norm-groups", "8"]]
 
 
 def test_a_resumed_stage_keeps_its_minutes_apart(sw, tmp_path):
