@@ -173,12 +173,18 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert lines[28].startswith("hint-init torch: the seg ControlNet trained 4 steps, 4 "
                                 "validation layouts")
     assert ": yes): the seg ControlNet trained 4 steps, 4 validation layouts" in lines[29]
+    def factor_cells(k: int, question: str, labels: list[str]) -> list[str]:
+        """Line k's cells: the question's factor line, the base's cell first, then `labels`."""
+        assert lines[k].startswith(f"{question}: the seg factor at ")
+        cells = lines[k].split("validation layouts: ", 1)[1].split(" | ")
+        assert [c.split(":")[0] for c in cells] == ["base, no factor", *labels]
+        return cells
+
     # the seg factor trained with offset noise 0.5 beside the run's (0: not trained again), each
     # with its from-noise shares, maps at N = 1 and SBPC's N (3 on the quick preset) and images
-    assert lines[30].startswith("factor-offset: the seg factor at ")
-    cells = lines[30].split("validation layouts: ", 1)[1].split(" | ")
-    assert [c.split(":")[0] for c in cells] == [
-        "base, no factor", "offset 0 (the run's factor)", "offset 0.5"]
+    cells = offset_cells = factor_cells(30, "factor-offset",
+                                        ["offset 0 (the run's factor)", "offset 0.5"])
+    run_factor = offset_cells[1].split(": ", 1)[1]  # the run's factor's cell, without its label
     for cell in cells:
         shares = re.findall(r"t (\d+): ([0-9.]+)", cell.split(";")[0])
         assert [t for t, _ in shares] == ["999", "900", "800"]
@@ -193,12 +199,9 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         assert f.metadata()["offset_noise"] == "0.5"
     assert not (factor / "fgdm_seg_offset0.safetensors").exists()
     # the seg factor trained with the v loss weight beside the run's (eps), drawn alike
-    assert lines[31].startswith("factor-loss-weight: the seg factor at ")
-    cells = lines[31].split("validation layouts: ", 1)[1].split(" | ")
-    assert [c.split(":")[0] for c in cells] == ["base, no factor", "eps (the run's factor)", "v"]
-    offset_cells = lines[30].split("validation layouts: ", 1)[1].split(" | ")
+    cells = factor_cells(31, "factor-loss-weight", ["eps (the run's factor)", "v"])
     assert cells[0] == offset_cells[0]  # the same base, noise, layouts and seeds
-    assert cells[1].split(": ", 1)[1] == offset_cells[1].split(": ", 1)[1]  # the same factor
+    assert cells[1].split(": ", 1)[1] == run_factor  # the same factor
     with safe_open(str(factor / "fgdm_seg_weight-v.safetensors"), "pt") as f:
         assert f.metadata()["loss_weight"] == "v"
     assert not (factor / "fgdm_seg_weight-eps.safetensors").exists()
@@ -216,32 +219,22 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         assert -1.0 <= corr <= 1.0
         assert re.search(r"nearer the maps' mean than the images' [0-4] of 4$", cell)
     # the seg factor with its adapter's norms in 8 groups beside the run's (the base UNet's 32)
-    assert lines[33].startswith("factor-norm-groups: the seg factor at ")
-    cells = lines[33].split("validation layouts: ", 1)[1].split(" | ")
-    assert [c.split(":")[0] for c in cells] == [
-        "base, no factor", "32 groups (the run's factor)", "8 groups"]
-    assert cells[:2] == [offset_cells[0], "32 groups (the run's factor): "
-                         + offset_cells[1].split(": ", 1)[1]]
-    from locref_core.fgdm.weights import load_factor
+    cells = factor_cells(33, "factor-norm-groups", ["32 groups (the run's factor)", "8 groups"])
+    assert cells[:2] == [offset_cells[0], f"32 groups (the run's factor): {run_factor}"]
+    from locref_core.fgdm.weights import read_factor_config
 
-    assert load_factor(str(factor / "fgdm_seg_groups8.safetensors")).cfg.norm_groups == 8
-    assert load_factor(str(factor.parent / "fgdm_seg.safetensors")).cfg.norm_groups == 32
+    assert read_factor_config(str(factor / "fgdm_seg_groups8.safetensors")).norm_groups == 8
+    assert read_factor_config(str(factor.parent / "fgdm_seg.safetensors")).norm_groups == 32
     # the base's whole UNet trained on the maps, drawn beside the run's factor
-    assert lines[34].startswith("unet-on-maps: the seg factor at ")
-    cells = lines[34].split("validation layouts: ", 1)[1].split(" | ")
-    assert [c.split(":")[0] for c in cells] == [
-        "base, no factor", "the run's factor", "the base's UNet trained on the maps"]
-    assert cells[1].split(": ", 1)[1] == offset_cells[1].split(": ", 1)[1]
+    cells = factor_cells(34, "unet-on-maps",
+                         ["the run's factor", "the base's UNet trained on the maps"])
+    assert cells[1].split(": ", 1)[1] == run_factor
     assert "; N = 1: maps recall " in cells[2] and "; N = 3: maps recall " in cells[2]
     assert (factor / "unet_on_maps.safetensors").is_file()
     assert not (factor / "unet_on_maps_ckpt").exists()
     # the seg factor trained at 3e-4 beside the run's (1e-4: not trained again), drawn alike
-    assert lines[35].startswith("factor-lr: the seg factor at ")
-    cells = lines[35].split("validation layouts: ", 1)[1].split(" | ")
-    assert [c.split(":")[0] for c in cells] == [
-        "base, no factor", "lr 0.0001 (the run's factor)", "lr 0.0003"]
-    assert cells[:2] == [offset_cells[0], "lr 0.0001 (the run's factor): "
-                         + offset_cells[1].split(": ", 1)[1]]
+    cells = factor_cells(35, "factor-lr", ["lr 0.0001 (the run's factor)", "lr 0.0003"])
+    assert cells[:2] == [offset_cells[0], f"lr 0.0001 (the run's factor): {run_factor}"]
     assert "; N = 1: maps recall " in cells[2] and "; N = 3: maps recall " in cells[2]
     with safe_open(str(factor / "fgdm_seg_lr0.0003.safetensors"), "pt") as f:
         assert f.metadata()["lr"] == "0.0003"
