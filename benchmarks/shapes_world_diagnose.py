@@ -7,7 +7,9 @@ are saved.
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
-        [--controlnet-end F ...] [--hint-init INIT ...]
+        [--controlnet-end F ...] [--hint-init INIT ...] [--factor-offset S ...]
+        [--factor-loss-weight W ...] [--mean-control] [--factor-norm-groups G ...]
+        [--unet-on-maps] [--factor-lr LR ...] [--factor-times K ...] [--crowding]
         [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
@@ -154,6 +156,20 @@ asks for only the lines of the questions below.
   trainer's --lr LR (the run's: 1e-4, SD-1.5's adapter rate; not trained again), drawn as
   --factor-offset draws (the adapter starts no map at 1e-4 where the UNet trained whole at the
   same rate does: is the rate too low for an adapter that learns from nothing?).
+- --factor-times K [K ...] (with or without --factor-lr; about 16 minutes on one thread for
+  each 1500 steps trained, then as --factor-offset): the seg factor trained K times the run's
+  steps, at the run's rate and at each --factor-lr rate, from nothing (the rate is constant, so
+  its first steps are the shorter factor's), drawn in --factor-lr's line (does the adapter,
+  at a rate where it starts more maps, close the gap to the UNet trained whole if it trains
+  longer, and do its images follow?).
+- --crowding (about 8 minutes on the /4 base): the base, caption only, on the held-out layouts
+  with the tables' seeds (the FG-DM table's first row) and each held-out object asked alone
+  with the one-object line's captions and seeds: per object, found in its caption's image
+  against found when asked alone, overall and by how many objects the caption names, with the
+  difference's interval over layouts; and how many objects the detector finds per image
+  against how many the caption names (SBPC gains in SD where a caption's objects are left out
+  of its image: does this base leave them out, or draw each one as badly with others as
+  alone?).
 """
 
 from __future__ import annotations
@@ -195,8 +211,8 @@ from locref_core.train.host import (decode_latents, diffuse, encode_images,  # n
 from locref_core.train.loop import TrainLog  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
-from locref_core.world.evaluate import (bootstrap, load_heldout, sample_seed,  # noqa: E402
-                                       score_image, summary, world_class_share)
+from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval,  # noqa: E402
+                                       sample_seed, score_image, summary, world_class_share)
 from locref_core.world.models import load_world, save_world  # noqa: E402
 
 log = logging.getLogger("shapes_world_diagnose")
@@ -223,7 +239,9 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "mean_control": ("--mean-control", (FACTOR,)),
              "factor_norm_groups": ("--factor-norm-groups G", (FACTOR, CONTROLNET)),
              "unet_on_maps": ("--unet-on-maps", (FACTOR, CONTROLNET)),
-             "factor_lr": ("--factor-lr LR", (FACTOR, CONTROLNET))}
+             "factor_lr": ("--factor-lr LR", (FACTOR, CONTROLNET)),
+             "factor_times": ("--factor-times K", (FACTOR, CONTROLNET)),
+             "crowding": ("--crowding", ())}
 BASICS_READ = (CONTROLNET,)
 
 
@@ -320,6 +338,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train the seg factor with the FG-DM trainer's --lr LR (the run's "
                    "own, 1e-4, is the run's factor, not trained again) and draw each as "
                    "--factor-offset draws")
+    p.add_argument("--factor-times", type=int, nargs="+", metavar="K", default=[],
+                   help="also train the seg factor K times the run's steps, at the run's rate "
+                   "and at each --factor-lr rate, and draw each in --factor-lr's line")
+    p.add_argument("--crowding", action="store_true", help="also draw the held-out captions "
+                   "and each held-out object alone by the base: is an object found less often "
+                   "when the caption names others (what SBPC corrects in SD)? (about 8 min)")
     p.add_argument("--mean-control", action="store_true",
                    help="also measure whether the base and the run's seg factor can set the "
                    "per-channel mean of what they predict, and how a sample's mean follows its "
@@ -348,6 +372,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(not 0.0 < lr < 1.0 for lr in args.factor_lr):
         p.error(f"--factor-lr {' '.join(f'{lr:g}' for lr in args.factor_lr)}: each LR is a "
                 "learning rate in (0, 1) (the run's is 1e-4)")
+    if any(k < 2 for k in args.factor_times):
+        p.error(f"--factor-times {' '.join(map(str, args.factor_times))}: each K is a multiple "
+                "of the run's factor steps of at least 2 (1 is --factor-lr's own length)")
     if any(not 0.0 < f <= 1.0 for f in args.controlnet_end):
         p.error(f"--controlnet-end {' '.join(map(str, args.controlnet_end))}: each F is a share "
                 "of the steps in (0, 1] (0 would draw no map at all: the base's own cell)")
@@ -862,6 +889,93 @@ def one_object_map(run, host, parts, cfg) -> str:
             "seg ControlNet from the held-out map with that object alone: " + " | ".join(cells))
 
 
+CROWDING_LABELS = ("colour + shape", "shape", "colour")
+
+
+def crowding_counts(items, caption_found: list[list[tuple[str, str]]],
+                    alone_found: list[list[tuple[str, str]]]) -> dict[str, Any]:
+    """Per layout of `items`: how many of its objects the detector finds in the image of its
+    caption (`caption_found`: each image's detections as (colour, shape), in layout order) and
+    in the images of each object asked alone (`alone_found`: one per object, in layout then
+    box order), by label: colour + shape, shape (as the tables count it: per shape, at most as
+    many as the caption asks), colour; and how many detections each caption image holds."""
+    if len(caption_found) != len(items) or len(alone_found) != sum(len(it.objects)
+                                                                  for it in items):
+        raise ValueError(f"crowding: {len(caption_found)} caption images and {len(alone_found)} "
+                         f"one-object images for {len(items)} layouts of "
+                         f"{sum(len(it.objects) for it in items)} objects")
+    counts: dict[str, Any] = {"objects": [], "detections": [],
+                              **{f"{where} {label}": [] for where in ("caption", "alone")
+                                 for label in CROWDING_LABELS}}
+    lone = iter(alone_found)
+    for item, found in zip(items, caption_found):
+        shapes = Counter(shape for _, shape in found)
+        asked = Counter(shape for _, shape in item.objects)
+        counts["objects"].append(len(item.objects))
+        counts["detections"].append(len(found))
+        counts["caption colour + shape"].append(sum(o in found for o in item.objects))
+        counts["caption shape"].append(sum(min(n, shapes[s]) for s, n in asked.items()))
+        counts["caption colour"].append(sum(any(c == f[0] for f in found)
+                                            for c, _ in item.objects))
+        alone = [(o, next(lone)) for o in item.objects]
+        counts["alone colour + shape"].append(sum(o in f for o, f in alone))
+        counts["alone shape"].append(sum(any(o[1] == g[1] for g in f) for o, f in alone))
+        counts["alone colour"].append(sum(any(o[0] == g[0] for g in f) for o, f in alone))
+    return counts
+
+
+def crowding_figures(run, counts: dict[str, Any]) -> str:
+    """`crowding_counts` as the line prints it: per label, the share found in the caption's
+    image and alone, and their difference with its interval over layouts; then by how many
+    objects the caption names; then detections per image against objects asked."""
+    rounds, seed = run["preset"]["bootstrap"], run["seed"]
+    objects = np.asarray(counts["objects"])
+
+    def cells(keep: np.ndarray) -> str:
+        out = []
+        for label in CROWDING_LABELS:
+            cap = np.asarray(counts[f"caption {label}"])[keep]
+            alone = np.asarray(counts[f"alone {label}"])[keep]
+            total = objects[keep]
+            out.append(f"{label} {cap.sum() / total.sum():.3f} in the caption against "
+                       f"{alone.sum() / total.sum():.3f} alone, "
+                       + interval("difference", ratio_interval(cap - alone, total, rounds, seed)))
+        return "; ".join(out)
+
+    every = np.ones(len(objects), dtype=bool)
+    by_count = []
+    for n in sorted(set(objects.tolist())):
+        k = int((objects == n).sum())
+        by_count.append(f"{n} named ({k} layout{'' if k == 1 else 's'}): {cells(objects == n)}")
+    detections = np.asarray(counts["detections"])
+    per_count = ", ".join(f"{n} named: {detections[objects == n].mean():.2f}"
+                          for n in sorted(set(objects.tolist())))
+    return (f"all {int(objects.sum())} objects: {cells(every)} | by objects named: "
+            + " | ".join(by_count) + f" | detections per caption image, by objects named: "
+            f"{per_count}")
+
+
+@torch.no_grad()
+def crowding(run, host, parts, cfg) -> str:
+    items = run["data"]["heldout"]
+    objects = [o for it in items for o in it.objects]
+    kw = {"steps": run["preset"]["sample_steps"], "guidance": run["guidance"]}
+    captions = base.sample_images(  # the FG-DM table's first row: the tables' seeds
+        host, parts.patcher, parts, [it.caption for it in items],
+        [sample_seed(run["seed"], i) for i in range(len(items))], cfg, **kw,
+        on_image=every_tenth("crowding, captions"))
+    alone = base.sample_images(  # the one-object line's captions and seeds
+        host, parts.patcher, parts, [phrase([o]) for o in objects],
+        [sample_seed(run["seed"], i) for i in range(len(objects))], cfg, **kw,
+        on_image=every_tenth("crowding, alone"))
+    found = lambda images: [[(d.colour, d.shape) for d in detect_shapes(im)]  # noqa: E731
+                            for im in images]
+    counts = crowding_counts(items, found(captions), found(alone))
+    return (f"crowding: the base, caption only, {len(items)} held-out layouts, each object found "
+            "in its caption's image and in the image of it asked alone (the one-object line's): "
+            + crowding_figures(run, counts))
+
+
 def continued_name(times: int) -> str:
     """The diagnose's name of the LocRef adapter continued to `times` times the run's steps
     (--longer's twice keeps the name it always had)."""
@@ -1143,14 +1257,16 @@ def hint_probe(p: dict[str, float]) -> str:
             f"spread {p['penultimate']:.1e} / {p['out']:.1e}")
 
 
-def variant_factor(run, base_path: str, suffix: str, flags: list[str]) -> str:
+def variant_factor(run, base_path: str, suffix: str, flags: list[str],
+                   steps: int | None = None) -> str:
     """The seg factor trained as the run trains its own (the pack's FG-DM trainer, the run's
-    steps, batch, seed, one thread) plus the trainer's `flags`; with no flags, the run's own
-    file. Cached in `diagnose/fgdm_seg_<suffix>.safetensors`, checkpointed as the run's stages
-    are."""
-    if not flags:
-        return str(run["dir"] / FACTOR)
+    steps unless `steps` says, its batch, seed, one thread) plus the trainer's `flags`; with no
+    flags and no other steps, the run's own file. Cached in
+    `diagnose/fgdm_seg_<suffix>.safetensors`, checkpointed as the run's stages are."""
     p, name = run["preset"], f"diagnose/fgdm_seg_{suffix}"
+    steps = p["factor_steps"] if steps is None else steps
+    if not flags and steps == p["factor_steps"]:
+        return str(run["dir"] / FACTOR)
     stale = fg.stale_factor_groups(run)
     if stale is not None and "--norm-groups" not in flags:
         log.warning("seg factor %s: the run's own normalises in %d groups, this one in the base "
@@ -1160,7 +1276,7 @@ def variant_factor(run, base_path: str, suffix: str, flags: list[str]) -> str:
     (run["dir"] / "diagnose").mkdir(exist_ok=True)
     with base.one_thread():  # as the run's FG-DM half
         return fg.cached_training(run, f"fgdm_{suffix}", name, fgdm_trainer.main,
-                                  base_path, p["factor_steps"], p["factor_batch"],
+                                  base_path, steps, p["factor_batch"],
                                   [*fg.factor_data_args(run["data"]["train"]), *flags])
 
 
@@ -1279,13 +1395,23 @@ def factor_norm_groups(run, host, parts, cfg, base_path: str, groups: list[int])
     return factor_variants(run, host, parts, cfg, paths, "factor-norm-groups")
 
 
-def factor_lr(run, host, parts, cfg, base_path: str, rates: list[float]) -> str:
-    """The seg factor trained with the FG-DM trainer's --lr LR (`variant_factor`, cached in
-    `diagnose/fgdm_seg_lr<LR>.safetensors`; the run's rate is the run's factor, not trained
-    again), each with the run's own on the validation layouts (`factor_variants`)."""
+def factor_lr(run, host, parts, cfg, base_path: str, rates: list[float],
+              times: list[int] = ()) -> str:
+    """The seg factor trained with the FG-DM trainer's --lr LR, and K times the run's steps at
+    the run's rate and at each LR (`variant_factor`, cached in
+    `diagnose/fgdm_seg_lr<LR>[_steps<S>].safetensors`; the run's rate and steps are the run's
+    factor, not trained again), each with the run's own on the validation layouts
+    (`factor_variants`)."""
+    steps = run["preset"]["factor_steps"]
     paths = {f"lr {fg.TRAINER_LR:g} (the run's factor)": str(run["dir"] / FACTOR)}
-    for lr in sorted(set(rates) - {fg.TRAINER_LR}):
-        paths[f"lr {lr:g}"] = variant_factor(run, base_path, f"lr{lr:g}", ["--lr", f"{lr:g}"])
+    for lr in sorted(set(rates) | {fg.TRAINER_LR}):
+        for k in sorted({1, *times}):
+            if lr == fg.TRAINER_LR and k == 1:
+                continue
+            longer = f"_steps{k * steps}" if k > 1 else ""
+            label = f"lr {lr:g}" + (f", {k * steps} steps" if k > 1 else "")
+            paths[label] = variant_factor(run, base_path, f"lr{lr:g}{longer}",
+                                          ["--lr", f"{lr:g}"], steps=k * steps)
     return factor_variants(run, host, parts, cfg, paths, "factor-lr")
 
 
@@ -1362,8 +1488,11 @@ def factor_variants(run, host, parts, cfg, paths: dict[str, str], question: str,
     for who, make in (others or {}).items():
         cells.append(f"{who}: " + model_cells(run, host, parts, cfg, nodes, *make(), control_net,
                                               layouts, maps, f"{question} {who}"))
-    return (f"{question}: the seg factor at {run['preset']['factor_steps']} steps, "
-            f"{len(layouts)} validation layouts: " + " | ".join(cells))
+    steps = run["preset"]["factor_steps"]
+    said = (f"{steps} steps where its label names no other" if any(
+        "steps" in who for who in paths) else f"{steps} steps")
+    return (f"{question}: the seg factor at {said}, {len(layouts)} validation layouts: "
+            + " | ".join(cells))
 
 
 MEAN_CONTROL_STEPS = (999, 700, 400, 100)  # DDPM timesteps where the epsilon mean is read
@@ -1633,8 +1762,11 @@ def main(argv=None) -> list[str]:
                                                 args.factor_norm_groups))
     if args.unet_on_maps:
         asked.append(lambda: unet_on_maps(run, host, data, parts, cfg))
-    if args.factor_lr:
-        asked.append(lambda: factor_lr(run, host, parts, cfg, base_path, args.factor_lr))
+    if args.factor_lr or args.factor_times:
+        asked.append(lambda: factor_lr(run, host, parts, cfg, base_path, args.factor_lr,
+                                       args.factor_times))
+    if args.crowding:
+        asked.append(lambda: crowding(run, host, parts, cfg))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

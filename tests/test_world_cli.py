@@ -171,6 +171,74 @@ def test_a_variant_factor_beside_a_stale_run_factor_says_so(diagnose, sw, tmp_pa
     assert flags_seen == [["--lr", "0.001"], ["--lr", "0.001"], ["--norm-groups", "8"]]
 
 
+def test_factor_times_trains_each_rate_longer_beside_the_run_factor(diagnose, sw, tmp_path,
+                                                                    monkeypatch):
+    """--factor-times K trains the factor K times the run's steps at the run's rate and at each
+    --factor-lr rate, named by rate and steps; the run's own (its rate, its steps) is not
+    trained again, and a rate alone keeps the name --factor-lr gave it."""
+    run = sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path)]))
+    run["dir"].mkdir(parents=True, exist_ok=True)
+    run["data"] = {"train": {k: tmp_path / k for k in ("images", "labels", "captions")}}
+    trained = []
+    monkeypatch.setattr(diagnose.fg, "cached_training", lambda r, tag, name, main, base, steps,
+                        batch, args: trained.append((name, steps, args[-2:])) or name)
+    monkeypatch.setattr(diagnose, "factor_variants",
+                        lambda run, host, parts, cfg, paths, question: paths)
+    steps = run["preset"]["factor_steps"]
+    paths = diagnose.factor_lr(run, None, None, None, "b", [3e-3], [2])
+    longer = 2 * steps
+    assert paths == {"lr 0.0001 (the run's factor)": str(run["dir"] / "fgdm_seg.safetensors"),
+                     f"lr 0.0001, {longer} steps": f"diagnose/fgdm_seg_lr0.0001_steps{longer}",
+                     "lr 0.003": "diagnose/fgdm_seg_lr0.003",
+                     f"lr 0.003, {longer} steps": f"diagnose/fgdm_seg_lr0.003_steps{longer}"}
+    assert [(s, a) for _, s, a in trained] == [(2 * steps, ["--lr", "0.0001"]),
+                                               (steps, ["--lr", "0.003"]),
+                                               (2 * steps, ["--lr", "0.003"])]
+    trained.clear()
+    assert list(diagnose.factor_lr(run, None, None, None, "b", [1e-3], [])) == [
+        "lr 0.0001 (the run's factor)", "lr 0.001"]  # --factor-lr alone, as before
+
+
+def test_crowding_counts_each_object_in_its_caption_and_alone(diagnose, sw):
+    """Per layout: the caption image's finds by colour + shape, shape (at most as many as
+    asked, as the tables count) and colour, against each object's image asked alone."""
+    import torch
+    from locref_core.world.evaluate import HeldOut
+
+    def item(*objects):
+        n = len(objects)
+        return HeldOut(" and ".join(f"a {c} {s}" for c, s in objects),
+                       ((0.0, 0.0, 0.5, 0.5),) * n, objects, (torch.zeros(3, 2, 2),) * n,
+                       (torch.ones(2, 2),) * n)
+
+    items = [item(("red", "square")),
+             item(("blue", "disc"), ("green", "disc"), ("red", "triangle"))]
+    caption_found = [[],  # the lone square not drawn at all
+                     [("blue", "disc"), ("red", "disc"), ("red", "disc"), ("green", "square")]]
+    alone_found = [[("red", "square")],
+                   [("blue", "disc")], [("green", "square")], [("yellow", "triangle")]]
+    counts = diagnose.crowding_counts(items, caption_found, alone_found)
+    assert counts["objects"] == [1, 3] and counts["detections"] == [0, 4]
+    assert counts["caption colour + shape"] == [0, 1]
+    assert counts["caption shape"] == [0, 2]  # two discs asked, three drawn: two count
+    assert counts["caption colour"] == [0, 3]
+    assert counts["alone colour + shape"] == [1, 1]
+    assert counts["alone shape"] == [1, 2]
+    assert counts["alone colour"] == [1, 2]
+    run = {"preset": {"bootstrap": 50}, "seed": 0}
+    line = diagnose.crowding_figures(run, counts)
+    assert line.startswith("all 4 objects: colour + shape 0.250 in the caption against 0.500 "
+                           "alone, difference -0.250 [")
+    assert ("by objects named: 1 named (1 layout): colour + shape 0.000 in the caption against "
+            "1.000 alone, difference -1.000 [-1.000, -1.000]") in line
+    assert "| 3 named (1 layout): colour + shape 0.333 in the caption against 0.333 alone" in line
+    assert line.endswith("detections per caption image, by objects named: 1 named: 0.00, "
+                         "3 named: 4.00")
+    with pytest.raises(ValueError, match="2 caption images and 3 one-object images for 2 "
+                                         "layouts of 4 objects"):
+        diagnose.crowding_counts(items, caption_found, alone_found[:3])
+
+
 def test_a_resumed_stage_keeps_its_minutes_apart(sw, tmp_path):
     run = {"dir": tmp_path}
     timings = sw.Timings(run)
@@ -196,7 +264,7 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--skip-basics"])
     err = capsys.readouterr().err
     assert "--skip-basics leaves nothing to do" in err and "--adapter-lr LR" in err
-    assert "--unet-on-maps or --factor-lr LR" in err  # every question is named
+    assert "--factor-times K or --crowding" in err  # every question is named
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--hint-init", "torch",
                                 "kaiming"]).hint_init == ["torch", "kaiming"]
     with pytest.raises(SystemExit):
@@ -240,6 +308,13 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
             diagnose.parse_args(["--comfyui", "x", "--factor-lr", "1e-3", bad])
         assert f"--factor-lr 0.001 {float(bad):g}: each LR is a learning rate in (0, 1)" in (
             capsys.readouterr().err)
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--factor-times",
+                                "2"]).factor_times == [2]
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--factor-times", "2", "1"])
+    assert "--factor-times 2 1: each K is a multiple of the run's factor steps" in (
+        capsys.readouterr().err)
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--crowding"]).crowding
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
     assert "add --skip-basics to ask only --drawing" in capsys.readouterr().err
@@ -337,8 +412,9 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--factor-loss-weight", "v") == [
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--mean-control") == ["fgdm_seg.safetensors"]
+    assert missing("--skip-basics", "--crowding") == []  # the base alone
     for question in (["--factor-norm-groups", "4"], ["--unet-on-maps"],
-                     ["--factor-lr", "1e-3"]):  # beside the run's
+                     ["--factor-lr", "1e-3"], ["--factor-times", "2"]):  # beside the run's
         assert missing("--skip-basics", *question) == [
             "fgdm_seg.safetensors", "seg_controlnet.safetensors"]
     (folder / "seg_controlnet.safetensors").touch()
