@@ -154,7 +154,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "1", "--hint-init", "torch", "kaiming", "--factor-offset", "0.5",
                                "0", "--factor-loss-weight", "v", "--mean-control",
                                "--factor-norm-groups", "8", "--unet-on-maps",
-                               "--factor-lr", "1e-4", "3e-4"])
+                               "--factor-lr", "1e-4", "3e-4", "--factor-times", "2",
+                               "--crowding"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
@@ -162,7 +163,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch",
         "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet",
         "factor-offset", "factor-loss-weight", "mean-control", "factor-norm-groups",
-        "unet-on-maps", "factor-lr"]
+        "unet-on-maps", "factor-lr", "crowding"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -232,12 +233,23 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert "; N = 1: maps recall " in cells[2] and "; N = 3: maps recall " in cells[2]
     assert (factor / "unet_on_maps.safetensors").is_file()
     assert not (factor / "unet_on_maps_ckpt").exists()
-    # the seg factor trained at 3e-4 beside the run's (1e-4: not trained again), drawn alike
-    cells = factor_cells(35, "factor-lr", ["lr 0.0001 (the run's factor)", "lr 0.0003"])
+    # the seg factor trained at 3e-4 beside the run's (1e-4: not trained again), and each rate
+    # twice the run's steps (the quick preset's 4), drawn alike
+    cells = factor_cells(35, "factor-lr", ["lr 0.0001 (the run's factor)", "lr 0.0001, 8 steps",
+                                           "lr 0.0003", "lr 0.0003, 8 steps"])
+    assert lines[35].startswith("factor-lr: the seg factor at 4 steps where its label names no "
+                                "other, 4 validation layouts: ")
     assert cells[:2] == [offset_cells[0], f"lr 0.0001 (the run's factor): {run_factor}"]
-    assert "; N = 1: maps recall " in cells[2] and "; N = 3: maps recall " in cells[2]
-    with safe_open(str(factor / "fgdm_seg_lr0.0003.safetensors"), "pt") as f:
-        assert f.metadata()["lr"] == "0.0003"
+    for cell in cells[2:]:
+        assert "; N = 1: maps recall " in cell and "; N = 3: maps recall " in cell
+    from locref_core.train.common import list_checkpoints
+
+    for name, lr, steps in (("lr0.0003", "0.0003", 4), ("lr0.0001_steps8", "0.0001", 8),
+                            ("lr0.0003_steps8", "0.0003", 8)):
+        with safe_open(str(factor / f"fgdm_seg_{name}.safetensors"), "pt") as f:
+            assert f.metadata()["lr"] == lr, name
+        newest = list_checkpoints(str(factor / f"fgdm_seg_{name}_ckpt"))[-1]
+        assert int(newest.rsplit("step_", 1)[1]) == steps, name
     assert not (factor / "fgdm_seg_lr0.0001.safetensors").exists()
     assert "0.4 x std: AP50" in lines[0] and "colour (8 classes)" in lines[1]
     assert "the latents mirrored, decoded, mirrored back: AP50" in lines[0]
@@ -265,6 +277,20 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert rates == [("0.0001", " (the run's)"), ("0.0003", "")]  # 1e-4: the run's, not retrained
     assert "on 4 validation layouts" in lines[8] and lines[8].count("appearance") == 2
     assert f"own-map: the held-out captions and seeds, {objects} objects" in lines[9]
+    # each held-out object in its caption's image and alone: the caption images are the own-map
+    # line's base (the tables' seeds), the lone ones the one-object line's (its seeds)
+    layouts = len(bench.load_heldout(bench.synthetic_paths(held)))
+    assert lines[36].startswith(f"crowding: the base, caption only, {layouts} held-out layouts")
+    alone = re.search(r"colour \+ shape ([0-9.]+), shape ([0-9.]+), colour ([0-9.]+)", lines[3])
+    every = re.search(r"all (\d+) objects: colour \+ shape ([0-9.]+) in the caption against "
+                      r"([0-9.]+) alone, .*; shape [0-9.]+ in the caption against ([0-9.]+) "
+                      r"alone, .*; colour [0-9.]+ in the caption against ([0-9.]+) alone",
+                      lines[36])
+    assert int(every[1]) == objects
+    assert (every[3], every[4], every[5]) == alone.groups()
+    own_base = re.search(r"base, caption only: colour \+ shape found ([0-9.]+)", lines[9])
+    assert every[2] == own_base[1]
+    assert "detections per caption image, by objects named: " in lines[36]
     for cell in lines[9].split(": ", 1)[1].split(" | "):  # base, then own map: every object once
         assert cell.split(": colour + shape found")[0].endswith(
             ("base, caption only", "own map -> seg ControlNet"))
