@@ -452,6 +452,21 @@ def test_diagnose_counts_squares_by_the_side_drawn(diagnose):
     assert diagnose.side_class((0.1, 0.1, 0.3, 0.1 + 19 / 64)) == "large"
 
 
+def test_diagnose_recall_by_objects_named(diagnose):
+    from types import SimpleNamespace
+
+    from test_eval_shapes import draw
+
+    # one-object layouts: one found, one drawn in the wrong colour; a two-object layout with
+    # one of its two found
+    images = [draw([("square", "red", 10, 10, 16)]), draw([("disc", "blue", 10, 10, 16)]),
+              draw([("triangle", "green", 4, 4, 20), ("disc", "red", 40, 40, 16)])]
+    items = [SimpleNamespace(objects=(("red", "square"),)),
+             SimpleNamespace(objects=(("green", "disc"),)),
+             SimpleNamespace(objects=(("green", "triangle"), ("yellow", "disc")))]
+    assert diagnose.recall_by_named(images, items) == "1 named 0.500, 2 named 0.500"
+
+
 def test_diagnose_reads_a_shape_drawn_past_its_box_whole(diagnose):
     from types import SimpleNamespace
 

@@ -296,6 +296,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
             ("base, caption only", "own map -> seg ControlNet"))
         asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", cell.split("; squares")[0])
         assert sum(int(k) for k in asked) == objects
+        assert re.search(r"; by objects named: \d named [0-9.]+(, \d named [0-9.]+)*\)$", cell)
     assert "LocRef adapter at 8 steps" in lines[10] and "seg ControlNet at 8 steps" in lines[12]
     # three times the steps, continued from --longer's twice (its log says so)
     assert lines[13].startswith("adapter-times: LocRef adapter at 12 steps: AP ")
