@@ -164,14 +164,14 @@ asks for only the lines of the questions below.
   its first steps are the shorter factor's), drawn in --factor-lr's line (does the adapter,
   at a rate where it starts more maps, close the gap to the UNet trained whole if it trains
   longer, and do its images follow?).
-- --crowding (about 8 minutes on the /4 base): the base, caption only, on the held-out layouts
-  with the tables' seeds (the FG-DM table's first row) and each held-out object asked alone
-  with the one-object line's captions and seeds: per object, found in its caption's image
-  against found when asked alone, overall and by how many objects the caption names, with the
-  difference's interval over layouts; and how many objects the detector finds per image
-  against how many the caption names (SBPC gains in SD where a caption's objects are left out
-  of its image: does this base leave them out, or draw each one as badly with others as
-  alone?).
+- --crowding (about 4 minutes on one thread on the /4 base): the base, caption only, on the
+  held-out layouts with the tables' seeds (the FG-DM table's first row) and each held-out
+  object asked alone with the one-object line's captions and seeds: per object, found in its
+  caption's image against found when asked alone, overall and by how many objects the caption
+  names, with the difference's interval over layouts; and how many objects the detector finds
+  per image against how many the caption names (SBPC gains in SD where a caption's objects are
+  left out of its image: does this base leave them out, or draw each one as badly with others
+  as alone?).
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "and at each --factor-lr rate, and draw each in --factor-lr's line")
     p.add_argument("--crowding", action="store_true", help="also draw the held-out captions "
                    "and each held-out object alone by the base: is an object found less often "
-                   "when the caption names others (what SBPC corrects in SD)? (about 8 min)")
+                   "when the caption names others (what SBPC corrects in SD)? (about 4 min)")
     p.add_argument("--mean-control", action="store_true",
                    help="also measure whether the base and the run's seg factor can set the "
                    "per-channel mean of what they predict, and how a sample's mean follows its "
