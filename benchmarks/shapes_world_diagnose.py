@@ -1130,11 +1130,12 @@ def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
 
 
 def recall_cells(run, images, items) -> str:
-    """Image recall (colour + shape, shape) with intervals, and what the detector reads in
-    each object's colour by shape asked."""
+    """Image recall (colour + shape, shape) with intervals, what the detector reads in each
+    object's colour by shape asked, and the objects found by how many the caption names."""
     both, shape = fg.image_recalls(run, [score_image(im, it) for im, it in zip(images, items)])
     return (f"{interval('recall', both)}, {interval('shape', shape)} "
-            f"({by_shape_asked(object_reading(images, items))})")
+            f"({by_shape_asked(object_reading(images, items))}, by objects named: "
+            f"{recall_by_named(images, items)})")
 
 
 def controlnets_on_validation(run, host, parts, cfg, question: str,

@@ -345,6 +345,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         for part in cell.split("; "):  # every validation object read once, by shape asked
             asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", part.split("(", 1)[1])
             assert sum(int(k) for k in asked) == sum(len(it.objects) for it in validation)
+            assert re.search(r", by objects named: \d named [0-9.]+(, \d named [0-9.]+)*\)$",
+                             part)
     # each held-out object alone: the base's cell is the one-object line's (same images)
     assert lines[25].startswith(f"one-object-map: {objects} captions of one held-out object")
     base_cell, map_cell = lines[25].split("that object alone: ", 1)[1].split(" | ")
