@@ -213,8 +213,9 @@ from locref_core.train.host import (decode_latents, diffuse, encode_images,  # n
 from locref_core.train.loop import TrainLog  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
-from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval,  # noqa: E402
-                                       sample_seed, score_image, summary, world_class_share)
+from locref_core.world.evaluate import (bootstrap, load_heldout, objects_found,  # noqa: E402
+                                       ratio_interval, sample_seed, score_image, summary,
+                                       world_class_share)
 from locref_core.world.models import load_world, save_world  # noqa: E402
 
 log = logging.getLogger("shapes_world_diagnose")
@@ -843,21 +844,20 @@ def own_map(run, host, parts, cfg) -> str:
         read = object_reading(images, items)
         cells.append(f"{name}: colour + shape found {read['recalled'] / n:.3f} "
                      f"({by_shape_asked(read)}; {squares_by_side(read)}; by objects named: "
-                     f"{recall_by_named(images, items)})")
+                     f"{recall_by_named([score_image(im, it) for im, it in zip(images, items)])})")
     return (f"own-map: the held-out captions and seeds, {n} objects, what the detector reads in "
             "each object's colour: " + " | ".join(cells))
 
 
-def recall_by_named(images, items) -> str:
-    """ "1 named 0.688, 2 named 0.480, ...": the share of the objects found (colour + shape)
-    in the images of the layouts whose caption names that many (where the base loses objects
-    to crowding, does a map give them back?)."""
+def recall_by_named(scores: list[dict]) -> str:
+    """ "1 named 0.688, 2 named 0.480, ...": from images' `score_image` scores, the share of
+    the objects found (colour + shape) in the images of the layouts whose caption names that
+    many (where the base loses objects to crowding, does a map give them back?)."""
     found: Counter = Counter()
     total: Counter = Counter()
-    for image, item in zip(images, items):
-        seen = {(d.colour, d.shape) for d in detect_shapes(image)}
-        found[len(item.objects)] += sum(o in seen for o in item.objects)
-        total[len(item.objects)] += len(item.objects)
+    for s in scores:
+        found[s["objects"]] += s["recalled"]
+        total[s["objects"]] += s["objects"]
     return ", ".join(f"{k} named {found[k] / total[k]:.3f}" for k in sorted(total))
 
 
@@ -925,12 +925,11 @@ def crowding_counts(items, caption_found: list[list[tuple[str, str]]],
                                  for label in CROWDING_LABELS}}
     lone = iter(alone_found)
     for item, found in zip(items, caption_found):
-        shapes = Counter(shape for _, shape in found)
-        asked = Counter(shape for _, shape in item.objects)
+        both, shape = objects_found(item.objects, found)  # as the tables count them
         counts["objects"].append(len(item.objects))
         counts["detections"].append(len(found))
-        counts["caption colour + shape"].append(sum(o in found for o in item.objects))
-        counts["caption shape"].append(sum(min(n, shapes[s]) for s, n in asked.items()))
+        counts["caption colour + shape"].append(both)
+        counts["caption shape"].append(shape)
         counts["caption colour"].append(sum(any(c == f[0] for f in found)
                                             for c, _ in item.objects))
         alone = [(o, next(lone)) for o in item.objects]
@@ -1132,10 +1131,11 @@ def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
 def recall_cells(run, images, items) -> str:
     """Image recall (colour + shape, shape) with intervals, what the detector reads in each
     object's colour by shape asked, and the objects found by how many the caption names."""
-    both, shape = fg.image_recalls(run, [score_image(im, it) for im, it in zip(images, items)])
+    scores = [score_image(im, it) for im, it in zip(images, items)]
+    both, shape = fg.image_recalls(run, scores)
     return (f"{interval('recall', both)}, {interval('shape', shape)} "
             f"({by_shape_asked(object_reading(images, items))}, by objects named: "
-            f"{recall_by_named(images, items)})")
+            f"{recall_by_named(scores)})")
 
 
 def controlnets_on_validation(run, host, parts, cfg, question: str,

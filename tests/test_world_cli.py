@@ -453,18 +453,25 @@ def test_diagnose_counts_squares_by_the_side_drawn(diagnose):
 
 
 def test_diagnose_recall_by_objects_named(diagnose):
-    from types import SimpleNamespace
+    import torch
+    from locref_core.world.evaluate import HeldOut
 
     from test_eval_shapes import draw
+
+    def item(*objects):
+        n = len(objects)
+        return HeldOut(" and ".join(f"a {c} {s}" for c, s in objects),
+                       ((0.0, 0.0, 0.5, 0.5),) * n, objects, (torch.zeros(3, 2, 2),) * n,
+                       (torch.ones(2, 2),) * n)
 
     # one-object layouts: one found, one drawn in the wrong colour; a two-object layout with
     # one of its two found
     images = [draw([("square", "red", 10, 10, 16)]), draw([("disc", "blue", 10, 10, 16)]),
               draw([("triangle", "green", 4, 4, 20), ("disc", "red", 40, 40, 16)])]
-    items = [SimpleNamespace(objects=(("red", "square"),)),
-             SimpleNamespace(objects=(("green", "disc"),)),
-             SimpleNamespace(objects=(("green", "triangle"), ("yellow", "disc")))]
-    assert diagnose.recall_by_named(images, items) == "1 named 0.500, 2 named 0.500"
+    items = [item(("red", "square")), item(("green", "disc")),
+             item(("green", "triangle"), ("yellow", "disc"))]
+    scores = [diagnose.score_image(im, it) for im, it in zip(images, items)]
+    assert diagnose.recall_by_named(scores) == "1 named 0.500, 2 named 0.500"
 
 
 def test_diagnose_reads_a_shape_drawn_past_its_box_whole(diagnose):

@@ -10,8 +10,8 @@ from PIL import Image
 from locref_core.composite import resize_image, square_reference
 from locref_core.data import LocRefDataset, load_coco
 from locref_core.data.synthetic import make_synthetic_coco
-from locref_core.world.evaluate import (bootstrap, load_heldout, ratio_interval, score_image,
-                                       summary)
+from locref_core.world.evaluate import (bootstrap, load_heldout, objects_found, ratio_interval,
+                                       score_image, summary)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,12 @@ def test_world_class_share_tells_a_label_map_from_an_image(tmp_path):
         assert world_class_share(label_map) == pytest.approx(1 - frame)
         # measured on these six: 0.0 each
         assert world_class_share(image) < 0.1
+
+
+def test_objects_found_counts_both_and_shape_at_most_as_asked():
+    asked = [("red", "disc"), ("blue", "disc"), ("red", "square")]
+    found = [("red", "disc"), ("green", "disc"), ("red", "disc"), ("red", "triangle")]
+    # colour + shape: the red disc only; shape: two discs asked, three found (two count), no
+    # square found
+    assert objects_found(asked, found) == (1, 2)
+    assert objects_found(asked, []) == (0, 0)

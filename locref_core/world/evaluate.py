@@ -105,18 +105,27 @@ def sample_seed(run_seed: int, i: int) -> int:
     return run_seed * 1000 + i
 
 
+def objects_found(objects: Sequence[tuple[str, str]],
+                  found: Sequence[tuple[str, str]]) -> tuple[int, int]:
+    """How many of a caption's (colour, shape) objects an image's detections, as (colour,
+    shape), hold: by colour and shape, and by shape alone (per shape, at most as many as the
+    caption asks)."""
+    pairs, shapes = set(found), Counter(shape for _, shape in found)
+    return (sum(o in pairs for o in objects),
+            sum(min(n, shapes[s]) for s, n in Counter(o[1] for o in objects).items()))
+
+
 def score_image(image: torch.Tensor, item: HeldOut) -> dict[str, Any]:
     """One generated image (3, H, W) in [0, 1] against its layout."""
     detections = detect_shapes(image)
-    found = {(d.colour, d.shape) for d in detections}
+    recalled, shapes_recalled = objects_found(item.objects,
+                                              [(d.colour, d.shape) for d in detections])
     looks = appearance_scores(image, item.boxes, item.objects)
-    shapes = Counter(d.shape for d in detections)
     return {"detections": to_image_boxes(detections),
             "truth": ImageBoxes(np.array(item.boxes, dtype=np.float64).reshape(-1, 4),
                                 tuple(item.label(i) for i in range(len(item.boxes)))),
-            "recalled": sum(o in found for o in item.objects), "objects": len(item.objects),
-            "shapes_recalled": sum(min(n, shapes[s]) for s, n in
-                                   Counter(o[1] for o in item.objects).items()),
+            "recalled": recalled, "objects": len(item.objects),
+            "shapes_recalled": shapes_recalled,
             "match": sum(a.match for a in looks), "leak": sum(a.leak for a in looks),
             "boxes": len(looks)}
 
