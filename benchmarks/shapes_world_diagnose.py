@@ -7,9 +7,10 @@ are saved.
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
-        [--controlnet-end F ...] [--hint-init INIT ...] [--factor-offset S ...]
-        [--factor-loss-weight W ...] [--mean-control] [--factor-norm-groups G ...]
-        [--unet-on-maps] [--factor-lr LR ...] [--factor-times K ...] [--crowding]
+        [--controlnet-end F ...] [--controlnet-times K ...] [--hint-init INIT ...]
+        [--factor-offset S ...] [--factor-loss-weight W ...] [--mean-control]
+        [--factor-norm-groups G ...] [--unet-on-maps] [--factor-lr LR ...] [--factor-times K ...]
+        [--crowding]
         [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,
@@ -114,6 +115,14 @@ asks for only the lines of the questions below.
   first F of the sampling steps (ControlNetApplyAdvanced's end_percent; the base alone after),
   drawn from the validation layouts' own maps beside its whole range and the base without a
   map, as --controlnet-lr draws (does the map need to speak only while the image is noisy?).
+- --controlnet-times K [K ...] (about 25 minutes on one thread for each 1500 steps trained,
+  then as --controlnet-lr): the seg ControlNet trained as the run trains it (its rate, caption
+  share, batch, seed, hint init and one thread) for K times its steps, one loop from nothing
+  saved as it passes each K (the rate is constant: its first steps are the run's ControlNet,
+  which the line checks to the bit; its checkpoints are kept, so a longer K asked later
+  continues it), each drawn with the run's own as --controlnet-lr draws them (ControlNet's own
+  recipe trains for many times these steps: does the image factor draw what a perfect map
+  gives it better than the base alone once it has trained longer?).
 - --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
   one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
   from each init of its hint block (torch: ControlNet's own, the run's until recipe 3's
@@ -236,6 +245,7 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "one_object_map": ("--one-object-map", (CONTROLNET,)),
              "controlnet_null": ("--controlnet-null P", (CONTROLNET,)),
              "controlnet_end": ("--controlnet-end F", (CONTROLNET,)),
+             "controlnet_times": ("--controlnet-times K", (CONTROLNET,)),
              "hint_init": ("--hint-init INIT", ()),
              "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET)),
              "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET)),
@@ -309,6 +319,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "ControlNet over only the first F of the steps (ControlNetApplyAdvanced's "
                    "end_percent; the base alone after), beside the whole range and the base "
                    "without a map, as --controlnet-lr draws (about 5 minutes per F)")
+    p.add_argument("--controlnet-times", type=int, nargs="+", metavar="K", default=[],
+                   help="also train the seg ControlNet as the run trains it for K times its "
+                   "steps (one loop from nothing, saved at each K) and draw each, with the "
+                   "run's own, from the validation layouts' own maps")
     p.add_argument("--hint-init", nargs="+", metavar="INIT", default=[],
                    choices=world_cn.HINT_INITS,
                    help="also train the seg ControlNet from these inits of its hint block "
@@ -381,6 +395,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(not 0.0 < f <= 1.0 for f in args.controlnet_end):
         p.error(f"--controlnet-end {' '.join(map(str, args.controlnet_end))}: each F is a share "
                 "of the steps in (0, 1] (0 would draw no map at all: the base's own cell)")
+    if any(k < 2 for k in args.controlnet_times):
+        p.error(f"--controlnet-times {' '.join(map(str, args.controlnet_times))}: each K is a "
+                "multiple of the run's ControlNet steps of at least 2 (1 is the run's own)")
     # --longer's line is K = 2's (the same cached adapter, scored the same way): asked once
     args.adapter_times = sorted(set(args.adapter_times) - ({2} if args.longer else set()))
     if args.skip_basics and not any(getattr(args, q) for q in QUESTIONS):
@@ -1139,11 +1156,13 @@ def recall_cells(run, images, items) -> str:
 
 
 def controlnets_on_validation(run, host, parts, cfg, question: str,
-                              paths: dict[str, str | tuple[str, float]]) -> str:
+                              paths: dict[str, str | tuple[str, float]],
+                              trained: str | None = None) -> str:
     """Seg ControlNets (label -> file, or (file, end): the ControlNet over only that first share
     of the steps, ControlNetApplyAdvanced's end_percent), each drawn from the validation layouts'
     own maps at CFG 1, 2 and the run's guidance, beside the base from the same captions and seeds
-    without a map: `question`'s line."""
+    without a map: `question`'s line; `trained` says how long they trained where the run's
+    steps do not."""
     wanted = {who: (p, 1.0) if isinstance(p, str) else p for who, p in paths.items()}
     loaded = {p: world_cn.wrap(host, world_cn.load_controlnet(host, parts, p))
               for p in {p for p, _ in wanted.values()}}
@@ -1164,8 +1183,9 @@ def controlnets_on_validation(run, host, parts, cfg, question: str,
                 on_image=every_tenth(f"{question}, CFG {guidance:g}, {who}"))
         cells.append(f"CFG {guidance:g}: " + "; ".join(
             f"{who}: {recall_cells(run, images, layouts)}" for who, images in drawn.items()))
-    return (f"{question}: the seg ControlNet at {run['preset']['controlnet_steps']} steps, "
-            f"{len(layouts)} validation layouts, image recall: " + " | ".join(cells))
+    trained = trained or f"at {run['preset']['controlnet_steps']} steps"
+    return (f"{question}: the seg ControlNet {trained}, {len(layouts)} validation layouts, image "
+            "recall: " + " | ".join(cells))
 
 
 def controlnet_lr(run, host, parts, cfg, rates: list[float]) -> str:
@@ -1198,6 +1218,65 @@ def controlnet_end(run, host, parts, cfg, ends: list[float]) -> str:
     paths = {"whole range (the run's)": (own, 1.0)}
     paths.update({f"first {end:g} of the steps": (own, end) for end in ends if end != 1.0})
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-end", paths)
+
+
+CHAIN = "diagnose/seg_controlnet_steps"  # --controlnet-times: <CHAIN><S>.safetensors, <CHAIN>_ckpt
+
+
+def chained_controlnets(run, host, parts, totals: list[int]) -> dict[int, Path]:
+    """Total steps -> `diagnose/seg_controlnet_steps<S>.safetensors`: the seg ControlNet trained
+    as the run's FG-DM half trains its own (its rate, caption share, batch, seed, hint init,
+    latents and one thread), the run's steps and each of `totals`, all from one loop (the rate is
+    constant, so the first S steps of a longer loop are a loop of S steps), which saves the
+    weights as it passes each. Cached; the loop's checkpoints are kept (`<CHAIN>_ckpt`, the
+    newest two), so asking a longer K later continues it instead of starting again."""
+    steps = run["preset"]["controlnet_steps"]
+    files = {s: run["dir"] / f"{CHAIN}{s}.safetensors" for s in sorted({steps, *totals})}
+    todo = {s for s, f in files.items() if not fg.controlnet_is_current(f)}
+    if not todo:
+        return files
+    folder = run["dir"] / f"{CHAIN}_ckpt"
+    newest = list_checkpoints(str(folder))
+    if newest and int(Path(newest[-1]).name.split("_")[-1]) >= min(todo):
+        log.warning("controlnet-times: %s is past step %d, whose weights are not saved: the loop "
+                    "trains again from its start", folder, min(todo))
+        shutil.rmtree(folder)
+    log.info("controlnet-times: the seg ControlNet to %d steps, saved at %s", max(todo),
+             ", ".join(map(str, sorted(todo))))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with base.one_thread():  # as the run's FG-DM half: the latents too
+        model = world_cn.build_controlnet(host, parts, seed=run["seed"],
+                                          hint_init=fg.CONTROLNET_HINT_INIT)
+
+        def save(step: int, _loss: float) -> None:
+            if step + 1 in todo:
+                world_cn.save_controlnet(str(files[step + 1]), model, {
+                    "preset": run["name"], "diagnose": f"steps {step + 1}",
+                    "steps": str(step + 1), "hint_init": fg.CONTROLNET_HINT_INIT})
+
+        fg.train_on_world(run, host, parts, run["data"], model, f"{CHAIN}_ckpt",
+                          steps=max(todo), any_length=True, on_step=save)
+    return files
+
+
+def controlnet_times(run, host, parts, cfg, times: list[int]) -> str:
+    """The seg ControlNet trained K times the run's steps (`chained_controlnets`), each beside
+    the run's own on the validation layouts; the question says whether the loop's first steps
+    are the run's ControlNet to the bit (they must be, where the run's is of this recipe)."""
+    steps = run["preset"]["controlnet_steps"]
+    files = chained_controlnets(run, host, parts, [k * steps for k in times])
+    own = run["dir"] / CONTROLNET
+    if fg.controlnet_is_current(own):
+        mine, runs = load_file(str(files[steps])), load_file(str(own))
+        same = "yes" if mine.keys() == runs.keys() and all(
+            torch.equal(v, runs[k]) for k, v in mine.items()) else "NO"
+    else:
+        same = "not asked: the run's is of another hint init"
+    paths = {f"{steps} steps (the run's)": str(own)}
+    paths.update({f"{k * steps} steps": str(files[k * steps]) for k in sorted(set(times))})
+    return controlnets_on_validation(
+        run, host, parts, cfg, f"controlnet-times (the loop's first {steps} steps equal the run's "
+        f"ControlNet to the bit: {same})", paths, trained="at the steps each label names")
 
 
 HINT_PROBES = 16  # validation layouts each hint-init probe reads
@@ -1784,6 +1863,8 @@ def main(argv=None) -> list[str]:
                                        args.factor_times))
     if args.crowding:
         asked.append(lambda: crowding(run, host, parts, cfg))
+    if args.controlnet_times:
+        asked.append(lambda: controlnet_times(run, host, parts, cfg, args.controlnet_times))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

@@ -207,22 +207,29 @@ def log_map_use(run: dict, host, parts, data: dict, model: torch.nn.Module, n: i
 
 def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,
                    checkpoints: str | None = None, seed: int | None = None,
-                   hint_init: str = CONTROLNET_HINT_INIT, **options) -> list[float]:
+                   hint_init: str = CONTROLNET_HINT_INIT, steps: int | None = None,
+                   any_length: bool = False, **options) -> list[float]:
     """`model` (a seg ControlNet) trained as the run trains its own: the training images'
-    latents, their maps and captions, the preset's steps and batch, the run's seed unless
-    `seed`; checkpoints in `run["dir"]/checkpoints` when given, which must agree on the
-    `hint_init` `model` was built from; `options` for `train_controlnet` (lr, null_prob,
+    latents, their maps and captions, the preset's steps unless `steps` and its batch, the run's
+    seed unless `seed`; checkpoints in `run["dir"]/checkpoints` when given, which must agree on
+    the `hint_init` `model` was built from and, unless `any_length`, on `steps` (the rate is
+    constant, so a loop's first steps are a shorter loop's: with `any_length` a longer loop
+    continues a shorter one's checkpoints); `options` for `train_controlnet` (lr, null_prob,
     on_step)."""
     p = run["preset"]
-    steps = p["controlnet_steps"]
+    steps = p["controlnet_steps"] if steps is None else steps
     latents = base.encode_latents(parts, data["train_images"])
     log.info("seg ControlNet: %d steps", steps)
+    saved = None
+    if checkpoints is not None:
+        saved = loop_checkpoints(run, checkpoints, steps, hint_init=hint_init)
+        if any_length:  # every `p["controlnet_steps"] // 20` steps, whatever the length
+            saved = loop_checkpoints(run, checkpoints, p["controlnet_steps"],
+                                     hint_init=hint_init, length="any (a constant rate)")
     return world_cn.train_controlnet(
         host, parts, model, latents, (data["train_maps"] + 1) / 2, data["train_captions"], steps,
         batch=p["controlnet_batch"], seed=run["seed"] if seed is None else seed,
-        checkpoints=None if checkpoints is None else loop_checkpoints(run, checkpoints, steps,
-                                                                      hint_init=hint_init),
-        amp=run["amp"], **options)
+        checkpoints=saved, amp=run["amp"], **options)
 
 
 def required_objects(item) -> str:

@@ -199,6 +199,58 @@ def test_factor_times_trains_each_rate_longer_beside_the_run_factor(diagnose, sw
         "lr 0.0001 (the run's factor)", "lr 0.001"]  # --factor-lr alone, as before
 
 
+def test_controlnet_times_trains_one_loop_saved_at_each_length(diagnose, sw, tmp_path,
+                                                              monkeypatch, caplog):
+    """--controlnet-times: one loop from nothing saved as it passes the run's steps and each K's;
+    lengths already saved are not trained again, a longer K continues the loop's checkpoints,
+    and checkpoints past a length whose weights are missing are dropped (with a warning)."""
+    from locref_core.train.common import STATE_FILE
+
+    run = sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path)]))
+    run["dir"].mkdir(parents=True, exist_ok=True)
+    run["data"] = {}
+    steps = run["preset"]["controlnet_steps"]
+    folder = run["dir"] / f"{diagnose.CHAIN}_ckpt"
+    loops = []
+
+    def train_on_world(r, host, parts, data, model, checkpoints, steps, any_length, on_step):
+        assert any_length and checkpoints == f"{diagnose.CHAIN}_ckpt"
+        done = diagnose.list_checkpoints(str(folder))
+        start = int(Path(done[-1]).name.split("_")[-1]) if done else 0
+        loops.append((start, steps))
+        for step in range(start, steps):
+            with torch.no_grad():
+                model.weight.fill_(step + 1)  # the weights say how far the loop went
+            on_step(step, 0.0)
+        (folder / f"step_{steps:08d}").mkdir(parents=True, exist_ok=True)
+        (folder / f"step_{steps:08d}" / STATE_FILE).touch()  # a complete checkpoint
+        return []
+
+    monkeypatch.setattr(diagnose.world_cn, "build_controlnet",
+                        lambda host, parts, seed, hint_init: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(diagnose.fg, "train_on_world", train_on_world)
+    from safetensors.torch import load_file
+
+    def saved_at(total: int) -> float:
+        return load_file(str(run["dir"] / f"{diagnose.CHAIN}{total}.safetensors"))[
+            "weight"].item()
+
+    files = diagnose.chained_controlnets(run, None, None, [3 * steps, 2 * steps])
+    assert sorted(files) == [steps, 2 * steps, 3 * steps] and loops == [(0, 3 * steps)]
+    assert [saved_at(s) for s in files] == [steps, 2 * steps, 3 * steps]
+    loops.clear()
+    assert sorted(diagnose.chained_controlnets(run, None, None, [2 * steps])) == [steps, 2 * steps]
+    assert loops == []  # cached
+    diagnose.chained_controlnets(run, None, None, [4 * steps])  # continues from 3 x steps
+    assert loops == [(3 * steps, 4 * steps)] and saved_at(4 * steps) == 4 * steps
+    loops.clear()
+    (run["dir"] / f"{diagnose.CHAIN}{2 * steps}.safetensors").unlink()
+    with caplog.at_level("WARNING"):
+        diagnose.chained_controlnets(run, None, None, [2 * steps])
+    assert f"is past step {2 * steps}, whose weights are not saved" in caplog.text
+    assert loops == [(0, 2 * steps)] and saved_at(2 * steps) == 2 * steps
+
+
 def test_crowding_counts_each_object_in_its_caption_and_alone(diagnose, sw):
     """Per layout: the caption image's finds by colour + shape, shape (at most as many as
     asked, as the tables count) and colour, against each object's image asked alone."""
@@ -314,6 +366,12 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--factor-times", "2", "1"])
     assert "--factor-times 2 1: each K is a multiple of the run's factor steps" in (
         capsys.readouterr().err)
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-times", "2",
+                                "4"]).controlnet_times == [2, 4]
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--controlnet-times", "1"])
+    assert "--controlnet-times 1: each K is a multiple of the run's ControlNet steps" in (
+        capsys.readouterr().err)
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--crowding"]).crowding
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
@@ -406,6 +464,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--one-object-map") == ["seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--controlnet-null", "0.1") == ["seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--controlnet-end", "0.5") == ["seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--controlnet-times", "2") == ["seg_controlnet.safetensors"]
     # the run's factor is drawn beside those trained with offset noise, through its ControlNet
     assert missing("--skip-basics", "--factor-offset", "0.1") == [
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]

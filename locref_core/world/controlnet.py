@@ -171,10 +171,10 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
         opt.step()
         losses.append(loss.item())
         progress.update(step, losses[-1])
+        if on_step:  # before the checkpoint: a stop between the two repeats this step's call
+            on_step(step, losses[-1])
         if checkpoints:
             checkpoints.after(step + 1, model, opt, g, losses, total=steps)
-        if on_step:
-            on_step(step, losses[-1])
     freeze(model)
     return losses
 

@@ -155,7 +155,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "0", "--factor-loss-weight", "v", "--mean-control",
                                "--factor-norm-groups", "8", "--unet-on-maps",
                                "--factor-lr", "1e-4", "3e-4", "--factor-times", "2",
-                               "--crowding"])
+                               "--crowding", "--controlnet-times", "2"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
@@ -163,7 +163,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "one-object-map", "controlnet-null", "controlnet-end", "hint-init torch",
         "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet",
         "factor-offset", "factor-loss-weight", "mean-control", "factor-norm-groups",
-        "unet-on-maps", "factor-lr", "crowding"]
+        "unet-on-maps", "factor-lr", "crowding",
+        "controlnet-times (the loop's first 4 steps equal the run's ControlNet to the bit"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -297,6 +298,25 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         asked = re.findall(r"(?:square|disc|triangle|nothing) (\d+)", cell.split("; squares")[0])
         assert sum(int(k) for k in asked) == objects
         assert re.search(r"; by objects named: \d named [0-9.]+(, \d named [0-9.]+)*\)$", cell)
+    # the seg ControlNet trained twice the run's steps in one loop whose first steps retrace
+    # the run's ControlNet, beside the run's: the same base and run's images as controlnet-lr
+    assert lines[37].startswith("controlnet-times (the loop's first 4 steps equal the run's "
+                                "ControlNet to the bit: yes): the seg ControlNet at the steps "
+                                "each label names, 4 validation layouts, image recall: CFG 1: ")
+    cells = lines[37].split("image recall: ")[1].split(" | ")
+    for cell, lr_cell in zip(cells, lines[24].split("image recall: ")[1].split(" | "),
+                             strict=True):
+        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
+        assert whos == ["base, no map", "4 steps (the run's), own map", "8 steps, own map"]
+        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
+        assert parts[0] == lr_parts[0]
+        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+    chain = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
+    for steps in (4, 8):
+        with safe_open(str(chain / f"seg_controlnet_steps{steps}.safetensors"), "pt") as f:
+            assert f.metadata()["steps"] == str(steps)
+    assert int(list_checkpoints(str(chain / "seg_controlnet_steps_ckpt"))[-1].rsplit(
+        "step_", 1)[1]) == 8  # kept: a longer K continues the loop
     assert "LocRef adapter at 8 steps" in lines[10] and "seg ControlNet at 8 steps" in lines[12]
     # three times the steps, continued from --longer's twice (its log says so)
     assert lines[13].startswith("adapter-times: LocRef adapter at 12 steps: AP ")
