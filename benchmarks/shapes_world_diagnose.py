@@ -7,7 +7,8 @@ are saved.
         [--placement] [--samplers] [--adapter-lr LR ...] [--longer] [--adapter-times K ...]
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
-        [--controlnet-end F ...] [--controlnet-times K ...] [--hint-init INIT ...]
+        [--controlnet-end F ...] [--controlnet-times K ...] [--controlnet-strength S ...]
+        [--hint-init INIT ...]
         [--factor-offset S ...] [--factor-loss-weight W ...] [--mean-control]
         [--factor-norm-groups G ...] [--unet-on-maps] [--factor-lr LR ...] [--factor-times K ...]
         [--crowding]
@@ -123,6 +124,10 @@ asks for only the lines of the questions below.
   continues it), each drawn with the run's own as --controlnet-lr draws them (ControlNet's own
   recipe trains for many times these steps: does the image factor draw what a perfect map
   gives it better than the base alone once it has trained longer?).
+- --controlnet-strength S [S ...] (about 4 minutes per S on one thread on the /4 base;
+  nothing trained): the run's seg ControlNet at ControlNetApplyAdvanced's strength S (its
+  residuals scaled by S), drawn from the validation layouts' own maps beside strength 1 and the
+  base as --controlnet-lr draws (does a map that speaks louder draw its shapes?).
 - --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
   one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
   from each init of its hint block (torch: ControlNet's own, the run's until recipe 3's
@@ -246,6 +251,7 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "controlnet_null": ("--controlnet-null P", (CONTROLNET,)),
              "controlnet_end": ("--controlnet-end F", (CONTROLNET,)),
              "controlnet_times": ("--controlnet-times K", (CONTROLNET,)),
+             "controlnet_strength": ("--controlnet-strength S", (CONTROLNET,)),
              "hint_init": ("--hint-init INIT", ()),
              "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET)),
              "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET)),
@@ -323,6 +329,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train the seg ControlNet as the run trains it for K times its "
                    "steps (one loop from nothing, saved at each K) and draw each, with the "
                    "run's own, from the validation layouts' own maps")
+    p.add_argument("--controlnet-strength", type=float, nargs="+", metavar="S", default=[],
+                   help="also draw the run's seg ControlNet at strength S (that of "
+                   "ControlNetApplyAdvanced) from the validation layouts' own maps, beside "
+                   "strength 1")
     p.add_argument("--hint-init", nargs="+", metavar="INIT", default=[],
                    choices=world_cn.HINT_INITS,
                    help="also train the seg ControlNet from these inits of its hint block "
@@ -395,6 +405,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(not 0.0 < f <= 1.0 for f in args.controlnet_end):
         p.error(f"--controlnet-end {' '.join(map(str, args.controlnet_end))}: each F is a share "
                 "of the steps in (0, 1] (0 would draw no map at all: the base's own cell)")
+    if any(not 0.0 < v <= 10.0 for v in args.controlnet_strength):
+        p.error(f"--controlnet-strength {' '.join(f'{v:g}' for v in args.controlnet_strength)}: "
+                "each S is ControlNetApplyAdvanced's strength in (0, 10] (the run's is 1)")
     if any(k < 2 for k in args.controlnet_times):
         p.error(f"--controlnet-times {' '.join(map(str, args.controlnet_times))}: each K is a "
                 "multiple of the run's ControlNet steps of at least 2 (1 is the run's own)")
@@ -1156,16 +1169,17 @@ def recall_cells(run, images, items) -> str:
 
 
 def controlnets_on_validation(run, host, parts, cfg, question: str,
-                              paths: dict[str, str | tuple[str, float]],
+                              paths: dict[str, str | tuple[str, float] | tuple[str, float, float]],
                               trained: str | None = None) -> str:
-    """Seg ControlNets (label -> file, or (file, end): the ControlNet over only that first share
-    of the steps, ControlNetApplyAdvanced's end_percent), each drawn from the validation layouts'
-    own maps at CFG 1, 2 and the run's guidance, beside the base from the same captions and seeds
-    without a map: `question`'s line; `trained` says how long they trained where the run's
-    steps do not."""
-    wanted = {who: (p, 1.0) if isinstance(p, str) else p for who, p in paths.items()}
+    """Seg ControlNets (label -> file, or (file, end[, strength]): the ControlNet over only that
+    first share of the steps, ControlNetApplyAdvanced's end_percent, at that strength, 1 unless
+    given), each drawn from the validation layouts' own maps at CFG 1, 2 and the run's guidance,
+    beside the base from the same captions and seeds without a map: `question`'s line; `trained`
+    says how long they trained where the run's steps do not."""
+    wanted = {who: (p, 1.0, 1.0) if isinstance(p, str) else (*p, 1.0)[:3]
+              for who, p in paths.items()}
     loaded = {p: world_cn.wrap(host, world_cn.load_controlnet(host, parts, p))
-              for p in {p for p, _ in wanted.values()}}
+              for p in {p for p, _, _ in wanted.values()}}
     layouts = validation_layouts(run)
     maps = [fg.as_hint(m) for m in fg.read_maps(validation_paths(run))]
     texts = [item.caption for item in layouts]
@@ -1176,10 +1190,10 @@ def controlnets_on_validation(run, host, parts, cfg, question: str,
         drawn = {"base, no map": base.sample_images(
             host, parts.patcher, parts, texts, seeds, cfg, **kw,
             on_image=every_tenth(f"{question}, CFG {guidance:g}, base"))}
-        for who, (path, end) in wanted.items():
+        for who, (path, end, strength) in wanted.items():
             drawn[f"{who}, own map"] = base.sample_images(
                 host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=loaded[path],
-                maps=maps, control_percent=(0.0, end),
+                maps=maps, control_percent=(0.0, end), control_strength=strength,
                 on_image=every_tenth(f"{question}, CFG {guidance:g}, {who}"))
         cells.append(f"CFG {guidance:g}: " + "; ".join(
             f"{who}: {recall_cells(run, images, layouts)}" for who, images in drawn.items()))
@@ -1218,6 +1232,15 @@ def controlnet_end(run, host, parts, cfg, ends: list[float]) -> str:
     paths = {"whole range (the run's)": (own, 1.0)}
     paths.update({f"first {end:g} of the steps": (own, end) for end in ends if end != 1.0})
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-end", paths)
+
+
+def controlnet_strength(run, host, parts, cfg, strengths: list[float]) -> str:
+    """The run's seg ControlNet at other strengths (ControlNetApplyAdvanced's: its residuals
+    scaled), each beside strength 1 on the validation layouts. Inference only."""
+    own = str(run["dir"] / CONTROLNET)
+    paths = {"strength 1 (the run's)": (own, 1.0, 1.0)}
+    paths.update({f"strength {s:g}": (own, 1.0, s) for s in strengths if s != 1.0})
+    return controlnets_on_validation(run, host, parts, cfg, "controlnet-strength", paths)
 
 
 CHAIN = "diagnose/seg_controlnet_steps"  # --controlnet-times: <CHAIN><S>.safetensors, <CHAIN>_ckpt
@@ -1865,6 +1888,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: crowding(run, host, parts, cfg))
     if args.controlnet_times:
         asked.append(lambda: controlnet_times(run, host, parts, cfg, args.controlnet_times))
+    if args.controlnet_strength:
+        asked.append(lambda: controlnet_strength(run, host, parts, cfg, args.controlnet_strength))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

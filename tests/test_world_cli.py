@@ -372,6 +372,13 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
         diagnose.parse_args(["--comfyui", "x", "--controlnet-times", "1"])
     assert "--controlnet-times 1: each K is a multiple of the run's ControlNet steps" in (
         capsys.readouterr().err)
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-strength",
+                                "0.5", "2"]).controlnet_strength == [0.5, 2.0]
+    for bad in ("0", "-1", "11"):
+        with pytest.raises(SystemExit):
+            diagnose.parse_args(["--comfyui", "x", "--controlnet-strength", "2", bad])
+        assert f"--controlnet-strength 2 {float(bad):g}: each S is ControlNetApplyAdvanced's" in (
+            capsys.readouterr().err)
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--crowding"]).crowding
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
@@ -465,6 +472,8 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--controlnet-null", "0.1") == ["seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--controlnet-end", "0.5") == ["seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--controlnet-times", "2") == ["seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--controlnet-strength", "2") == [
+        "seg_controlnet.safetensors"]
     # the run's factor is drawn beside those trained with offset noise, through its ControlNet
     assert missing("--skip-basics", "--factor-offset", "0.1") == [
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]

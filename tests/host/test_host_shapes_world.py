@@ -155,7 +155,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "0", "--factor-loss-weight", "v", "--mean-control",
                                "--factor-norm-groups", "8", "--unet-on-maps",
                                "--factor-lr", "1e-4", "3e-4", "--factor-times", "2",
-                               "--crowding", "--controlnet-times", "2"])
+                               "--crowding", "--controlnet-times", "2",
+                               "--controlnet-strength", "2", "1"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
@@ -164,7 +165,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "hint-init kaiming (the run's recipe; its weights equal the run's ControlNet",
         "factor-offset", "factor-loss-weight", "mean-control", "factor-norm-groups",
         "unet-on-maps", "factor-lr", "crowding",
-        "controlnet-times (the loop's first 4 steps equal the run's ControlNet to the bit"]
+        "controlnet-times (the loop's first 4 steps equal the run's ControlNet to the bit",
+        "controlnet-strength"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -308,6 +310,17 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                              strict=True):
         whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
         assert whos == ["base, no map", "4 steps (the run's), own map", "8 steps, own map"]
+        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
+        assert parts[0] == lr_parts[0]
+        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+    # the run's ControlNet at strength 2 beside strength 1 (the run's, asked once), whose cells
+    # are the controlnet-lr line's own (the same images)
+    assert lines[38].startswith("controlnet-strength: the seg ControlNet at 4 steps, 4 "
+                                "validation layouts, image recall: CFG 1: base, no map: recall ")
+    for cell, lr_cell in zip(lines[38].split("image recall: ")[1].split(" | "),
+                             lines[24].split("image recall: ")[1].split(" | "), strict=True):
+        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
+        assert whos == ["base, no map", "strength 1 (the run's), own map", "strength 2, own map"]
         parts, lr_parts = cell.split("; "), lr_cell.split("; ")
         assert parts[0] == lr_parts[0]
         assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]

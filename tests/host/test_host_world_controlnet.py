@@ -154,6 +154,13 @@ def test_sampling_with_the_controlnet_follows_its_map(host, world, trained):
                                maps=[hints[0]], control_percent=(0.0, 0.3), **kw)
     assert torch.equal(never, plain)
     assert not torch.equal(early, plain) and not torch.equal(early, a)
+    # strength as ControlNetApplyAdvanced's: its residuals scaled, 0 adding nothing
+    silent = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                                maps=[hints[0]], control_strength=0.0, **kw)
+    louder = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                                maps=[hints[0]], control_strength=2.0, **kw)
+    assert torch.equal(silent, plain)
+    assert not torch.equal(louder, plain) and not torch.equal(louder, a)
     with pytest.raises(ValueError, match=r"percent range \(0.5, 0.2\) must satisfy"):
         base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
                            maps=[hints[0]], control_percent=(0.5, 0.2), **kw)
