@@ -8,10 +8,9 @@ are saved.
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
         [--controlnet-end F ...] [--controlnet-times K ...] [--controlnet-strength S ...]
-        [--hint-init INIT ...]
-        [--factor-offset S ...] [--factor-loss-weight W ...] [--mean-control]
-        [--factor-norm-groups G ...] [--unet-on-maps] [--factor-lr LR ...] [--factor-times K ...]
-        [--crowding]
+        [--hint-init INIT ...] [--factor-offset S ...] [--factor-loss-weight W ...]
+        [--mean-control] [--factor-norm-groups G ...] [--unet-on-maps] [--factor-lr LR ...]
+        [--factor-times K ...] [--crowding]
         [--skip-basics [--drawing]]
 
 - vae-noise: the held-out latents with Gaussian noise of 0, 0.05, 0.1, 0.2 and 0.4 x their std,

@@ -221,11 +221,10 @@ def train_on_world(run: dict, host, parts, data: dict, model: torch.nn.Module,
     latents = base.encode_latents(parts, data["train_images"])
     log.info("seg ControlNet: %d steps", steps)
     saved = None
-    if checkpoints is not None:
-        saved = loop_checkpoints(run, checkpoints, steps, hint_init=hint_init)
-        if any_length:  # every `p["controlnet_steps"] // 20` steps, whatever the length
-            saved = loop_checkpoints(run, checkpoints, p["controlnet_steps"],
-                                     hint_init=hint_init, length="any (a constant rate)")
+    if checkpoints is not None:  # any length: every run's steps // 20, whatever the length
+        saved = loop_checkpoints(run, checkpoints, p["controlnet_steps"], hint_init=hint_init,
+                                 length="any (a constant rate)") if any_length else (
+            loop_checkpoints(run, checkpoints, steps, hint_init=hint_init))
     return world_cn.train_controlnet(
         host, parts, model, latents, (data["train_maps"] + 1) / 2, data["train_captions"], steps,
         batch=p["controlnet_batch"], seed=run["seed"] if seed is None else seed,
