@@ -1242,6 +1242,18 @@ def controlnet_strength(run, host, parts, cfg, strengths: list[float]) -> str:
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-strength", paths)
 
 
+def equals_run_controlnet(run, path: Path) -> str | None:
+    """"yes" where the seg ControlNet file `path` holds the run's own ControlNet's weights to the
+    bit, "NO" where it does not; None where the run's is of another hint init (nothing to
+    compare: a ControlNet of this recipe must differ from it)."""
+    own = run["dir"] / CONTROLNET
+    if not fg.controlnet_is_current(own):
+        return None
+    mine, runs = load_file(str(path)), load_file(str(own))
+    return "yes" if mine.keys() == runs.keys() and all(
+        torch.equal(v, runs[k]) for k, v in mine.items()) else "NO"
+
+
 CHAIN = "diagnose/seg_controlnet_steps"  # --controlnet-times: <CHAIN><S>.safetensors, <CHAIN>_ckpt
 
 
@@ -1287,14 +1299,9 @@ def controlnet_times(run, host, parts, cfg, times: list[int]) -> str:
     are the run's ControlNet to the bit (they must be, where the run's is of this recipe)."""
     steps = run["preset"]["controlnet_steps"]
     files = chained_controlnets(run, host, parts, [k * steps for k in times])
-    own = run["dir"] / CONTROLNET
-    if fg.controlnet_is_current(own):
-        mine, runs = load_file(str(files[steps])), load_file(str(own))
-        same = "yes" if mine.keys() == runs.keys() and all(
-            torch.equal(v, runs[k]) for k, v in mine.items()) else "NO"
-    else:
-        same = "not asked: the run's is of another hint init"
-    paths = {f"{steps} steps (the run's)": str(own)}
+    same = equals_run_controlnet(run, files[steps]) or (
+        "not asked: the run's is of another hint init")
+    paths = {f"{steps} steps (the run's)": str(run["dir"] / CONTROLNET)}
     paths.update({f"{k * steps} steps": str(files[k * steps]) for k in sorted(set(times))})
     return controlnets_on_validation(
         run, host, parts, cfg, f"controlnet-times (the loop's first {steps} steps equal the run's "
@@ -1356,11 +1363,9 @@ def hint_init(run, host, parts, inits: list[str]) -> list[str]:
         same = ""
         if init == fg.CONTROLNET_HINT_INIT:
             same = " (the run's recipe)"
-            if fg.controlnet_is_current(run["dir"] / CONTROLNET):
-                mine, runs = (load_file(str(f)) for f in (out, run["dir"] / CONTROLNET))
-                equal = all(torch.equal(v, runs[k]) for k, v in mine.items())
-                same = (" (the run's recipe; its weights equal the run's ControlNet: "
-                        f"{'yes' if equal else 'NO'})")
+            equal = equals_run_controlnet(run, out)
+            if equal is not None:
+                same = f" (the run's recipe; its weights equal the run's ControlNet: {equal})"
         lines.append(f"hint-init {init}{same}: the seg ControlNet trained {steps} steps, "
                      f"{len(maps)} validation layouts, empty caption, eps MSE own map / "
                      "another layout's / no ControlNet, and the hint block's spread across "
