@@ -8,6 +8,7 @@ are saved.
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
         [--controlnet-end F ...] [--controlnet-times K ...] [--controlnet-strength S ...]
+        [--controlnet-colour]
         [--hint-init INIT ...] [--factor-offset S ...] [--factor-loss-weight W ...]
         [--mean-control] [--factor-norm-groups G ...] [--unet-on-maps] [--factor-lr LR ...]
         [--factor-times K ...] [--crowding]
@@ -127,6 +128,14 @@ asks for only the lines of the questions below.
   nothing trained): the run's seg ControlNet at ControlNetApplyAdvanced's strength S (its
   residuals scaled by S), drawn from the validation layouts' own maps beside strength 1 and the
   base as --controlnet-lr draws (does a map that speaks louder draw its shapes?).
+- --controlnet-colour (about 25 minutes to train on one thread on the /4 base, then about 4
+  minutes of images): the seg ControlNet trained as the run trains it (its steps, rate, caption
+  share, batch, seed, hint init and one thread) on colour maps, the seg maps with each object's
+  pixels in its image's colour, and drawn from the validation layouts' colour maps beside the
+  run's own from their seg maps, as --controlnet-lr draws. Not the paper's seg factor, whose
+  maps name classes only: a ceiling for the image factor (given where each object is, its class
+  and its colour, does the ControlNet draw what the detector reads, where from a seg map it
+  draws the base's colours and shapes?).
 - --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
   one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
   from each init of its hint block (torch: ControlNet's own, the run's until recipe 3's
@@ -204,6 +213,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -213,7 +223,7 @@ import shapes_world as sw  # noqa: E402  (this folder)
 import shapes_world_fgdm as fg  # noqa: E402
 
 from locref_core.composite import square_reference  # noqa: E402
-from locref_core.data.synthetic import phrase  # noqa: E402
+from locref_core.data.synthetic import SHAPE_CLASSES, coco_stuff_id, phrase  # noqa: E402
 from locref_core.eval.boxes import iou_matrix  # noqa: E402
 from locref_core.eval.shapes import SHAPES, appearance_scores, detect_shapes  # noqa: E402
 from locref_core.train import fgdm as fgdm_trainer  # noqa: E402
@@ -251,6 +261,7 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "controlnet_end": ("--controlnet-end F", (CONTROLNET,)),
              "controlnet_times": ("--controlnet-times K", (CONTROLNET,)),
              "controlnet_strength": ("--controlnet-strength S", (CONTROLNET,)),
+             "controlnet_colour": ("--controlnet-colour", (CONTROLNET,)),
              "hint_init": ("--hint-init INIT", ()),
              "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET)),
              "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET)),
@@ -332,6 +343,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also draw the run's seg ControlNet at strength S (that of "
                    "ControlNetApplyAdvanced) from the validation layouts' own maps, beside "
                    "strength 1")
+    p.add_argument("--controlnet-colour", action="store_true",
+                   help="also train the seg ControlNet as the run trains it on colour maps (each "
+                   "object in its image's colour, not only its class; about 25 minutes) and draw "
+                   "it from the validation layouts' colour maps, beside the run's own from their "
+                   "seg maps, as --controlnet-lr draws (a ceiling for the image factor)")
     p.add_argument("--hint-init", nargs="+", metavar="INIT", default=[],
                    choices=world_cn.HINT_INITS,
                    help="also train the seg ControlNet from these inits of its hint block "
@@ -1128,23 +1144,48 @@ def longer_controlnet(run, host, parts, cfg) -> str:
             f"{interval('shape', cells[1])}")
 
 
+def colour_maps(paths: dict, maps: torch.Tensor) -> torch.Tensor:
+    """`maps`, the layouts' seg maps as `fg.read_maps(paths)` gives them ((N, 3, S, S) in
+    [-1, 1]), with every object's pixels in its own colour, read from its image (the world paints
+    each object in one flat colour over exactly its label map's pixels): a hint that carries the
+    colour the caption gives each object as well as where its class is, which a seg map does
+    not. Background and void pixels keep the palette's colours."""
+    images = sw.read_images(Path(paths["images"]))
+    files = sorted(Path(paths["labels"]).glob("*.png"))
+    labels = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.int64))
+                          for f in files])
+    if images.shape != maps.shape or labels.shape != (maps.shape[0], *maps.shape[-2:]):
+        raise ValueError(f"colour maps: {len(files)} label maps {tuple(labels.shape[1:])} and "
+                         f"images {tuple(images.shape)} do not match the seg maps "
+                         f"{tuple(maps.shape)}; delete {Path(paths['images']).parent} to write "
+                         "the world's files again")
+    objects = torch.isin(labels, torch.tensor([coco_stuff_id(c) - 1
+                                               for c in SHAPE_CLASSES.values()]))
+    return torch.where(objects[:, None], images, maps)
+
+
 def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
-                         null_prob: float = world_cn.NULL_PROB) -> str:
-    """`diagnose/seg_controlnet_<lr, null>.safetensors`: the seg ControlNet trained as the run's
-    FG-DM half trains its own (its steps, batch, seed, the same latents, and one thread, so a
-    rerun gives the same weights, from the run's hint init) at learning rate `lr`, dropping the
-    caption in a share `null_prob` of its rows; cached (trained again where the cached one is of
-    another hint init), checkpointed as the run's stages are."""
+                         null_prob: float = world_cn.NULL_PROB, colour: bool = False) -> str:
+    """`diagnose/seg_controlnet_<lr, null, colour>.safetensors`: the seg ControlNet trained as
+    the run's FG-DM half trains its own (its steps, batch, seed, the same latents, and one thread,
+    so a rerun gives the same weights, from the run's hint init) at learning rate `lr`, dropping
+    the caption in a share `null_prob` of its rows, on the training images' colour maps
+    (`colour_maps`) instead of their seg maps where `colour`; cached (trained again where the
+    cached one is of another hint init), checkpointed as the run's stages are."""
     p, data = run["preset"], run["data"]
     tags = ([f"lr{lr:g}"] if lr != fg.TRAINER_LR else []) + (
-        [f"null{null_prob:g}"] if null_prob != world_cn.NULL_PROB else [])
+        [f"null{null_prob:g}"] if null_prob != world_cn.NULL_PROB else []) + (
+        ["colour"] if colour else [])
+    if colour:
+        data = {**data, "train_maps": colour_maps(data["train"], data["train_maps"])}
     name = f"diagnose/seg_controlnet_{'_'.join(tags)}"
     out = run["dir"] / f"{name}.safetensors"
     if fg.controlnet_is_current(out):
         log.info("controlnet: cached %s", out)
         return str(out)
     log.info("controlnet: the seg ControlNet at lr %g, captions dropped in %g of the rows, %d "
-             "steps", lr, null_prob, p["controlnet_steps"])
+             "steps, on %s maps", lr, null_prob, p["controlnet_steps"],
+             "colour" if colour else "seg")
     out.parent.mkdir(parents=True, exist_ok=True)
     with base.one_thread():  # as the run's FG-DM half: the latents too
         model = world_cn.build_controlnet(host, parts, seed=run["seed"],
@@ -1169,18 +1210,21 @@ def recall_cells(run, images, items) -> str:
 
 def controlnets_on_validation(run, host, parts, cfg, question: str,
                               paths: dict[str, str | tuple[str, float] | tuple[str, float, float]],
-                              trained: str | None = None) -> str:
+                              trained: str | None = None, colour: tuple[str, ...] = ()) -> str:
     """Seg ControlNets (label -> file, or (file, end[, strength]): the ControlNet over only that
     first share of the steps, ControlNetApplyAdvanced's end_percent, at that strength, 1 unless
-    given), each drawn from the validation layouts' own maps at CFG 1, 2 and the run's guidance,
-    beside the base from the same captions and seeds without a map: `question`'s line; `trained`
-    says how long they trained where the run's steps do not."""
+    given), each drawn from the validation layouts' own maps (their colour maps, `colour_maps`,
+    for the labels in `colour`) at CFG 1, 2 and the run's guidance, beside the base from the same
+    captions and seeds without a map: `question`'s line; `trained` says how long they trained
+    where the run's steps do not."""
     wanted = {who: (p, 1.0, 1.0) if isinstance(p, str) else (*p, 1.0)[:3]
               for who, p in paths.items()}
     loaded = {p: world_cn.wrap(host, world_cn.load_controlnet(host, parts, p))
               for p in {p for p, _, _ in wanted.values()}}
     layouts = validation_layouts(run)
-    maps = [fg.as_hint(m) for m in fg.read_maps(validation_paths(run))]
+    seg = fg.read_maps(validation_paths(run))
+    maps = [fg.as_hint(m) for m in seg]
+    colours = [fg.as_hint(m) for m in colour_maps(validation_paths(run), seg)] if colour else []
     texts = [item.caption for item in layouts]
     seeds = [sample_seed(run["seed"], i) for i in range(len(layouts))]
     cells = []
@@ -1192,7 +1236,8 @@ def controlnets_on_validation(run, host, parts, cfg, question: str,
         for who, (path, end, strength) in wanted.items():
             drawn[f"{who}, own map"] = base.sample_images(
                 host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=loaded[path],
-                maps=maps, control_percent=(0.0, end), control_strength=strength,
+                maps=colours if who in colour else maps, control_percent=(0.0, end),
+                control_strength=strength,
                 on_image=every_tenth(f"{question}, CFG {guidance:g}, {who}"))
         cells.append(f"CFG {guidance:g}: " + "; ".join(
             f"{who}: {recall_cells(run, images, layouts)}" for who, images in drawn.items()))
@@ -1221,6 +1266,17 @@ def controlnet_null(run, host, parts, cfg, probs: list[float]) -> str:
             paths[f"captions dropped {prob:g}"] = retrained_controlnet(run, host, parts,
                                                                        null_prob=prob)
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-null", paths)
+
+
+def controlnet_colour(run, host, parts, cfg) -> str:
+    """The seg ControlNet trained as the run trains its own on colour maps (`colour_maps`: each
+    object in its image's colour, not only its class; cached in diagnose/), drawn from the
+    validation layouts' colour maps beside the run's own from their seg maps: a ceiling for the
+    image factor, not the paper's seg factor (a seg map names classes, never colours)."""
+    paths = {"seg maps (the run's)": str(run["dir"] / CONTROLNET),
+             "colour maps": retrained_controlnet(run, host, parts, colour=True)}
+    return controlnets_on_validation(run, host, parts, cfg, "controlnet-colour", paths,
+                                     colour=("colour maps",))
 
 
 def controlnet_end(run, host, parts, cfg, ends: list[float]) -> str:
@@ -1894,6 +1950,8 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: controlnet_times(run, host, parts, cfg, args.controlnet_times))
     if args.controlnet_strength:
         asked.append(lambda: controlnet_strength(run, host, parts, cfg, args.controlnet_strength))
+    if args.controlnet_colour:
+        asked.append(lambda: controlnet_colour(run, host, parts, cfg))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()
