@@ -8,7 +8,7 @@ are saved.
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
         [--controlnet-end F ...] [--controlnet-times K ...] [--controlnet-strength S ...]
-        [--controlnet-colour]
+        [--controlnet-colour] [--controlnet-loss-weight W ...]
         [--hint-init INIT ...] [--factor-offset S ...] [--factor-loss-weight W ...]
         [--mean-control] [--factor-norm-groups G ...] [--unet-on-maps] [--factor-lr LR ...]
         [--factor-times K ...] [--crowding]
@@ -136,6 +136,13 @@ asks for only the lines of the questions below.
   maps name classes only: a ceiling for the image factor (given where each object is, its class
   and its colour, does the ControlNet draw what the detector reads, where from a seg map it
   draws the base's colours and shapes?).
+- --controlnet-loss-weight W [W ...] (about 25 minutes each to train on one thread on the /4
+  base, then about 4 minutes of images): the seg ControlNet trained as the run trains it with
+  each row's epsilon loss weighted as the FG-DM trainer's --loss-weight W weighs it (v: v's
+  error, normalised to mean 1 over the schedule, so the noisy steps weigh most; an epsilon
+  base's loss gives those steps, where the layout is laid down, the least weight), each drawn
+  with the run's own as --controlnet-lr draws (does the map steer the shapes once its loss
+  weighs the steps that decide them?).
 - --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
   one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
   from each init of its hint block (torch: ControlNet's own, the run's until recipe 3's
@@ -262,6 +269,7 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "controlnet_times": ("--controlnet-times K", (CONTROLNET,)),
              "controlnet_strength": ("--controlnet-strength S", (CONTROLNET,)),
              "controlnet_colour": ("--controlnet-colour", (CONTROLNET,)),
+             "controlnet_loss_weight": ("--controlnet-loss-weight W", (CONTROLNET,)),
              "hint_init": ("--hint-init INIT", ()),
              "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET)),
              "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET)),
@@ -348,6 +356,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "object in its image's colour, not only its class; about 25 minutes) and draw "
                    "it from the validation layouts' colour maps, beside the run's own from their "
                    "seg maps, as --controlnet-lr draws (a ceiling for the image factor)")
+    p.add_argument("--controlnet-loss-weight", nargs="+", metavar="W", default=[],
+                   choices=fgdm_trainer.LOSS_WEIGHTS,
+                   help="also train the seg ControlNet as the run trains it with each row's "
+                   "epsilon loss weighted as the FG-DM trainer's --loss-weight W weighs it (v: "
+                   "the noisy steps most; about 25 minutes each) and draw each, with the run's "
+                   "own (eps), as --controlnet-lr draws")
     p.add_argument("--hint-init", nargs="+", metavar="INIT", default=[],
                    choices=world_cn.HINT_INITS,
                    help="also train the seg ControlNet from these inits of its hint block "
@@ -1165,17 +1179,20 @@ def colour_maps(paths: dict, maps: torch.Tensor) -> torch.Tensor:
 
 
 def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
-                         null_prob: float = world_cn.NULL_PROB, colour: bool = False) -> str:
-    """`diagnose/seg_controlnet_<lr, null, colour>.safetensors`: the seg ControlNet trained as
-    the run's FG-DM half trains its own (its steps, batch, seed, the same latents, and one thread,
-    so a rerun gives the same weights, from the run's hint init) at learning rate `lr`, dropping
-    the caption in a share `null_prob` of its rows, on the training images' colour maps
-    (`colour_maps`) instead of their seg maps where `colour`; cached (trained again where the
+                         null_prob: float = world_cn.NULL_PROB, colour: bool = False,
+                         loss_weight: str = "eps") -> str:
+    """`diagnose/seg_controlnet_<lr, null, colour, weight>.safetensors`: the seg ControlNet
+    trained as the run's FG-DM half trains its own (its steps, batch, seed, the same latents, and
+    one thread, so a rerun gives the same weights, from the run's hint init) at learning rate
+    `lr`, dropping the caption in a share `null_prob` of its rows, on the training images' colour
+    maps (`colour_maps`) instead of their seg maps where `colour`, its loss weighted by noise
+    level as `loss_weight` says (`world_cn.train_controlnet`); cached (trained again where the
     cached one is of another hint init), checkpointed as the run's stages are."""
     p, data = run["preset"], run["data"]
     tags = ([f"lr{lr:g}"] if lr != fg.TRAINER_LR else []) + (
         [f"null{null_prob:g}"] if null_prob != world_cn.NULL_PROB else []) + (
-        ["colour"] if colour else [])
+        ["colour"] if colour else []) + ([f"weight-{loss_weight}"] if loss_weight != "eps"
+                                         else [])
     if colour:
         data = {**data, "train_maps": colour_maps(data["train"], data["train_maps"])}
     name = f"diagnose/seg_controlnet_{'_'.join(tags)}"
@@ -1184,14 +1201,14 @@ def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
         log.info("controlnet: cached %s", out)
         return str(out)
     log.info("controlnet: the seg ControlNet at lr %g, captions dropped in %g of the rows, %d "
-             "steps, on %s maps", lr, null_prob, p["controlnet_steps"],
-             "colour" if colour else "seg")
+             "steps, on %s maps, loss weight %s", lr, null_prob, p["controlnet_steps"],
+             "colour" if colour else "seg", loss_weight)
     out.parent.mkdir(parents=True, exist_ok=True)
     with base.one_thread():  # as the run's FG-DM half: the latents too
         model = world_cn.build_controlnet(host, parts, seed=run["seed"],
                                           hint_init=fg.CONTROLNET_HINT_INIT)
         fg.train_on_world(run, host, parts, data, model, f"{name}_ckpt", lr=lr,
-                          null_prob=null_prob)
+                          null_prob=null_prob, loss_weight=loss_weight)
     world_cn.save_controlnet(str(out), model, {"preset": run["name"], "diagnose": " ".join(tags),
                                                "hint_init": fg.CONTROLNET_HINT_INIT})
     shutil.rmtree(run["dir"] / f"{name}_ckpt", ignore_errors=True)
@@ -1277,6 +1294,18 @@ def controlnet_colour(run, host, parts, cfg) -> str:
              "colour maps": retrained_controlnet(run, host, parts, colour=True)}
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-colour", paths,
                                      colour=("colour maps",))
+
+
+def controlnet_loss_weight(run, host, parts, cfg, weights: list[str]) -> str:
+    """The seg ControlNet trained with its loss weighted by noise level (`world_cn.
+    train_controlnet`'s loss_weight; cached in diagnose/), each with the run's own (eps) on the
+    validation layouts."""
+    paths = {"loss weight eps (the run's)": str(run["dir"] / CONTROLNET)}
+    for weight in weights:
+        if weight != "eps":
+            paths[f"loss weight {weight}"] = retrained_controlnet(run, host, parts,
+                                                                  loss_weight=weight)
+    return controlnets_on_validation(run, host, parts, cfg, "controlnet-loss-weight", paths)
 
 
 def controlnet_end(run, host, parts, cfg, ends: list[float]) -> str:
@@ -1952,6 +1981,9 @@ def main(argv=None) -> list[str]:
         asked.append(lambda: controlnet_strength(run, host, parts, cfg, args.controlnet_strength))
     if args.controlnet_colour:
         asked.append(lambda: controlnet_colour(run, host, parts, cfg))
+    if args.controlnet_loss_weight:
+        asked.append(lambda: controlnet_loss_weight(run, host, parts, cfg,
+                                                    args.controlnet_loss_weight))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

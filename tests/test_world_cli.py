@@ -379,6 +379,13 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
             diagnose.parse_args(["--comfyui", "x", "--controlnet-strength", "2", bad])
         assert f"--controlnet-strength 2 {float(bad):g}: each S is ControlNetApplyAdvanced's" in (
             capsys.readouterr().err)
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-loss-weight",
+                                "v"]).controlnet_loss_weight == ["v"]
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--controlnet-loss-weight", "x0"])
+    assert "--controlnet-loss-weight: invalid choice: 'x0'" in capsys.readouterr().err
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-colour"]
+                               ).controlnet_colour
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--crowding"]).crowding
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
@@ -475,6 +482,8 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--controlnet-strength", "2") == [
         "seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--controlnet-colour") == ["seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--controlnet-loss-weight", "v") == [
+        "seg_controlnet.safetensors"]
     # the run's factor is drawn beside those trained with offset noise, through its ControlNet
     assert missing("--skip-basics", "--factor-offset", "0.1") == [
         "fgdm_seg.safetensors", "seg_controlnet.safetensors"]

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..train.common import DistEnv, Progress
+from ..train.fgdm import LOSS_WEIGHTS, loss_weights
 from ..train.host import (SD15Parts, TextCache, encode_text, ensure_loaded, freeze, predict_eps,
                           reinit)
 from ..weights import save_whole
@@ -140,13 +141,23 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
                      lr: float = 1e-4, null_prob: float = NULL_PROB, seed: int = 0,
                      on_step: Callable[[int, float], None] | None = None,
                      checkpoints: LoopCheckpoints | None = None,
-                     amp: torch.dtype | None = None) -> list[float]:
+                     amp: torch.dtype | None = None, loss_weight: str = "eps") -> list[float]:
     """The base's own objective (`objective`: v's MSE for a v base) with the ControlNet's
     residuals, the base frozen, on unscaled image latents (N, 4, h, w), their maps
     (N, 3, H, W) in [0, 1] and captions; half the captions are dropped (ControlNet's recipe: the
     map alone must carry the layout). Trains only `model`; `checkpoints`: continue from (and
     write) checkpoints of this loop. `amp`: the forward passes' autocast dtype
-    (`base.autocast`); the loss is taken in fp32."""
+    (`base.autocast`); the loss is taken in fp32. `loss_weight` "v" (an epsilon base only)
+    weighs each row's epsilon MSE as the FG-DM trainer's --loss-weight v does (v's error,
+    normalised to mean 1 over the schedule: the noisy steps, where the layout is decided, weigh
+    most); "eps", the default, is the base's objective unchanged."""
+    if loss_weight not in LOSS_WEIGHTS:
+        raise ValueError(f"loss_weight {loss_weight!r}: use one of {', '.join(LOSS_WEIGHTS)}")
+    ms = parts.patcher.model.model_sampling
+    if loss_weight != "eps" and (parts.patcher.model.model_type
+                                 != host.model_base.ModelType.EPS):
+        raise ValueError(f"loss_weight {loss_weight!r} reweighs an epsilon base's loss; this "
+                         "base is trained on another objective: use loss_weight 'eps'")
     model.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -165,7 +176,9 @@ def train_controlnet(host: SimpleNamespace, parts: SD15Parts, model: torch.nn.Mo
             control = control_of(parts, model, x, sigma, hint, context)
             eps = predict_eps(host, parts.patcher, x, sigma, context, control=control).float()
         error = (eps - noise).square()
-        loss = objective(host, parts, error, sigma)
+        weights = loss_weights(ms.sigmas, sigma, loss_weight)
+        loss = (objective(host, parts, error, sigma) if weights is None
+                else (error.mean(dim=(1, 2, 3)) * weights).mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

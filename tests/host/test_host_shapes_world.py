@@ -156,7 +156,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--factor-norm-groups", "8", "--unet-on-maps",
                                "--factor-lr", "1e-4", "3e-4", "--factor-times", "2",
                                "--crowding", "--controlnet-times", "2",
-                               "--controlnet-strength", "2", "1"])
+                               "--controlnet-strength", "2", "1", "--controlnet-colour"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
@@ -166,7 +166,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "factor-offset", "factor-loss-weight", "mean-control", "factor-norm-groups",
         "unet-on-maps", "factor-lr", "crowding",
         "controlnet-times (the loop's first 4 steps equal the run's ControlNet to the bit",
-        "controlnet-strength"]
+        "controlnet-strength", "controlnet-colour"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -196,7 +196,9 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     for cell in cells[1:]:
         assert "; N = 1: maps recall " in cell and "; N = 3: maps recall " in cell
         assert cell.count("world classes ") == 3 and cell.count("images recall ") == 2
+    import torch
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     factor = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     with safe_open(str(factor / "fgdm_seg_offset0.5.safetensors"), "pt") as f:
@@ -324,6 +326,23 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         parts, lr_parts = cell.split("; "), lr_cell.split("; ")
         assert parts[0] == lr_parts[0]
         assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+    # the seg ControlNet trained as the run's on colour maps, beside the run's from seg maps
+    assert lines[39].startswith("controlnet-colour: the seg ControlNet at 4 steps, 4 "
+                                "validation layouts, image recall: CFG 1: base, no map: recall ")
+    for cell, lr_cell in zip(lines[39].split("image recall: ")[1].split(" | "),
+                             lines[24].split("image recall: ")[1].split(" | "), strict=True):
+        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
+        assert whos == ["base, no map", "seg maps (the run's), own map", "colour maps, own map"]
+        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
+        assert parts[0] == lr_parts[0]
+        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+    run_dir = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}"
+    coloured = run_dir / "diagnose" / "seg_controlnet_colour.safetensors"
+    with safe_open(str(coloured), "pt") as f:
+        assert f.metadata()["diagnose"] == "colour"
+    mine, runs = load_file(str(coloured)), load_file(str(run_dir / "seg_controlnet.safetensors"))
+    assert mine.keys() == runs.keys()  # the same recipe and seed; other maps, other weights
+    assert not all(torch.equal(v, runs[k]) for k, v in mine.items())
     chain = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     for steps in (4, 8):
         with safe_open(str(chain / f"seg_controlnet_steps{steps}.safetensors"), "pt") as f:

@@ -252,3 +252,26 @@ def test_a_stopped_controlnet_continues_from_its_checkpoints_to_the_same_weights
     assert wcn.train_controlnet(host, parts, model, latents, maps, CAPTIONS,
                                 checkpoints=ckpt(), **kw) == losses
     assert weights_digest(model) == weights_digest(never)
+
+
+def test_a_v_weighted_loss_weighs_each_row_by_its_noise_level(host, world):
+    """loss_weight "v": one row's loss is its epsilon MSE times the FG-DM trainer's v weight at
+    the row's sigma (the same draws as the plain loss, from the same seed); other weights are
+    refused by name."""
+    from locref_core.train.fgdm import loss_weights
+
+    parts, _ = world
+    maps, latents = maps_and_latents()
+    kw = {"steps": 1, "batch": 1, "lr": 1e-3}
+    plain = wcn.train_controlnet(host, parts, wcn.build_controlnet(host, parts, seed=0), latents,
+                                 maps, CAPTIONS, **kw)
+    weighed = wcn.train_controlnet(host, parts, wcn.build_controlnet(host, parts, seed=0),
+                                   latents, maps, CAPTIONS, loss_weight="v", **kw)
+    sigmas = parts.patcher.model.model_sampling.sigmas
+    ratios = loss_weights(sigmas, sigmas, "v")  # each level's weight
+    ratio = weighed[0] / plain[0]
+    assert ratio != pytest.approx(1.0, rel=1e-3)
+    assert (ratios - ratio).abs().min() <= 1e-4 * ratio  # the row's own level's weight
+    with pytest.raises(ValueError, match="loss_weight 'x0': use one of eps, v"):
+        wcn.train_controlnet(host, parts, wcn.build_controlnet(host, parts, seed=0), latents,
+                             maps, CAPTIONS, loss_weight="x0", **kw)
