@@ -440,6 +440,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(k < 2 for k in args.controlnet_times):
         p.error(f"--controlnet-times {' '.join(map(str, args.controlnet_times))}: each K is a "
                 "multiple of the run's ControlNet steps of at least 2 (1 is the run's own)")
+    if args.prediction == "v" and set(args.controlnet_loss_weight) - {"eps"}:
+        p.error("--controlnet-loss-weight reweighs an epsilon base's loss; a v base's "
+                "ControlNet already trains on v's error: leave the flag out with --prediction v")
     # --longer's line is K = 2's (the same cached adapter, scored the same way): asked once
     args.adapter_times = sorted(set(args.adapter_times) - ({2} if args.longer else set()))
     if args.skip_basics and not any(getattr(args, q) for q in QUESTIONS):

@@ -384,6 +384,10 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
     with pytest.raises(SystemExit):
         diagnose.parse_args(["--comfyui", "x", "--controlnet-loss-weight", "x0"])
     assert "--controlnet-loss-weight: invalid choice: 'x0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--prediction", "v", "--controlnet-loss-weight",
+                             "v"])
+    assert "a v base's ControlNet already trains on v's error" in capsys.readouterr().err
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-colour"]
                                ).controlnet_colour
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--crowding"]).crowding
