@@ -156,7 +156,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--factor-norm-groups", "8", "--unet-on-maps",
                                "--factor-lr", "1e-4", "3e-4", "--factor-times", "2",
                                "--crowding", "--controlnet-times", "2",
-                               "--controlnet-strength", "2", "1", "--controlnet-colour"])
+                               "--controlnet-strength", "2", "1", "--controlnet-colour",
+                               "--controlnet-loss-weight", "v"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
@@ -166,7 +167,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "factor-offset", "factor-loss-weight", "mean-control", "factor-norm-groups",
         "unet-on-maps", "factor-lr", "crowding",
         "controlnet-times (the loop's first 4 steps equal the run's ControlNet to the bit",
-        "controlnet-strength", "controlnet-colour"]
+        "controlnet-strength", "controlnet-colour", "controlnet-loss-weight"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -340,9 +341,22 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     coloured = run_dir / "diagnose" / "seg_controlnet_colour.safetensors"
     with safe_open(str(coloured), "pt") as f:
         assert f.metadata()["diagnose"] == "colour"
-    mine, runs = load_file(str(coloured)), load_file(str(run_dir / "seg_controlnet.safetensors"))
-    assert mine.keys() == runs.keys()  # the same recipe and seed; other maps, other weights
-    assert not all(torch.equal(v, runs[k]) for k, v in mine.items())
+    runs = load_file(str(run_dir / "seg_controlnet.safetensors"))
+    # the same recipe and seed; other maps, or another loss weight: other weights
+    for other in ("colour", "weight-v"):
+        mine = load_file(str(run_dir / "diagnose" / f"seg_controlnet_{other}.safetensors"))
+        assert mine.keys() == runs.keys()
+        assert not all(torch.equal(v, runs[k]) for k, v in mine.items()), other
+    assert lines[40].startswith("controlnet-loss-weight: the seg ControlNet at 4 steps, 4 "
+                                "validation layouts, image recall: CFG 1: base, no map: recall ")
+    for cell, lr_cell in zip(lines[40].split("image recall: ")[1].split(" | "),
+                             lines[24].split("image recall: ")[1].split(" | "), strict=True):
+        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
+        assert whos == ["base, no map", "loss weight eps (the run's), own map",
+                        "loss weight v, own map"]
+        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
+        assert parts[0] == lr_parts[0]
+        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
     chain = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     for steps in (4, 8):
         with safe_open(str(chain / f"seg_controlnet_steps{steps}.safetensors"), "pt") as f:
