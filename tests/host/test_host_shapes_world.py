@@ -139,6 +139,19 @@ class Stopped(Exception):
     """Stands for a run stopped part-way (Ctrl-C, the machine taken back)."""
 
 
+def same_base_and_run_cells(line: str, lr_line: str, whos: list[str]) -> None:
+    """A line drawn by `controlnets_on_validation` (`whos`: its cells' labels, the base's and
+    the run's ControlNet's first) beside the controlnet-lr line: at every guidance its base and
+    run's cells are that line's own (the same images), under its own labels."""
+    cells, lr_cells = (x.split("image recall: ")[1].split(" | ") for x in (line, lr_line))
+    assert len(cells) == len(lr_cells) == 3  # CFG 1, 2 and the run's
+    for cell, lr_cell in zip(cells, lr_cells):
+        assert re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell) == whos
+        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
+        assert parts[0] == lr_parts[0]
+        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+
+
 def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     diagnose = load_benchmark("shapes_world_diagnose")
     argv = ["--comfyui", str(comfyui_path()), "--quick", "--cache", str(tmp_path)]
@@ -308,35 +321,19 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert lines[37].startswith("controlnet-times (the loop's first 4 steps equal the run's "
                                 "ControlNet to the bit: yes): the seg ControlNet at the steps "
                                 "each label names, 4 validation layouts, image recall: CFG 1: ")
-    cells = lines[37].split("image recall: ")[1].split(" | ")
-    for cell, lr_cell in zip(cells, lines[24].split("image recall: ")[1].split(" | "),
-                             strict=True):
-        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
-        assert whos == ["base, no map", "4 steps (the run's), own map", "8 steps, own map"]
-        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
-        assert parts[0] == lr_parts[0]
-        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+    same_base_and_run_cells(lines[37], lines[24], [
+        "base, no map", "4 steps (the run's), own map", "8 steps, own map"])
     # the run's ControlNet at strength 2 beside strength 1 (the run's, asked once), whose cells
     # are the controlnet-lr line's own (the same images)
     assert lines[38].startswith("controlnet-strength: the seg ControlNet at 4 steps, 4 "
                                 "validation layouts, image recall: CFG 1: base, no map: recall ")
-    for cell, lr_cell in zip(lines[38].split("image recall: ")[1].split(" | "),
-                             lines[24].split("image recall: ")[1].split(" | "), strict=True):
-        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
-        assert whos == ["base, no map", "strength 1 (the run's), own map", "strength 2, own map"]
-        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
-        assert parts[0] == lr_parts[0]
-        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+    same_base_and_run_cells(lines[38], lines[24], [
+        "base, no map", "strength 1 (the run's), own map", "strength 2, own map"])
     # the seg ControlNet trained as the run's on colour maps, beside the run's from seg maps
     assert lines[39].startswith("controlnet-colour: the seg ControlNet at 4 steps, 4 "
                                 "validation layouts, image recall: CFG 1: base, no map: recall ")
-    for cell, lr_cell in zip(lines[39].split("image recall: ")[1].split(" | "),
-                             lines[24].split("image recall: ")[1].split(" | "), strict=True):
-        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
-        assert whos == ["base, no map", "seg maps (the run's), own map", "colour maps, own map"]
-        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
-        assert parts[0] == lr_parts[0]
-        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+    same_base_and_run_cells(lines[39], lines[24], [
+        "base, no map", "seg maps (the run's), own map", "colour maps, own map"])
     run_dir = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}"
     coloured = run_dir / "diagnose" / "seg_controlnet_colour.safetensors"
     with safe_open(str(coloured), "pt") as f:
@@ -349,14 +346,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         assert not all(torch.equal(v, runs[k]) for k, v in mine.items()), other
     assert lines[40].startswith("controlnet-loss-weight: the seg ControlNet at 4 steps, 4 "
                                 "validation layouts, image recall: CFG 1: base, no map: recall ")
-    for cell, lr_cell in zip(lines[40].split("image recall: ")[1].split(" | "),
-                             lines[24].split("image recall: ")[1].split(" | "), strict=True):
-        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
-        assert whos == ["base, no map", "loss weight eps (the run's), own map",
-                        "loss weight v, own map"]
-        parts, lr_parts = cell.split("; "), lr_cell.split("; ")
-        assert parts[0] == lr_parts[0]
-        assert parts[1].split(": ", 1)[1] == lr_parts[1].split(": ", 1)[1]
+    same_base_and_run_cells(lines[40], lines[24], [
+        "base, no map", "loss weight eps (the run's), own map", "loss weight v, own map"])
     chain = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     for steps in (4, 8):
         with safe_open(str(chain / f"seg_controlnet_steps{steps}.safetensors"), "pt") as f:
@@ -429,14 +420,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert lines[26].count(" | CFG ") == 2
     # the run's ControlNet over only the first 0.3 of the steps, beside its whole range (1: the
     # run's, asked once), whose cells are the controlnet-lr line's own (the same images)
-    cells = lines[27].split("image recall: ")[1].split(" | ")
-    for cell, lr_cell in zip(cells, lines[24].split("image recall: ")[1].split(" | ")):
-        whos = re.findall(r"(?:^CFG \d: |; )([^:;]+): recall ", cell)
-        assert whos == ["base, no map", "whole range (the run's), own map",
-                        "first 0.3 of the steps, own map"]
-        parts = cell.split("; ")
-        assert parts[0] == lr_cell.split("; ")[0]
-        assert parts[1].split(": ", 1)[1] == lr_cell.split("; ")[1].split(": ", 1)[1]
+    same_base_and_run_cells(lines[27], lines[24], [
+        "base, no map", "whole range (the run's), own map", "first 0.3 of the steps, own map"])
     assert (out / "seg_controlnet_null0.1.safetensors").is_file()
     assert not (out / "seg_controlnet_null0.5.safetensors").exists()
     assert (out / "seg_controlnet_lr0.0003.safetensors").is_file()
