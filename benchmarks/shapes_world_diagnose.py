@@ -1161,13 +1161,13 @@ def longer_controlnet(run, host, parts, cfg) -> str:
             f"{interval('shape', cells[1])}")
 
 
-def colour_maps(paths: dict, maps: torch.Tensor) -> torch.Tensor:
+def colour_maps(paths: dict, maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """`maps`, the layouts' seg maps as `fg.read_maps(paths)` gives them ((N, 3, S, S) in
-    [-1, 1]), with every object's pixels in its own colour, read from its image (the world paints
-    each object in one flat colour over exactly its label map's pixels): a hint that carries the
-    colour the caption gives each object as well as where its class is, which a seg map does
-    not. Background and void pixels keep the palette's colours."""
-    images = sw.read_images(Path(paths["images"]))
+    [-1, 1]), with every object's pixels in its own colour, taken from its image (`images`, as
+    `sw.read_images(paths["images"])` gives them; the world paints each object in one flat
+    colour over exactly its label map's pixels): a hint that carries the colour the caption gives
+    each object as well as where its class is, which a seg map does not. Background and void
+    pixels keep the palette's colours."""
     files = sorted(Path(paths["labels"]).glob("*.png"))
     labels = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.int64))
                           for f in files])
@@ -1196,13 +1196,14 @@ def retrained_controlnet(run, host, parts, lr: float = fg.TRAINER_LR,
         [f"null{null_prob:g}"] if null_prob != world_cn.NULL_PROB else []) + (
         ["colour"] if colour else []) + ([f"weight-{loss_weight}"] if loss_weight != "eps"
                                          else [])
-    if colour:
-        data = {**data, "train_maps": colour_maps(data["train"], data["train_maps"])}
     name = f"diagnose/seg_controlnet_{'_'.join(tags)}"
     out = run["dir"] / f"{name}.safetensors"
     if fg.controlnet_is_current(out):
         log.info("controlnet: cached %s", out)
         return str(out)
+    if colour:
+        data = {**data, "train_maps": colour_maps(data["train"], data["train_maps"],
+                                                  data["train_images"])}
     log.info("controlnet: the seg ControlNet at lr %g, captions dropped in %g of the rows, %d "
              "steps, on %s maps, loss weight %s", lr, null_prob, p["controlnet_steps"],
              "colour" if colour else "seg", loss_weight)
@@ -1241,10 +1242,11 @@ def controlnets_on_validation(run, host, parts, cfg, question: str,
               for who, p in paths.items()}
     loaded = {p: world_cn.wrap(host, world_cn.load_controlnet(host, parts, p))
               for p in {p for p, _, _ in wanted.values()}}
-    layouts = validation_layouts(run)
-    seg = fg.read_maps(validation_paths(run))
+    layouts, files = validation_layouts(run), validation_paths(run)
+    seg = fg.read_maps(files)
     maps = [fg.as_hint(m) for m in seg]
-    colours = [fg.as_hint(m) for m in colour_maps(validation_paths(run), seg)] if colour else []
+    colours = [fg.as_hint(m) for m in colour_maps(files, seg, sw.read_images(files["images"]))
+               ] if colour else []
     texts = [item.caption for item in layouts]
     seeds = [sample_seed(run["seed"], i) for i in range(len(layouts))]
     cells = []

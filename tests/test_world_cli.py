@@ -680,8 +680,7 @@ def test_lone_object_map_keeps_one_object_and_the_frame(diagnose):
         diagnose.lone_object_map(true_map, crowded, 0)
 
 
-
-def test_colour_maps_paint_each_object_in_its_image_colour(diagnose, tmp_path):
+def test_colour_maps_paint_each_object_in_its_image_colour(diagnose, sw, tmp_path):
     """--controlnet-colour's hint: the seg map with each object's pixels in the colour its
     image (and caption) gives it; the background and the void frame as the seg map has them."""
     import json
@@ -691,13 +690,11 @@ def test_colour_maps_paint_each_object_in_its_image_colour(diagnose, tmp_path):
 
     fg = load_benchmark("shapes_world_fgdm")
     paths = make_synthetic_coco(tmp_path / "w", n_images=6, size=64, seed=5, max_objects=4)
-    seg = fg.read_maps(paths)
-    coloured = diagnose.colour_maps(paths, seg)
+    seg, images = fg.read_maps(paths), sw.read_images(paths["images"])
+    coloured = diagnose.colour_maps(paths, seg, images)
     assert coloured.shape == seg.shape
     rgb = {name: torch.tensor(c) / 127.5 - 1 for name, c in COLOURS.items()}
-    captions = {}
-    for c in json.loads(Path(paths["captions"]).read_text())["annotations"]:
-        captions.setdefault(c["image_id"], []).append(c["caption"])
+    captions = sw.read_captions(paths, len(seg))  # each image's, in image order
     objects = torch.zeros(seg.shape[0], 64, 64, dtype=torch.bool)
     anns = json.loads(Path(paths["instances"]).read_text())["annotations"]
     for ann in anns:
@@ -707,10 +704,10 @@ def test_colour_maps_paint_each_object_in_its_image_colour(diagnose, tmp_path):
         pixels = coloured[i][:, mask]  # (3, n): one flat colour of the world's, in the caption
         name = next(n for n, c in rgb.items() if torch.allclose(pixels[:, 0], c, atol=1e-3))
         assert torch.allclose(pixels, rgb[name][:, None].expand_as(pixels), atol=1e-3)
-        assert all(name in caption for caption in captions[ann["image_id"]])
+        assert all(name in caption for caption in captions[i])
         assert not torch.allclose(seg[i][:, mask], pixels)  # the seg map paints its class
     assert len(anns) >= 6
     outside = ~objects[:, None].expand_as(seg)
     assert torch.equal(coloured[outside], seg[outside])  # background and void frame kept
     with pytest.raises(ValueError, match="do not match the seg maps"):
-        diagnose.colour_maps(paths, seg[:, :, :32, :32])
+        diagnose.colour_maps(paths, seg[:, :, :32, :32], images)
