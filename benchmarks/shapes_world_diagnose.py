@@ -8,7 +8,7 @@ are saved.
         [--own-map] [--regional] [--base-longer] [--adapter-seeds S ...]
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
         [--controlnet-end F ...] [--controlnet-times K ...] [--controlnet-strength S ...]
-        [--controlnet-colour] [--controlnet-loss-weight W ...]
+        [--controlnet-colour] [--controlnet-loss-weight W ...] [--controlnet-positive]
         [--hint-init INIT ...] [--factor-offset S ...] [--factor-loss-weight W ...]
         [--mean-control] [--factor-norm-groups G ...] [--unet-on-maps] [--factor-lr LR ...]
         [--factor-times K ...] [--crowding]
@@ -143,6 +143,14 @@ asks for only the lines of the questions below.
   base's loss gives those steps, where the layout is laid down, the least weight), each drawn
   with the run's own as --controlnet-lr draws (does the map steer the shapes once its loss
   weighs the steps that decide them?).
+- --controlnet-positive (about 8 minutes of images on one thread on the /4 base; the colour
+  ControlNet trained first if --controlnet-colour has not cached it): the run's seg ControlNet
+  from the validation layouts' seg maps and the colour one from their colour maps, each
+  attached to the positive CFG branch alone beside both branches (ControlNetApplyAdvanced's
+  wiring, the run's), as --controlnet-lr draws. With the map on both branches CFG amplifies
+  only what the caption adds to it; on the positive alone the map's pull too (does guidance
+  with the map on both branches undo what the map gives? at CFG 1 the two wirings draw the
+  same images, the host sampling the positive alone).
 - --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
   one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
   from each init of its hint block (torch: ControlNet's own, the run's until recipe 3's
@@ -216,7 +224,7 @@ from pathlib import Path
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -270,6 +278,7 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "controlnet_strength": ("--controlnet-strength S", (CONTROLNET,)),
              "controlnet_colour": ("--controlnet-colour", (CONTROLNET,)),
              "controlnet_loss_weight": ("--controlnet-loss-weight W", (CONTROLNET,)),
+             "controlnet_positive": ("--controlnet-positive", (CONTROLNET,)),
              "hint_init": ("--hint-init INIT", ()),
              "factor_offset": ("--factor-offset S", (FACTOR, CONTROLNET)),
              "factor_loss_weight": ("--factor-loss-weight W", (FACTOR, CONTROLNET)),
@@ -362,6 +371,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "epsilon loss weighted as the FG-DM trainer's --loss-weight W weighs it (v: "
                    "the noisy steps most; about 25 minutes each) and draw each, with the run's "
                    "own (eps), as --controlnet-lr draws")
+    p.add_argument("--controlnet-positive", action="store_true",
+                   help="also draw the run's seg ControlNet, and the colour-map one (trained if "
+                   "missing, as --controlnet-colour trains it), attached to the positive CFG "
+                   "branch alone, beside both branches (ControlNetApplyAdvanced's wiring), "
+                   "as --controlnet-lr draws")
     p.add_argument("--hint-init", nargs="+", metavar="INIT", default=[],
                    choices=world_cn.HINT_INITS,
                    help="also train the seg ControlNet from these inits of its hint block "
@@ -1229,24 +1243,33 @@ def recall_cells(run, images, items) -> str:
             f"{recall_by_named(scores)})")
 
 
+class Drawn(NamedTuple):
+    """How a validation line draws one seg ControlNet (`controlnets_on_validation`): its file,
+    over the first `end` of the steps (ControlNetApplyAdvanced's end_percent) at `strength`, on
+    both CFG branches or (`negative` False) the positive alone, from the layouts' seg maps or
+    (`colour`) their colour maps (`colour_maps`)."""
+
+    path: str
+    end: float = 1.0
+    strength: float = 1.0
+    negative: bool = True
+    colour: bool = False
+
+
 def controlnets_on_validation(run, host, parts, cfg, question: str,
-                              paths: dict[str, str | tuple[str, float] | tuple[str, float, float]],
-                              trained: str | None = None, colour: tuple[str, ...] = ()) -> str:
-    """Seg ControlNets (label -> file, or (file, end[, strength]): the ControlNet over only that
-    first share of the steps, ControlNetApplyAdvanced's end_percent, at that strength, 1 unless
-    given), each drawn from the validation layouts' own maps (their colour maps, `colour_maps`,
-    for the labels in `colour`) at CFG 1, 2 and the run's guidance, beside the base from the same
-    captions and seeds without a map: `question`'s line; `trained` says how long they trained
-    where the run's steps do not."""
-    wanted = {who: (p, 1.0, 1.0) if isinstance(p, str) else (*p, 1.0)[:3]
-              for who, p in paths.items()}
+                              paths: dict[str, str | Drawn], trained: str | None = None) -> str:
+    """Seg ControlNets (label -> file, drawn as the run draws, or how to draw it), each from the
+    validation layouts' own maps at CFG 1, 2 and the run's guidance, beside the base from the
+    same captions and seeds without a map: `question`'s line; `trained` says how long they
+    trained where the run's steps do not."""
+    wanted = {who: Drawn(p) if isinstance(p, str) else p for who, p in paths.items()}
     loaded = {p: world_cn.wrap(host, world_cn.load_controlnet(host, parts, p))
-              for p in {p for p, _, _ in wanted.values()}}
+              for p in {d.path for d in wanted.values()}}
     layouts, files = validation_layouts(run), validation_paths(run)
     seg = fg.read_maps(files)
     maps = [fg.as_hint(m) for m in seg]
     colours = [fg.as_hint(m) for m in colour_maps(files, seg, sw.read_images(files["images"]))
-               ] if colour else []
+               ] if any(d.colour for d in wanted.values()) else []
     texts = [item.caption for item in layouts]
     seeds = [sample_seed(run["seed"], i) for i in range(len(layouts))]
     cells = []
@@ -1255,11 +1278,11 @@ def controlnets_on_validation(run, host, parts, cfg, question: str,
         drawn = {"base, no map": base.sample_images(
             host, parts.patcher, parts, texts, seeds, cfg, **kw,
             on_image=every_tenth(f"{question}, CFG {guidance:g}, base"))}
-        for who, (path, end, strength) in wanted.items():
+        for who, d in wanted.items():
             drawn[f"{who}, own map"] = base.sample_images(
-                host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=loaded[path],
-                maps=colours if who in colour else maps, control_percent=(0.0, end),
-                control_strength=strength,
+                host, parts.patcher, parts, texts, seeds, cfg, **kw, control_net=loaded[d.path],
+                maps=colours if d.colour else maps, control_percent=(0.0, d.end),
+                control_strength=d.strength, control_negative=d.negative,
                 on_image=every_tenth(f"{question}, CFG {guidance:g}, {who}"))
         cells.append(f"CFG {guidance:g}: " + "; ".join(
             f"{who}: {recall_cells(run, images, layouts)}" for who, images in drawn.items()))
@@ -1296,9 +1319,25 @@ def controlnet_colour(run, host, parts, cfg) -> str:
     validation layouts' colour maps beside the run's own from their seg maps: a ceiling for the
     image factor, not the paper's seg factor (a seg map names classes, never colours)."""
     paths = {"seg maps (the run's)": str(run["dir"] / CONTROLNET),
-             "colour maps": retrained_controlnet(run, host, parts, colour=True)}
-    return controlnets_on_validation(run, host, parts, cfg, "controlnet-colour", paths,
-                                     colour=("colour maps",))
+             "colour maps": Drawn(retrained_controlnet(run, host, parts, colour=True),
+                                  colour=True)}
+    return controlnets_on_validation(run, host, parts, cfg, "controlnet-colour", paths)
+
+
+def controlnet_positive(run, host, parts, cfg) -> str:
+    """The run's seg ControlNet and the colour-map one (`controlnet_colour`'s, trained if
+    missing) each attached to the positive CFG branch alone (`world_cn.with_control`'s
+    negative_too), beside both branches as the run attaches them, on the validation layouts:
+    with the map on both branches CFG amplifies only what the caption adds to it; on the
+    positive alone it amplifies the map's pull too. At CFG 1 both wirings draw the same images
+    (the host samples the positive alone there). Inference only, but for the colour file."""
+    own = str(run["dir"] / CONTROLNET)
+    colour = retrained_controlnet(run, host, parts, colour=True)
+    paths = {"seg maps, both branches (the run's)": own,
+             "seg maps, positive only": Drawn(own, negative=False),
+             "colour maps, both branches": Drawn(colour, colour=True),
+             "colour maps, positive only": Drawn(colour, negative=False, colour=True)}
+    return controlnets_on_validation(run, host, parts, cfg, "controlnet-positive", paths)
 
 
 def controlnet_loss_weight(run, host, parts, cfg, weights: list[str]) -> str:
@@ -1318,8 +1357,8 @@ def controlnet_end(run, host, parts, cfg, ends: list[float]) -> str:
     the layout while the image is noisy; the base alone draws the rest), each end beside the
     whole range on the validation layouts. Inference only: nothing is trained."""
     own = str(run["dir"] / CONTROLNET)
-    paths = {"whole range (the run's)": (own, 1.0)}
-    paths.update({f"first {end:g} of the steps": (own, end) for end in ends if end != 1.0})
+    paths = {"whole range (the run's)": Drawn(own)}
+    paths.update({f"first {end:g} of the steps": Drawn(own, end) for end in ends if end != 1.0})
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-end", paths)
 
 
@@ -1327,8 +1366,8 @@ def controlnet_strength(run, host, parts, cfg, strengths: list[float]) -> str:
     """The run's seg ControlNet at other strengths (ControlNetApplyAdvanced's: its residuals
     scaled), each beside strength 1 on the validation layouts. Inference only."""
     own = str(run["dir"] / CONTROLNET)
-    paths = {"strength 1 (the run's)": (own, 1.0, 1.0)}
-    paths.update({f"strength {s:g}": (own, 1.0, s) for s in strengths if s != 1.0})
+    paths = {"strength 1 (the run's)": Drawn(own)}
+    paths.update({f"strength {s:g}": Drawn(own, strength=s) for s in strengths if s != 1.0})
     return controlnets_on_validation(run, host, parts, cfg, "controlnet-strength", paths)
 
 
@@ -1989,6 +2028,8 @@ def main(argv=None) -> list[str]:
     if args.controlnet_loss_weight:
         asked.append(lambda: controlnet_loss_weight(run, host, parts, cfg,
                                                     args.controlnet_loss_weight))
+    if args.controlnet_positive:
+        asked.append(lambda: controlnet_positive(run, host, parts, cfg))
     lines, t0 = [], time.perf_counter()
     for n, ask in enumerate(asked, 1):  # each line logged as soon as it is known
         answer = ask()

@@ -390,6 +390,8 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
     assert "a v base's ControlNet already trains on v's error" in capsys.readouterr().err
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-colour"]
                                ).controlnet_colour
+    assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-positive"]
+                               ).controlnet_positive
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--crowding"]).crowding
     with pytest.raises(SystemExit):  # the basics hold the drawing lines already
         diagnose.parse_args(["--comfyui", "x", "--drawing"])
@@ -486,6 +488,7 @@ def test_diagnose_needs_only_the_models_its_questions_read(sw, diagnose, tmp_pat
     assert missing("--skip-basics", "--controlnet-strength", "2") == [
         "seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--controlnet-colour") == ["seg_controlnet.safetensors"]
+    assert missing("--skip-basics", "--controlnet-positive") == ["seg_controlnet.safetensors"]
     assert missing("--skip-basics", "--controlnet-loss-weight", "v") == [
         "seg_controlnet.safetensors"]
     # the run's factor is drawn beside those trained with offset noise, through its ControlNet

@@ -370,16 +370,18 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
                   on_image: Callable[[int, int], None] | None = None,
                   regions: Sequence[Sequence[tuple[str, torch.Tensor]]] | None = None,
                   control_percent: tuple[float, float] = (0.0, 1.0),
-                  control_strength: float = 1.0, decode: bool = True) -> torch.Tensor:
+                  control_strength: float = 1.0, control_negative: bool = True,
+                  decode: bool = True) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from `patcher` (the base or a patched clone) through the
     host's own sampler (comfy.sample.sample, what KSampler calls), one seed per text; with a
     `control_net` (the host's CONTROL_NET) each image gets its map (1, H, W, 3) in [0, 1] as the
     hint, attached as ControlNetApplyAdvanced does, at `control_strength` (its strength) over
-    `control_percent` (its start_percent, end_percent) of the sampling. With `regions`, each
-    image's (text, mask (H, W) in [0, 1]) pairs are further positive conditionings, masked as
-    ConditioningSetMask masks them (strength 1), and the image's own text is masked to where
-    none of them is: the host blends the predictions by mask, so inside a region only its text
-    speaks.
+    `control_percent` (its start_percent, end_percent) of the sampling, on both CFG branches
+    (`control_negative` False: on the positive alone, `controlnet.with_control`). With
+    `regions`, each image's (text, mask (H, W) in [0, 1]) pairs are further positive
+    conditionings, masked as ConditioningSetMask masks them (strength 1), and the image's own
+    text is masked to where none of them is: the host blends the predictions by mask, so inside
+    a region only its text speaks.
     `on_image(done, total)` after each image (progress for long lists). `decode` False: the
     sampled latents (B, 4, h, w) as the sampler returns them, not decoded."""
     from .controlnet import with_control
@@ -396,7 +398,8 @@ def sample_images(host: SimpleNamespace, patcher: Any, parts: SD15Parts, texts: 
                 [encode_text(parts.clip, [t]), masked(m)] for t, m in zip(region_texts, masks)]
         if control_net is not None:
             pos, negative_cond = with_control(control_net, pos, neg, maps[i],
-                                              strength=control_strength, percent=control_percent)
+                                              strength=control_strength, percent=control_percent,
+                                              negative_too=control_negative)
         empty = torch.zeros(1, 4, side, side)
         noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(int(seed)))
         latent = host.sample.sample(patcher, noise, steps, guidance, sampler, "normal", pos,

@@ -218,15 +218,19 @@ def wrap(host: SimpleNamespace, model: torch.nn.Module) -> Any:
 
 
 def with_control(control_net: Any, positive: list, negative: list, maps: torch.Tensor,
-                 strength: float = 1.0, percent: tuple[float, float] = (0.0, 1.0)
-                 ) -> tuple[list, list]:
+                 strength: float = 1.0, percent: tuple[float, float] = (0.0, 1.0),
+                 negative_too: bool = True) -> tuple[list, list]:
     """Positive and negative conditioning with the ControlNet attached as ControlNetApplyAdvanced
     attaches it: one copy holding the hint, shared by both; maps (1, H, W, 3) in [0, 1]. `percent`
     is the node's (start_percent, end_percent): the share of the sampling, from its noisy end,
-    over which the ControlNet speaks (the host turns it into a sigma range)."""
+    over which the ControlNet speaks (the host turns it into a sigma range). `negative_too` False:
+    the negative is returned as given, so only the positive branch sees the map and CFG scales
+    the map's pull with the text's (ControlNetApplyAdvanced with its negative output left
+    unwired). At CFG 1 the host samples the positive alone, and both wirings draw the same
+    image."""
     if not 0.0 <= percent[0] <= percent[1] <= 1.0:
         raise ValueError(f"ControlNet percent range {percent} must satisfy 0 <= start <= end <= 1")
     c_net = control_net.copy().set_cond_hint(maps.movedim(-1, 1), strength, tuple(percent))
     attach = lambda cond: [[t[0], {**t[1], "control": c_net, "control_apply_to_uncond": False}]  # noqa: E731
                            for t in cond]
-    return attach(positive), attach(negative)
+    return attach(positive), attach(negative) if negative_too else negative

@@ -170,7 +170,7 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                "--factor-lr", "1e-4", "3e-4", "--factor-times", "2",
                                "--crowding", "--controlnet-times", "2",
                                "--controlnet-strength", "2", "1", "--controlnet-colour",
-                               "--controlnet-loss-weight", "v"])
+                               "--controlnet-loss-weight", "v", "--controlnet-positive"])
     assert [line.split(":")[0] for line in lines] == [
         "vae-noise", "probe", "controlnet-eps", "one-object", "sdedit", "placement", "placement",
         "samplers", "adapter-lr", "own-map", "longer", "placement", "longer", "adapter-times",
@@ -180,7 +180,8 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
         "factor-offset", "factor-loss-weight", "mean-control", "factor-norm-groups",
         "unet-on-maps", "factor-lr", "crowding",
         "controlnet-times (the loop's first 4 steps equal the run's ControlNet to the bit",
-        "controlnet-strength", "controlnet-colour", "controlnet-loss-weight"]
+        "controlnet-strength", "controlnet-colour", "controlnet-loss-weight",
+        "controlnet-positive"]
     # each hint init probed before training and after every step (4 steps, 20 checkpoints)
     for line in lines[28:30]:
         steps = re.findall(r"(?:by step: |; )(\d+): ", line)
@@ -348,6 +349,30 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
                                 "validation layouts, image recall: CFG 1: base, no map: recall ")
     same_base_and_run_cells(lines[40], lines[24], [
         "base, no map", "loss weight eps (the run's), own map", "loss weight v, own map"])
+    # each ControlNet on the positive branch alone beside both: the run's from seg maps and the
+    # colour one (the colour line's file, its cells that line's own); at CFG 1 the host samples
+    # the positive alone, so each pair of cells is equal there
+    assert lines[41].startswith("controlnet-positive: the seg ControlNet at 4 steps, 4 "
+                                "validation layouts, image recall: CFG 1: base, no map: recall ")
+    same_base_and_run_cells(lines[41], lines[24], [
+        "base, no map", "seg maps, both branches (the run's), own map",
+        "seg maps, positive only, own map", "colour maps, both branches, own map",
+        "colour maps, positive only, own map"])
+
+    def by_label(cell: str) -> dict[str, str]:
+        """A cell's figures by label (the first label keeps its "CFG g: ")."""
+        return dict(part.split(": recall ", 1) for part in cell.split("; "))
+
+    colour_cells = [by_label(c) for c in lines[39].split("image recall: ")[1].split(" | ")]
+    for k, cell in enumerate(lines[41].split("image recall: ")[1].split(" | ")):
+        found = by_label(cell)
+        assert found["colour maps, both branches, own map"] == colour_cells[k][
+            "colour maps, own map"]
+        if k == 0:  # CFG 1
+            assert found["seg maps, positive only, own map"] == found[
+                "seg maps, both branches (the run's), own map"]
+            assert found["colour maps, positive only, own map"] == found[
+                "colour maps, both branches, own map"]
     chain = tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / "diagnose"
     for steps in (4, 8):
         with safe_open(str(chain / f"seg_controlnet_steps{steps}.safetensors"), "pt") as f:

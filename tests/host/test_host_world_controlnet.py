@@ -161,6 +161,19 @@ def test_sampling_with_the_controlnet_follows_its_map(host, world, trained):
                                 maps=[hints[0]], control_strength=2.0, **kw)
     assert torch.equal(silent, plain)
     assert not torch.equal(louder, plain) and not torch.equal(louder, a)
+    # on the positive branch alone: another image at CFG 4 (the sampler's default here); at
+    # CFG 1 the host samples the positive alone, so both wirings draw the same image
+    positive = base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                                  maps=[hints[0]], control_negative=False, **kw)
+    assert not torch.equal(positive, a) and not torch.equal(positive, plain)
+    at_1 = {negative: base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
+                                         maps=[hints[0]], control_negative=negative,
+                                         guidance=1.0, **kw) for negative in (True, False)}
+    assert torch.equal(at_1[True], at_1[False]) and not torch.equal(at_1[True], a)
+    given = [[encode_text(parts.clip, [""]), {}]]
+    _, negative = wcn.with_control(control_net, [[given[0][0], {}]], given, hints[0],
+                                   negative_too=False)
+    assert negative is given and "control" not in negative[0][1]
     with pytest.raises(ValueError, match=r"percent range \(0.5, 0.2\) must satisfy"):
         base.sample_images(host, parts.patcher, parts, ["a red square"], [3], cfg,
                            maps=[hints[0]], control_percent=(0.5, 0.2), **kw)
