@@ -143,14 +143,14 @@ asks for only the lines of the questions below.
   base's loss gives those steps, where the layout is laid down, the least weight), each drawn
   with the run's own as --controlnet-lr draws (does the map steer the shapes once its loss
   weighs the steps that decide them?).
-- --controlnet-positive (about 8 minutes of images on one thread on the /4 base; the colour
-  ControlNet trained first if --controlnet-colour has not cached it): the run's seg ControlNet
-  from the validation layouts' seg maps and the colour one from their colour maps, each
-  attached to the positive CFG branch alone beside both branches (ControlNetApplyAdvanced's
-  wiring, the run's), as --controlnet-lr draws. With the map on both branches CFG amplifies
-  only what the caption adds to it; on the positive alone the map's pull too (does guidance
-  with the map on both branches undo what the map gives? at CFG 1 the two wirings draw the
-  same images, the host sampling the positive alone).
+- --controlnet-positive (about 23 minutes of images on one thread on the /4 base beside another
+  diagnose; the colour ControlNet trained first if --controlnet-colour has not cached it): the
+  run's seg ControlNet from the validation layouts' seg maps and the colour one from their
+  colour maps, each attached to the positive CFG branch alone beside both branches
+  (ControlNetApplyAdvanced's wiring, the run's), as --controlnet-lr draws. With the map on
+  both branches CFG amplifies only what the caption adds to it; on the positive alone the
+  map's pull too (does guidance with the map on both branches undo what the map gives? at CFG
+  1 the two wirings draw the same images, the host sampling the positive alone).
 - --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
   one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
   from each init of its hint block (torch: ControlNet's own, the run's until recipe 3's
