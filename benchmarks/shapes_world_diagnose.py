@@ -9,6 +9,7 @@ are saved.
         [--controlnet-lr LR ...] [--one-object-map] [--controlnet-null P ...]
         [--controlnet-end F ...] [--controlnet-times K ...] [--controlnet-strength S ...]
         [--controlnet-colour] [--controlnet-loss-weight W ...] [--controlnet-positive]
+        [--positive-only]
         [--hint-init INIT ...] [--factor-offset S ...] [--factor-loss-weight W ...]
         [--mean-control] [--factor-norm-groups G ...] [--unet-on-maps] [--factor-lr LR ...]
         [--factor-times K ...] [--crowding]
@@ -151,6 +152,12 @@ asks for only the lines of the questions below.
   both branches CFG amplifies only what the caption adds to it; on the positive alone the
   map's pull too (does guidance with the map on both branches undo what the map gives? at CFG
   1 the two wirings draw the same images, the host sampling the positive alone).
+- --positive-only (with any of --controlnet-lr, -null, -end, -times, -strength, -colour or
+  -loss-weight): those lines draw every ControlNet, the run's included, attached to the positive
+  CFG branch alone, as --controlnet-positive draws its "positive only" cells, and say so after
+  their question's name (does a ControlNet trained otherwise, or longer, pass on more of its map
+  once guidance amplifies the map's pull?). The base's cells are the lines' own either way, and
+  at CFG 1 so are the ControlNets' (the host samples the positive alone there).
 - --hint-init INIT [INIT ...] (about 25 minutes each on the /4 base, 110 on the finer-latent
   one): the seg ControlNet trained as the run trains it (its steps, batch, seed and one thread)
   from each init of its hint block (torch: ControlNet's own, the run's until recipe 3's
@@ -289,6 +296,10 @@ QUESTIONS = {"drawing": ("--drawing", ()), "placement": ("--placement", (LOCREF,
              "factor_times": ("--factor-times K", (FACTOR, CONTROLNET)),
              "crowding": ("--crowding", ())}
 BASICS_READ = (CONTROLNET,)
+# The questions whose lines `controlnets_on_validation` draws, each ControlNet on both CFG
+# branches unless --positive-only (--controlnet-positive draws both wirings itself)
+WIRED = ("controlnet_lr", "controlnet_null", "controlnet_end", "controlnet_times",
+         "controlnet_strength", "controlnet_colour", "controlnet_loss_weight")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -376,6 +387,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "missing, as --controlnet-colour trains it), attached to the positive CFG "
                    "branch alone, beside both branches (ControlNetApplyAdvanced's wiring), "
                    "as --controlnet-lr draws")
+    p.add_argument("--positive-only", action="store_true",
+                   help="draw every ControlNet of the --controlnet-lr, -null, -end, -times, "
+                   "-strength, -colour and -loss-weight lines on the positive CFG branch alone "
+                   "(the run's wiring: both branches)")
     p.add_argument("--hint-init", nargs="+", metavar="INIT", default=[],
                    choices=world_cn.HINT_INITS,
                    help="also train the seg ControlNet from these inits of its hint block "
@@ -454,6 +469,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(k < 2 for k in args.controlnet_times):
         p.error(f"--controlnet-times {' '.join(map(str, args.controlnet_times))}: each K is a "
                 "multiple of the run's ControlNet steps of at least 2 (1 is the run's own)")
+    if args.positive_only:
+        if args.controlnet_positive:
+            p.error("--positive-only with --controlnet-positive: that line draws both wirings "
+                    "itself; ask it without --positive-only")
+        if not any(getattr(args, q) for q in WIRED):
+            flags = [QUESTIONS[q][0].split()[0] for q in WIRED]
+            p.error(f"--positive-only changes how {', '.join(flags[:-1])} and {flags[-1]} draw "
+                    "their ControlNets: ask one of them too")
     if args.prediction == "v" and set(args.controlnet_loss_weight) - {"eps"}:
         p.error("--controlnet-loss-weight reweighs an epsilon base's loss; a v base's "
                 "ControlNet already trains on v's error: leave the flag out with --prediction v")
@@ -1261,8 +1284,13 @@ def controlnets_on_validation(run, host, parts, cfg, question: str,
     """Seg ControlNets (label -> file, drawn as the run draws, or how to draw it), each from the
     validation layouts' own maps at CFG 1, 2 and the run's guidance, beside the base from the
     same captions and seeds without a map: `question`'s line; `trained` says how long they
-    trained where the run's steps do not."""
+    trained where the run's steps do not. Where the run says `positive_only` (the diagnose's
+    --positive-only), every ControlNet is drawn on the positive CFG branch alone, and the
+    line's question says so."""
     wanted = {who: Drawn(p) if isinstance(p, str) else p for who, p in paths.items()}
+    if run.get("positive_only"):
+        wanted = {who: d._replace(negative=False) for who, d in wanted.items()}
+        question += " (every ControlNet on the positive CFG branch alone)"
     loaded = {p: world_cn.wrap(host, world_cn.load_controlnet(host, parts, p))
               for p in {d.path for d in wanted.values()}}
     layouts, files = validation_layouts(run), validation_paths(run)
@@ -1957,6 +1985,7 @@ def main(argv=None) -> list[str]:
                                      "--unet-norm-groups", args.unet_norm_groups,
                                      "--precision", args.precision,
                                      *(["--quick"] if args.quick else [])]))
+    run["positive_only"] = args.positive_only  # read by controlnets_on_validation
     missing = missing_models(run, args)
     if missing:
         raise SystemExit(f"{run['dir']} holds no finished run ({', '.join(missing)} missing); "

@@ -390,6 +390,25 @@ def test_diagnose_skips_the_basics_only_for_a_question(diagnose, capsys):
     assert "a v base's ControlNet already trains on v's error" in capsys.readouterr().err
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-colour"]
                                ).controlnet_colour
+    # every ControlNet-drawing line but --controlnet-positive takes --positive-only
+    for flags in (["--controlnet-lr", "3e-4"], ["--controlnet-times", "2"],
+                  ["--controlnet-colour"], ["--controlnet-loss-weight", "v"]):
+        assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", *flags,
+                                    "--positive-only"]).positive_only
+    assert not diagnose.parse_args(["--comfyui", "x", "--skip-basics",
+                                    "--controlnet-colour"]).positive_only
+    with pytest.raises(SystemExit):
+        diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-positive",
+                             "--positive-only"])
+    assert "--positive-only with --controlnet-positive: that line draws both wirings" in (
+        capsys.readouterr().err)
+    for flags in (["--skip-basics", "--crowding"], ["--placement"]):  # no ControlNet line
+        with pytest.raises(SystemExit):
+            diagnose.parse_args(["--comfyui", "x", *flags, "--positive-only"])
+        assert ("--positive-only changes how --controlnet-lr, --controlnet-null, "
+                "--controlnet-end, --controlnet-times, --controlnet-strength, "
+                "--controlnet-colour and --controlnet-loss-weight draw their ControlNets: ask "
+                "one of them too") in capsys.readouterr().err
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--controlnet-positive"]
                                ).controlnet_positive
     assert diagnose.parse_args(["--comfyui", "x", "--skip-basics", "--crowding"]).crowding

@@ -163,7 +163,7 @@ def same_base_and_run_cells(line: str, lr_line: str, whos: list[str]) -> None:
         assert run[1] == lr_run[1]
 
 
-def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
+def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog, monkeypatch):
     diagnose = load_benchmark("shapes_world_diagnose")
     argv = ["--comfyui", str(comfyui_path()), "--quick", "--cache", str(tmp_path)]
     with pytest.raises(SystemExit, match="holds no finished run"):
@@ -470,6 +470,27 @@ def test_diagnose_reads_a_finished_quick_run(bench, tmp_path, caplog):
     assert any(not torch.equal(seeded[k], own[k]) for k in own)  # the seed trains other weights
     # only the question asked, from the cache: the same line, none of the five basics
     assert diagnose.main([*argv, "--skip-basics", "--adapter-lr", "3e-4"]) == [lines[8]]
+    # --positive-only: the strength line again with every ControlNet on the positive branch
+    # alone (each draw's wiring seen); the base's cells are the line's own, and at CFG 1 the
+    # ControlNets' too (the host samples the positive alone there)
+    wirings, sample_images = [], diagnose.base.sample_images
+
+    def seen(*args, **kwargs):
+        if kwargs.get("control_net") is not None:
+            wirings.append(kwargs["control_negative"])
+        return sample_images(*args, **kwargs)
+
+    monkeypatch.setattr(diagnose.base, "sample_images", seen)
+    [positive] = diagnose.main([*argv, "--skip-basics", "--controlnet-strength", "2",
+                                "--positive-only"])
+    monkeypatch.undo()
+    assert wirings == [False] * 6  # strengths 1 and 2 at CFG 1, 2 and 4
+    assert positive.startswith("controlnet-strength (every ControlNet on the positive CFG branch "
+                               "alone): the seg ControlNet at 4 steps, 4 validation layouts, ")
+    both, alone = cells_by_label(lines[38]), cells_by_label(positive)
+    assert [(g, list(c)) for g, c in alone] == [(g, list(c)) for g, c in both]
+    assert [c["base, no map"] for _, c in alone] == [c["base, no map"] for _, c in both]
+    assert alone[0] == both[0]  # CFG 1
     # the drawing lines need only the base: asked without the LocRef adapter or the ControlNet
     for name in ("locref.safetensors", "seg_controlnet.safetensors"):
         (tmp_path / f"quick-seed0-v{bench.RECIPE_VERSION}" / name).unlink()
