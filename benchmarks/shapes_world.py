@@ -505,35 +505,82 @@ ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_C
                  "MKL_CBWR", "OMP_NUM_THREADS")
 
 
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name from `cpuinfo`, else what `platform` says (may be empty)."""
+def cpuinfo_fields(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields in `cpuinfo` (empty where there is no such file)."""
+    fields: dict[str, str] = {}
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.lower().startswith("model name") and ":" in line:
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block ends
+                if ":" in line:
+                    key, value = line.split(":", 1)
+                    fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor()
+    return fields
 
 
-def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
-    """What the trained weights may depend on besides the seed: the CPU and the vector code
-    torch uses on it, torch's version, its threads and the ISA_VARIABLES set. The same seed
-    trained other weights on an Intel Xeon with AVX-512 than on an AMD EPYC with AVX2 (recipe
-    2: LocRef AP50 0.098 against 0.155), and the same weights on AMD EPYCs with AVX2 and with
-    AVX-512 (recipe 3: both tables to the digit)."""
-    return {"cpu": cpu_model(cpuinfo), "cores": os.cpu_count(),
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name from `cpuinfo`, else what `platform` says (may be empty)."""
+    return cpuinfo_fields(cpuinfo).get("model name") or platform.processor()
+
+
+def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """"family F model M stepping S" from `cpuinfo` (x86), "" where it does not say: under a
+    hypervisor the model name can be "AMD EPYC" alone for several generations."""
+    fields = cpuinfo_fields(cpuinfo)
+    parts = [(k, fields.get(k if k != "family" else "cpu family")) for k in
+             ("family", "model", "stepping")]
+    return " ".join(f"{k} {v}" for k, v in parts if v) if parts[0][1] else ""
+
+
+def cpu_caches(folder: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, str]:
+    """The first CPU's caches as the kernel lists them ({"L1 Data": "32K", "L2 Unified":
+    "512K", ...}; empty where it does not): matrix and convolution libraries block their loops
+    by cache size, so two CPUs of one vector code can still sum in other orders."""
+    caches = {}
+    for index in sorted(glob.glob(os.path.join(folder, "index*"))):
+        try:
+            level, kind, size = (Path(index, n).read_text().strip()
+                                 for n in ("level", "type", "size"))
+        except OSError:
+            continue
+        caches[f"L{level} {kind}"] = size
+    return caches
+
+
+def machine(cpuinfo: str = "/proc/cpuinfo",
+            caches: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
+    """What the trained weights may depend on besides the seed: the CPU (its name, family, model
+    and stepping, its caches) and the vector code torch uses on it, torch's version, its threads
+    and the ISA_VARIABLES set. The same seed trained other weights on an Intel Xeon with AVX-512
+    than on an AMD EPYC with AVX2 (recipe 2: LocRef AP50 0.098 against 0.155), the same weights
+    on two AMD EPYCs, one with AVX2 and one with AVX-512 (recipe 3: both tables to the digit),
+    and other weights again on a third "AMD EPYC" with AVX2 (family 25 model 1, 2026-12-07: its
+    VAE alone moved the ceiling row's AP from 0.826 to 0.817), which the name, the vector code
+    and the rest did not tell from the first; hence the family and the caches."""
+    return {"cpu": cpu_model(cpuinfo), "cpu id": cpu_id(cpuinfo), "caches": cpu_caches(caches),
+            "cores": os.cpu_count(),
             "cpu capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "isa variables": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}}
 
 
 MACHINE_KEYS = ("cpu", "cpu capability", "torch", "threads", "isa variables")  # the weights' inputs
+# Recorded since 2026-12-07: compared only where both records have them (an older record cannot
+# tell the CPUs its name covers apart, so it is taken at its word).
+MACHINE_KEYS_SINCE = ("cpu id", "caches")
 
 
 def same_machine(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in MACHINE_KEYS)
+    return all(a.get(k) == b.get(k) for k in MACHINE_KEYS) and all(
+        a[k] == b[k] for k in MACHINE_KEYS_SINCE if k in a and k in b)
+
+
+def described(m: dict) -> dict:
+    """The record's keys that tell machines apart, those it has of MACHINE_KEYS_SINCE included."""
+    return {k: m.get(k) for k in (*MACHINE_KEYS, *(k for k in MACHINE_KEYS_SINCE if k in m))}
 
 
 def recorded_machines(run: dict, now: dict, what: str) -> list[dict]:
@@ -549,18 +596,20 @@ def recorded_machines(run: dict, now: dict, what: str) -> list[dict]:
                     "drawn from them here may differ from what a run from nothing here gives "
                     "(another CPU kind, vector code, thread count, torch or \"isa variables\" "
                     "can train other weights)", what, run["dir"],
-                    " and ".join(json.dumps({k: m.get(k) for k in MACHINE_KEYS})
-                                 for m in others),
-                    json.dumps({k: now.get(k) for k in MACHINE_KEYS}))
+                    " and ".join(json.dumps(described(m)) for m in others),
+                    json.dumps(described(now)))
     return machines
 
 
 def record_machine(run: dict, now: dict | None = None) -> list[dict]:
     """Log this machine and add it to the machines `machine.json` in the run's folder lists
-    (every machine that trained or drew part of the run)."""
+    (every machine that trained or drew part of the run): unless one of them is this machine,
+    known by every key this one has (a record made before MACHINE_KEYS_SINCE existed does not
+    warn, as `same_machine`, but is not taken for this one: this one is added beside it)."""
     now = machine() if now is None else now
     machines = recorded_machines(run, now, "shapes world")
-    if not any(same_machine(m, now) for m in machines):
+    if not any(same_machine(m, now) and all(k in m for k in MACHINE_KEYS_SINCE if k in now)
+               for m in machines):  # a record older than the keys it lacks may be another CPU
         machines.append(now)
     log.info("machine: %s", json.dumps(now))
     (run["dir"] / "machine.json").write_text(json.dumps({"machines": machines}, indent=1))

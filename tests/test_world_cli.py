@@ -668,6 +668,49 @@ def test_a_run_records_the_machine_its_weights_were_trained_on(sw, tmp_path, cap
     assert "diagnose: stages cached in" in caplog.text
 
 
+def test_the_machine_record_tells_cpus_of_one_name_apart(sw, tmp_path, caplog):
+    """Two "AMD EPYC"s with AVX2 trained other weights (2026-12-07): the record holds the
+    family, model and stepping and the caches; a record made before it had them is not
+    contradicted (no warning) nor taken for this machine (this one is added beside it)."""
+    info = tmp_path / "cpuinfo"
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\n"
+             "model\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n\n")
+    info.write_text(block.format(n=0, f=25) + block.format(n=1, f=23))  # the first one counts
+    assert sw.cpu_id(str(info)) == "family 25 model 1 stepping 1"
+    assert sw.cpu_model(str(info)) == "AMD EPYC"
+    bare = tmp_path / "bare"
+    bare.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert sw.cpu_id(str(bare)) == "" and sw.cpu_id(str(tmp_path / "none")) == ""
+    caches = tmp_path / "cache"
+    for index, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "32K"),
+                                                 (2, "Unified", "512K")]):
+        folder = caches / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(f"{value}\n")
+    (caches / "index9").mkdir()  # unreadable entries are skipped
+    assert sw.cpu_caches(str(caches)) == {"L1 Data": "32K", "L1 Instruction": "32K",
+                                          "L2 Unified": "512K"}
+    assert sw.cpu_caches(str(tmp_path / "none")) == {}
+    here = sw.machine(str(info), str(caches))
+    assert here["cpu id"] == "family 25 model 1 stepping 1"
+    assert here["caches"]["L2 Unified"] == "512K"
+    older = {k: v for k, v in here.items() if k not in sw.MACHINE_KEYS_SINCE}
+    assert sw.same_machine(older, here) and sw.same_machine(here, older)
+    zen2 = {**here, "cpu id": "family 23 model 49 stepping 0"}
+    assert not sw.same_machine(zen2, here)
+    assert not sw.same_machine({**here, "caches": {"L2 Unified": "1024K"}}, here)
+    run = {"dir": tmp_path}
+    (tmp_path / "machine.json").write_text(sw.json.dumps({"machines": [older]}))
+    with caplog.at_level("INFO", logger="shapes_world"):
+        assert sw.record_machine(run, here) == [older, here]
+        assert sw.record_machine(run, here) == [older, here]  # now known: not added again
+    assert "were made on" not in caplog.text
+    with caplog.at_level("WARNING", logger="shapes_world"):
+        assert sw.record_machine(run, zen2) == [older, here, zen2]
+    assert "were made on" in caplog.text and "family 25 model 1" in caplog.text
+
+
 def test_lone_object_map_keeps_one_object_and_the_frame(diagnose):
     import torch
     from locref_core.world.evaluate import HeldOut
