@@ -530,9 +530,10 @@ def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> str:
     """"family F model M stepping S" from `cpuinfo` (x86), "" where it does not say: under a
     hypervisor the model name can be "AMD EPYC" alone for several generations."""
     fields = cpuinfo_fields(cpuinfo)
-    parts = [(k, fields.get(k if k != "family" else "cpu family")) for k in
-             ("family", "model", "stepping")]
-    return " ".join(f"{k} {v}" for k, v in parts if v) if parts[0][1] else ""
+    if not fields.get("cpu family"):
+        return ""
+    return " ".join(f"{word} {fields[key]}" for word, key in (
+        ("family", "cpu family"), ("model", "model"), ("stepping", "stepping")) if key in fields)
 
 
 def cpu_caches(folder: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, str]:
