@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,6 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "as the host draws them on a CPU). bf16 is fast only where the CPU has "
                         "bf16 instructions (AVX512-BF16, AMX) and is an experiment, cached in "
                         "its own folder (...-bf16)")
+    p.add_argument("--portable", action="store_true",
+                   help="numerics chosen by no property of the CPU but AVX2: oneDNN and NNPACK "
+                        "off, ATen and MKL pinned to their AVX2 code (the command sets "
+                        "ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 and starts itself again), the "
+                        "base on 2 threads; so that another AVX2 or AVX-512 machine trains the "
+                        "same weights (unproven across machines: --estimate prints a fingerprint "
+                        "to compare). Cached in its own folder (...-portable)")
     p.add_argument("--estimate", action="store_true",
                    help="only time a few steps of every stage on this machine and print the "
                         "projected minutes (a few minutes; writes estimate.json, trains nothing "
@@ -437,7 +445,9 @@ def make_run(args: argparse.Namespace) -> dict:
                                          if args.vae_downscale != 4 else "")
                                       + (f"-g{args.unet_norm_groups}"
                                          if args.unet_norm_groups != 32 else "")
-                                      + ("-bf16" if args.precision == "bf16" else ""))}
+                                      + ("-bf16" if args.precision == "bf16" else "")
+                                      + ("-portable" if args.portable else ""))}
+    run["portable"] = args.portable
     run["amp"] = torch.bfloat16 if args.precision == "bf16" else None
     if run["amp"] is not None:
         warn_unless_cpu_bf16("--precision bf16")
@@ -503,6 +513,61 @@ def warn_if_busy(what: str, share: float | None = None) -> bool:
 # without them.
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
                  "MKL_CBWR", "OMP_NUM_THREADS")
+
+
+# --portable: numerics that no property of an AVX2 CPU but AVX2 itself chooses. oneDNN
+# (convolutions) and NNPACK (convolutions of 16 images or more once oneDNN is off) block their
+# loops by the CPU's cache sizes and vector width, so they are switched off (the convolutions then
+# run as ATen's im2col and MKL's matrix products); ATen's own kernels are pinned to their AVX2 code
+# and MKL to its AVX2 branch with conditional numerical reproducibility (MKL_CBWR); the base
+# trains on PORTABLE_THREADS threads whatever the machine has (how a sum is split between threads
+# changes its last bits). ATEN_CPU_CAPABILITY and MKL_CBWR are read once per process, before any
+# work: the command line sets them and starts itself again (`portable_environment`).
+PORTABLE_VARIABLES = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+PORTABLE_THREADS = 2
+
+
+def portable_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with PORTABLE_VARIABLES set. ValueError naming any of them set otherwise (a run
+    under another value would not be the portable one)."""
+    other = {k: environ[k] for k, v in PORTABLE_VARIABLES.items() if environ.get(k, v) != v}
+    if other:
+        raise ValueError("--portable runs with " + " ".join(
+            f"{k}={v}" for k, v in PORTABLE_VARIABLES.items()) + "; this environment sets "
+            + " ".join(f"{k}={v}" for k, v in other.items()) + ": unset it, or leave out "
+            "--portable")
+    return {**environ, **PORTABLE_VARIABLES}
+
+
+def restart_if_portable(script: str, argv: list[str]) -> None:
+    """A command line (`script` with `argv`) that asks --portable without PORTABLE_VARIABLES set
+    starts itself again with them (exits naming a variable set otherwise); else returns."""
+    if "--portable" not in argv or all(os.environ.get(k) == v
+                                       for k, v in PORTABLE_VARIABLES.items()):
+        return
+    try:
+        environment = portable_environment(os.environ)
+    except ValueError as e:
+        sys.exit(str(e))
+    os.execve(sys.executable, [sys.executable, str(Path(script).resolve()), *argv], environment)
+
+
+def enter_portable() -> None:
+    """Switch this process to the --portable numerics (its environment must already hold
+    PORTABLE_VARIABLES: `portable_environment`). RuntimeError if it does not, or if torch does
+    not run its AVX2 code here."""
+    missing = [f"{k}={v}" for k, v in PORTABLE_VARIABLES.items() if os.environ.get(k) != v]
+    if missing:
+        raise RuntimeError(f"--portable: set {' '.join(missing)} before Python starts (the "
+                           "command line `python benchmarks/shapes_world.py --portable ...` "
+                           "does so itself); torch and MKL read them once per process")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2":
+        raise RuntimeError(f"--portable needs a CPU with AVX2 and FMA; torch runs its "
+                           f"{capability} code here, so this machine cannot train the portable "
+                           "weights: leave out --portable")
+    torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
 
 
 def cpuinfo_fields(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
@@ -632,7 +697,10 @@ def fgdm_branch(argv: list[str]) -> None:
     halves only read the frozen base."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fgdm-branch %(message)s")
     torch.set_num_threads(1)
-    run = make_run(parse_args(argv))
+    args = parse_args(argv)
+    if args.portable:
+        enter_portable()
+    run = make_run(args)
     host, data = start(run)
     parts, cfg, base_path = stage_base(run, host, data)
     timings = Timings(run, "timings_fgdm.json")
@@ -671,6 +739,9 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.portable:
+        enter_portable()
+        torch.set_num_threads(PORTABLE_THREADS)
     run = make_run(args)
     if not run["tensorboard"]:
         log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
@@ -743,6 +814,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    restart_if_portable(__file__, sys.argv[1:])
     if "--fgdm-branch" in sys.argv:
         fgdm_branch([a for a in sys.argv[1:] if a != "--fgdm-branch"])
     else:

@@ -319,6 +319,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="that run's training precision (shapes_world.py --precision); what "
                         "the diagnose trains, it trains so too")
+    p.add_argument("--portable", action="store_true",
+                   help="that run's numerics (shapes_world.py --portable); the diagnose trains "
+                        "and draws in them too")
     p.add_argument("--placement", action="store_true", help="also score the base's and the "
                    "LocRef adapter's images with coarser labels (a few minutes); with --longer "
                    "or --adapter-times, each longer-trained adapter's images too")
@@ -1984,7 +1987,11 @@ def main(argv=None) -> list[str]:
                                      "--vae-downscale", args.vae_downscale,
                                      "--unet-norm-groups", args.unet_norm_groups,
                                      "--precision", args.precision,
-                                     *(["--quick"] if args.quick else [])]))
+                                     *(["--quick"] if args.quick else []),
+                                     *(["--portable"] if args.portable else [])]))
+    if args.portable:
+        sw.enter_portable()
+        torch.set_num_threads(sw.PORTABLE_THREADS)
     run["positive_only"] = args.positive_only  # read by controlnets_on_validation
     missing = missing_models(run, args)
     if missing:
@@ -2071,4 +2078,5 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
+    sw.restart_if_portable(__file__, sys.argv[1:])
     main()

@@ -36,6 +36,7 @@ import torch
 if __name__ == "__main__":  # the estimate's neighbour process (`neighbour`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from locref_core.train.common import weights_digest  # noqa: E402
 from locref_core.world import base  # noqa: E402
 from locref_core.world import controlnet as world_cn  # noqa: E402
 from locref_core.world.evaluate import bootstrap, score_image  # noqa: E402
@@ -97,6 +98,7 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         base.train_vae(parts, images, WARMUP + STEPS, seed=run["seed"], maps=data["train_maps"],
                        on_step=clock, amp=run["amp"])
         rate["VAE step"] = clock.seconds
+        fingerprint = {"VAE": weights_digest(parts.vae.first_stage_model)[:16]}
         t = time.perf_counter()
         latents = base.encode_latents(parts, images)
         mirrored = base.encode_latents(parts, images.flip(-1))
@@ -107,25 +109,28 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
                         WARMUP + STEPS, seed=run["seed"], on_step=clock, mirrored=mirrored,
                         amp=run["amp"])
         rate["UNet step"] = clock.seconds
+        fingerprint["UNet"] = weights_digest(parts.unet)[:16]
         base_path = str(work / "base.safetensors")
         save_world(base_path, parts, cfg, {"preset": run["name"], "estimate": "random"})
         # the two halves: one core each in the run, side by side
         with base.one_thread(), neighbour(run["comfyui"], run["unet_channels"],
-                                          run["vae_downscale"], run["amp"] is not None):
+                                          run["vae_downscale"], run["amp"] is not None,
+                                          run.get("portable", False)):
             rate.update(half_rates(est, host, parts, cfg, data, latents, base_path, sw))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return write_estimate(run, rate)
+    return write_estimate(run, rate, fingerprint)
 
 
 @contextlib.contextmanager
-def neighbour(comfyui: str, channels: int, downscale: int = 4, bf16: bool = False
-              ) -> Iterator[None]:
+def neighbour(comfyui: str, channels: int, downscale: int = 4, bf16: bool = False,
+              portable: bool = False) -> Iterator[None]:
     """A second process training the world's UNet (`channels` wide, on latents of a
     /`downscale` VAE, autocast in bfloat16 if `bf16`) on one core (what the other half does in
     the run) from its first step until the block ends."""
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--neighbour",
-                             comfyui, str(channels), str(downscale), str(int(bf16))],
+                             comfyui, str(channels), str(downscale), str(int(bf16)),
+                             str(int(portable))],
                             stdout=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # anything the host prints before is passed over
@@ -140,11 +145,17 @@ def neighbour(comfyui: str, channels: int, downscale: int = 4, bf16: bool = Fals
         proc.wait()
 
 
-def neighbour_main(comfyui: str, channels: int, downscale: int, bf16: bool = False) -> None:
+def neighbour_main(comfyui: str, channels: int, downscale: int, bf16: bool = False,
+                   portable: bool = False) -> None:
     """The neighbour's loop: UNet training steps at batch 16 on one thread, random latents and
-    one caption; prints "ready" after the first step."""
+    one caption, in the run's numerics (`portable`: shapes_world.enter_portable, its environment
+    inherited); prints "ready" after the first step."""
     from locref_core.train.host import load_host  # noqa: PLC0415
 
+    if portable:
+        from shapes_world import enter_portable  # noqa: PLC0415  (this folder)
+
+        enter_portable()
     torch.set_num_threads(1)
     host = load_host(comfyui, cpu=True)
     parts = build_world(host, WorldConfig(unet_channels=channels))
@@ -232,13 +243,22 @@ def project(preset: dict, rate: dict[str, float], rows: int = 7, fgdm_rows: int 
     return m
 
 
-def write_estimate(run: dict, rate: dict[str, float]) -> dict[str, Any]:
+def write_estimate(run: dict, rate: dict[str, float], fingerprint: dict[str, str]
+                   ) -> dict[str, Any]:
+    """`fingerprint`: the first 16 hex digits of the VAE's and the UNet's weights digests after
+    their timed steps (the run's seed and data, its threads and numerics): two machines that
+    print the same did those steps bit for bit alike; two that do not will train other weights
+    (the converse is not proven: a kernel the steps do not reach could still differ)."""
     minutes = project(run["preset"], rate)
     result = {"preset": run["name"], "threads": torch.get_num_threads(),
+              "portable": run.get("portable", False), "fingerprint": fingerprint,
               "seconds": {k: round(v, 4) for k, v in rate.items()},
               "minutes": {k: round(v, 1) for k, v in minutes.items()}}
     (run["dir"] / "estimate.json").write_text(json.dumps(result, indent=1))
     log.info("estimate (%s preset, this machine): %s", run["name"], format_estimate(result))
+    log.info("fingerprint (%s numerics, %d threads): VAE %s, UNet %s (compare with the README's "
+             "\"Running it\")", "portable" if result["portable"] else "default",
+             result["threads"], fingerprint["VAE"], fingerprint["UNet"])
     return result
 
 
@@ -255,4 +275,5 @@ def format_estimate(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--neighbour"]:
-    neighbour_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:6] == ["1"])
+    neighbour_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:6] == ["1"],
+                   sys.argv[6:7] == ["1"])

@@ -711,6 +711,41 @@ def test_the_machine_record_tells_cpus_of_one_name_apart(sw, tmp_path, caplog):
     assert "were made on" in caplog.text and "family 25 model 1" in caplog.text
 
 
+def test_a_portable_run_has_its_own_numerics_and_folder(sw, diagnose, tmp_path, monkeypatch):
+    """--portable: cached apart; its variables set by the command line, which starts itself
+    again with them, and never over a value the user set; a process without them refuses."""
+    args = sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path), "--portable", "--quick"])
+    run = sw.make_run(args)
+    assert run["dir"].name == f"quick-seed0-v{sw.RECIPE_VERSION}-portable" and run["portable"]
+    assert not sw.make_run(sw.parse_args(["--comfyui", "x", "--cache", str(tmp_path)]))[
+        "portable"]
+    for name in sw.PORTABLE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert sw.portable_environment({"HOME": "/h"}) == {"HOME": "/h", **sw.PORTABLE_VARIABLES}
+    assert sw.portable_environment(dict(sw.PORTABLE_VARIABLES)) == sw.PORTABLE_VARIABLES
+    with pytest.raises(ValueError, match="sets ATEN_CPU_CAPABILITY=default: unset it"):
+        sw.portable_environment({"ATEN_CPU_CAPABILITY": "default"})
+    with pytest.raises(RuntimeError, match="set ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 before"):
+        sw.enter_portable()  # torch in this process already chose its code
+    started = []
+    monkeypatch.setattr(sw.os, "execve", lambda *a: started.append(a))
+    sw.restart_if_portable("benchmarks/shapes_world.py", ["--comfyui", "x"])
+    assert started == []  # not asked
+    sw.restart_if_portable("benchmarks/shapes_world.py", ["--portable"])
+    (exe, argv, env), = started
+    assert exe == sys.executable and argv[-1] == "--portable"
+    assert argv[1] == str((Path("benchmarks") / "shapes_world.py").resolve())
+    assert {k: env[k] for k in sw.PORTABLE_VARIABLES} == sw.PORTABLE_VARIABLES
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    with pytest.raises(SystemExit, match="MKL_CBWR=COMPATIBLE: unset it"):
+        sw.restart_if_portable("benchmarks/shapes_world.py", ["--portable"])
+    for name, value in sw.PORTABLE_VARIABLES.items():
+        monkeypatch.setenv(name, value)
+    sw.restart_if_portable("benchmarks/shapes_world.py", ["--portable"])
+    assert len(started) == 1  # already set: this process goes on
+    assert diagnose.parse_args(["--comfyui", "x", "--portable"]).portable
+
+
 def test_lone_object_map_keeps_one_object_and_the_frame(diagnose):
     import torch
     from locref_core.world.evaluate import HeldOut

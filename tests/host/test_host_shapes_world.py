@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from harness_env import comfyui_path, load_benchmark
+from harness_env import REPO_ROOT, comfyui_path, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -530,6 +533,7 @@ def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
         "data", "VAE step", "latents", "UNet step", "LocRef step", "seg factor step",
         "seg ControlNet step", "LocRef layout", "FG-DM layout", "image scored", "table row"}
     assert all(v > 0 for v in est["seconds"].values()), est["seconds"]
+    assert set(est["fingerprint"]) == {"VAE", "UNet"} and not est["portable"]
     m = est["minutes"]
     halves = max(m["LocRef half"], m["FG-DM half"])
     assert m["total"] == pytest.approx(m["data"] + m["VAE"] + m["UNet"] + halves + m["tables"],
@@ -540,6 +544,47 @@ def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
     for name in ("base", "locref", "fgdm_seg", "seg_controlnet"):
         assert not (folder / f"{name}.safetensors").exists(), name
     assert not (folder / "timings.json").exists() and not (folder / "machine.json").exists()
+
+
+def estimate_in_a_process(bench, cache, *flags, **variables) -> dict:
+    """`--quick --estimate` as a command line (the vector code is chosen as a process starts),
+    with none of the ISA variables set but `variables`: its estimate.json."""
+    env = {k: v for k, v in os.environ.items() if k not in bench.ISA_VARIABLES}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "shapes_world.py"),
+                           "--comfyui", str(comfyui_path()), "--quick", "--cache", str(cache),
+                           "--estimate", *flags], env={**env, **variables},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fingerprint (" in done.stderr
+    (folder,) = cache.iterdir()
+    return json.loads((folder / "estimate.json").read_text())
+
+
+CONVOLUTION_DIGEST = """
+import hashlib, torch
+torch.manual_seed(0)
+x = torch.randn(16, 8, 16, 16, requires_grad=True)
+conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+conv(x).square().sum().backward()
+print(hashlib.sha256(x.grad.numpy().tobytes() + conv.weight.grad.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_portable_numerics_leave_the_cpus_convolution_code_out(bench, tmp_path):
+    """oneDNN's vector code changes what a convolution's gradients sum to here, and leaves the
+    weights the --portable estimate's VAE and UNet steps train (its fingerprint) as they are."""
+    env = {k: v for k, v in os.environ.items() if k not in bench.ISA_VARIABLES}
+    digests = [subprocess.run([sys.executable, "-c", CONVOLUTION_DIGEST], env={**env, **extra},
+                              capture_output=True, text=True, check=True).stdout
+               for extra in ({}, {"ONEDNN_MAX_CPU_ISA": "SSE41"})]
+    assert digests[0] != digests[1]  # else this machine cannot show what the test asks
+    portable = estimate_in_a_process(bench, tmp_path / "a", "--portable")
+    portable_sse = estimate_in_a_process(bench, tmp_path / "b", "--portable",
+                                         ONEDNN_MAX_CPU_ISA="SSE41")
+    assert set(portable["fingerprint"]) == {"VAE", "UNet"}
+    assert all(len(v) == 16 for v in portable["fingerprint"].values())
+    assert portable["fingerprint"] == portable_sse["fingerprint"]
+    assert portable["portable"] and portable["threads"] == bench.PORTABLE_THREADS
 
 
 @pytest.mark.parametrize(("flag", "value", "suffix", "field", "saved"), [
