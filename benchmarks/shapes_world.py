@@ -522,7 +522,7 @@ ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_C
 # and MKL to its AVX2 branch with conditional numerical reproducibility (MKL_CBWR); the base
 # trains on PORTABLE_THREADS threads whatever the machine has (how a sum is split between threads
 # changes its last bits). ATEN_CPU_CAPABILITY and MKL_CBWR are read once per process, before any
-# work: the command line sets them and starts itself again (`portable_environment`).
+# work: the command line sets them and starts itself again (`restart_if_portable`).
 PORTABLE_VARIABLES = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 PORTABLE_THREADS = 2
 
