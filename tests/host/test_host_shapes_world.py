@@ -573,11 +573,15 @@ print(hashlib.sha256(x.grad.numpy().tobytes() + conv.weight.grad.numpy().tobytes
 def test_portable_numerics_leave_the_cpus_convolution_code_out(bench, tmp_path):
     """oneDNN's vector code changes what a convolution's gradients sum to here, and leaves the
     weights the --portable estimate's VAE and UNet steps train (its fingerprint) as they are."""
+    if bench.torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("--portable needs torch's AVX2 code, which this CPU cannot run")
     env = {k: v for k, v in os.environ.items() if k not in bench.ISA_VARIABLES}
     digests = [subprocess.run([sys.executable, "-c", CONVOLUTION_DIGEST], env={**env, **extra},
                               capture_output=True, text=True, check=True).stdout
                for extra in ({}, {"ONEDNN_MAX_CPU_ISA": "SSE41"})]
-    assert digests[0] != digests[1]  # else this machine cannot show what the test asks
+    if digests[0] == digests[1]:
+        pytest.skip("ONEDNN_MAX_CPU_ISA=SSE41 changes no bit of a convolution on this CPU, so "
+                    "it cannot show that --portable leaves oneDNN out")
     portable = estimate_in_a_process(bench, tmp_path / "a", "--portable")
     portable_sse = estimate_in_a_process(bench, tmp_path / "b", "--portable",
                                          ONEDNN_MAX_CPU_ISA="SSE41")
