@@ -539,11 +539,15 @@ def portable_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {**environ, **PORTABLE_VARIABLES}
 
 
+def unset_portable_variables() -> list[str]:
+    """"NAME=value" for each of PORTABLE_VARIABLES this process's environment does not hold."""
+    return [f"{k}={v}" for k, v in PORTABLE_VARIABLES.items() if os.environ.get(k) != v]
+
+
 def restart_if_portable(script: str, argv: list[str]) -> None:
     """A command line (`script` with `argv`) that asks --portable without PORTABLE_VARIABLES set
     starts itself again with them (exits naming a variable set otherwise); else returns."""
-    if "--portable" not in argv or all(os.environ.get(k) == v
-                                       for k, v in PORTABLE_VARIABLES.items()):
+    if "--portable" not in argv or not unset_portable_variables():
         return
     try:
         environment = portable_environment(os.environ)
@@ -556,7 +560,7 @@ def enter_portable() -> None:
     """Switch this process to the --portable numerics (its environment must already hold
     PORTABLE_VARIABLES: `portable_environment`). RuntimeError if it does not, or if torch does
     not run its AVX2 code here."""
-    missing = [f"{k}={v}" for k, v in PORTABLE_VARIABLES.items() if os.environ.get(k) != v]
+    missing = unset_portable_variables()
     if missing:
         raise RuntimeError(f"--portable: set {' '.join(missing)} before Python starts (the "
                            "command line `python benchmarks/shapes_world.py --portable ...` "
