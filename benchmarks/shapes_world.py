@@ -87,7 +87,8 @@ PRESETS = {  # what each stage does; the full preset is sized for ~90 minutes on
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # no abbreviations: restart_if_portable finds --portable by its whole name
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--comfyui", required=True, help="ComfyUI checkout (its classes are used)")
     p.add_argument("--quick", action="store_true", help="every stage at toy size (minutes)")

@@ -303,7 +303,8 @@ WIRED = ("controlnet_lr", "controlnet_null", "controlnet_end", "controlnet_times
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no abbreviations: shapes_world.restart_if_portable finds --portable by its whole name
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--comfyui", required=True, help="ComfyUI checkout")
     p.add_argument("--quick", action="store_true", help="the quick preset's cache")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "comfyui-locref-world"))

@@ -744,6 +744,9 @@ def test_a_portable_run_has_its_own_numerics_and_folder(sw, diagnose, tmp_path, 
     sw.restart_if_portable("benchmarks/shapes_world.py", ["--portable"])
     assert len(started) == 1  # already set: this process goes on
     assert diagnose.parse_args(["--comfyui", "x", "--portable"]).portable
+    for parse in (sw.parse_args, diagnose.parse_args):  # an abbreviation would not restart
+        with pytest.raises(SystemExit):
+            parse(["--comfyui", "x", "--portab"])
 
 
 def test_lone_object_map_keeps_one_object_and_the_frame(diagnose):
