@@ -630,12 +630,16 @@ def machine(cpuinfo: str = "/proc/cpuinfo",
     on two AMD EPYCs, one with AVX2 and one with AVX-512 (recipe 3: both tables to the digit),
     and other weights again on a third "AMD EPYC" with AVX2 (family 25 model 1, 2026-12-07: its
     VAE alone moved the ceiling row's AP from 0.826 to 0.817), which the name, the vector code
-    and the rest did not tell from the first; hence the family and the caches."""
+    and the rest did not tell from the first; hence the family and the caches. Also whether
+    the convolutions may run in oneDNN and NNPACK (--portable switches both off; recorded, not
+    compared: its folder is apart)."""
     return {"cpu": cpu_model(cpuinfo), "cpu id": cpu_id(cpuinfo), "caches": cpu_caches(caches),
             "cores": os.cpu_count(),
             "cpu capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "isa variables": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}}
+            "isa variables": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
+            "convolution libraries": {"oneDNN": torch.backends.mkldnn.enabled,
+                                      "NNPACK": torch._C._get_nnpack_enabled()}}
 
 
 MACHINE_KEYS = ("cpu", "cpu capability", "torch", "threads", "isa variables")  # the weights' inputs

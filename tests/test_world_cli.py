@@ -649,6 +649,11 @@ def test_a_run_records_the_machine_its_weights_were_trained_on(sw, tmp_path, cap
     here = sw.machine(str(info))
     assert here["cpu"] == "AMD EPYC 9B14" and here["torch"] == sw.torch.__version__
     assert here["isa variables"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert here["convolution libraries"] == {"oneDNN": sw.torch.backends.mkldnn.enabled,
+                                             "NNPACK": sw.torch._C._get_nnpack_enabled()}
+    with sw.torch.backends.mkldnn.flags(enabled=False), sw.torch.backends.nnpack.flags(False):
+        assert sw.machine(str(info))["convolution libraries"] == {"oneDNN": False,
+                                                                  "NNPACK": False}
     run = {"dir": tmp_path}
     with caplog.at_level("INFO", logger="shapes_world"):
         assert sw.record_machine(run, here) == [here]
