@@ -115,7 +115,7 @@ def estimate(run: dict, host, data: dict, sw, data_seconds: float = 0.0) -> dict
         # the two halves: one core each in the run, side by side
         with base.one_thread(), neighbour(run["comfyui"], run["unet_channels"],
                                           run["vae_downscale"], run["amp"] is not None,
-                                          run.get("portable", False)):
+                                          run["portable"]):
             rate.update(half_rates(est, host, parts, cfg, data, latents, base_path, sw))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -251,7 +251,7 @@ def write_estimate(run: dict, rate: dict[str, float], fingerprint: dict[str, str
     (the converse is not proven: a kernel the steps do not reach could still differ)."""
     minutes = project(run["preset"], rate)
     result = {"preset": run["name"], "threads": torch.get_num_threads(),
-              "portable": run.get("portable", False), "fingerprint": fingerprint,
+              "portable": run["portable"], "fingerprint": fingerprint,
               "seconds": {k: round(v, 4) for k, v in rate.items()},
               "minutes": {k: round(v, 1) for k, v in minutes.items()}}
     (run["dir"] / "estimate.json").write_text(json.dumps(result, indent=1))

@@ -546,10 +546,15 @@ def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
     assert not (folder / "timings.json").exists() and not (folder / "machine.json").exists()
 
 
+def without_isa_variables(bench) -> dict[str, str]:
+    """This process's environment less the variables that choose the vector code."""
+    return {k: v for k, v in os.environ.items() if k not in bench.ISA_VARIABLES}
+
+
 def estimate_in_a_process(bench, cache, *flags, **variables) -> dict:
     """`--quick --estimate` as a command line (the vector code is chosen as a process starts),
     with none of the ISA variables set but `variables`: its estimate.json."""
-    env = {k: v for k, v in os.environ.items() if k not in bench.ISA_VARIABLES}
+    env = without_isa_variables(bench)
     done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "shapes_world.py"),
                            "--comfyui", str(comfyui_path()), "--quick", "--cache", str(cache),
                            "--estimate", *flags], env={**env, **variables},
@@ -575,7 +580,7 @@ def test_portable_numerics_leave_the_cpus_convolution_code_out(bench, tmp_path):
     weights the --portable estimate's VAE and UNet steps train (its fingerprint) as they are."""
     if bench.torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("--portable needs torch's AVX2 code, which this CPU cannot run")
-    env = {k: v for k, v in os.environ.items() if k not in bench.ISA_VARIABLES}
+    env = without_isa_variables(bench)
     digests = [subprocess.run([sys.executable, "-c", CONVOLUTION_DIGEST], env={**env, **extra},
                               capture_output=True, text=True, check=True).stdout
                for extra in ({}, {"ONEDNN_MAX_CPU_ISA": "SSE41"})]
