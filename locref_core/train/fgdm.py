@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-groups", type=int, default=None, help="groups of the adapter's "
                    "GroupNorms (default: the UNet's own, 32 for SD-1.5 as in the release). A "
                    "tiny UNet of 32 channels normalised in 32 groups holds one channel a group, "
-                   "which removes the time embedding's per-channel constant (README, the "
-                   "shapes world)")
+                   "which removes the time embedding's per-channel constant (README, "
+                   "\"Training your own weights\"; benchmarks/shapes_world.md)")
     g.add_argument("--init", help="start from this factor .safetensors (e.g. the converted "
                    "official seg factor) instead of random weights")
     g = p.add_argument_group("optimisation")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "paper's; 0.1 is the usual value): SD-1.5's last timestep keeps 7%% of the "
                    "latent, so a model trained without it reads a map's mean colour through the "
                    "noise instead of learning to set it, as sampling from pure noise needs. On "
-                   "the shapes world 0.1 did not change that (README)")
+                   "the shapes world 0.1 did not change that (benchmarks/shapes_world.md)")
     g.add_argument("--loss-weight", default="eps", choices=LOSS_WEIGHTS, help="how each row's "
                    "epsilon MSE is weighted by its noise level: eps, none (the paper's); v, "
                    "times 1 + sigma^2 (the v-prediction loss of an epsilon model: the x0 error "
