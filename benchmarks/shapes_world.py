@@ -74,7 +74,10 @@ RECIPE_VERSION = 3
 # --vae-downscale -> the VAE's channel multipliers (one downsampling per multiplier after the
 # first); 4 is WorldConfig's default, every run before the flag existed
 VAE_MULT = {4: (1, 2, 2), 2: (1, 2)}
-PRESETS = {  # what each stage does; the full preset is sized for ~90 minutes on 2 CPU cores
+# What each stage does. The full preset was sized for the issue's 90 minutes on 2 CPU cores; it
+# takes 103 to 119 on the fastest 2-core machines measured, longer on others (the README's "How
+# long"; `--estimate` projects it for this machine)
+PRESETS = {
     "quick": {"train_images": 32, "heldout": 4, "vae_steps": 10, "unet_steps": 10,
               "locref_steps": 4, "locref_batch": 2, "factor_steps": 4, "factor_batch": 2,
               "controlnet_steps": 4, "controlnet_batch": 2, "sbpc_n": 3, "sample_steps": 4,

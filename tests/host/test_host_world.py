@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +346,19 @@ def test_base_processes_benchmark_times_both_sides():
     assert one > 0 and two > 0 and out["ratio"] == pytest.approx(one / two)
     with pytest.raises(SystemExit):
         bench.parse_args(["--comfyui", "x", "--steps", "2", "--warmup", "1"])
+
+
+def test_base_processes_benchmark_times_the_compiled_side(caplog):
+    """--versus compile: the other side is one process on two threads through torch.compile (its
+    first step, compiling, left out of the timing and logged)."""
+    from harness_env import load_benchmark
+
+    bench = load_benchmark("base_processes")
+    with caplog.at_level(logging.INFO, logger="base_processes"):
+        out = bench.main(["--comfyui", str(comfyui_path()), "--stage", "vae", "--steps", "3",
+                          "--warmup", "1", "--rounds", "1", "--versus", "compile"])
+    assert list(out["times"]) == ["one process, two threads", "one process, two threads, compiled"]
+    one, compiled = (v[0] for v in out["times"].values())
+    assert one > 0 and compiled > 0 and out["ratio"] == pytest.approx(one / compiled)
+    assert "compiled side: its first step (compiling) took" in caplog.text
+    assert "one process, two threads, compiled: " in caplog.text
