@@ -61,6 +61,29 @@ def test_locref_format_round_trips(tmp_path):
         assert k == k2 and torch.equal(a, b)
 
 
+
+@pytest.mark.parametrize("meta_change, needle", [
+    ({"format_version": "99"}, r"other.safetensors: LocRef format version '99'; this pack reads "
+                               r"version \d+\. Update the pack\."),
+    ({"config": "[1, 2"}, r"other.safetensors: bad or missing adapter config in the metadata"),
+    ({"config": '{"tokens": 2, "width": 9}'}, r"bad or missing adapter config in the metadata "
+                                             r"\(unknown adapter config keys \['width'\]\)"),
+])
+def test_a_locref_file_from_another_version_or_with_a_broken_config_is_named(
+        tmp_path, meta_change, needle):
+    """A LocRef file written by a newer pack, or whose config was edited, is refused with the
+    file's name and what to do, before any tensor is matched."""
+    from safetensors import safe_open
+
+    good = str(tmp_path / "mine.safetensors")
+    save_adapter(LocRefAdapter(AdapterConfig(tokens=2, hidden_dim=64, embed_dim=32)), good)
+    with safe_open(good, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    other = str(tmp_path / "other.safetensors")
+    save_file(tensors, other, metadata={**meta, **meta_change})
+    with pytest.raises(ValueError, match=needle):
+        load_adapter(other)
+
 @pytest.mark.parametrize("mutate, needle", [
     (lambda t: t.pop("ip_adapter.31.to_k_ip.weight"), "another model"),
     (lambda t: t.update({"image_proj.latents": torch.zeros(1, 16, 768)}), "Plus"),

@@ -117,6 +117,33 @@ def test_a_file_that_does_not_match_its_config_names_the_mismatches(tmp_path):
     assert read_factor_config(bad) == adapter.cfg  # the header is sound; the tensors are not
 
 
+
+@pytest.mark.parametrize("meta_change, needle", [
+    ({"format_version": "99"}, r"other.safetensors: factor format version '99'; this pack reads"),
+    ({"config": "{not json"}, r"other.safetensors: bad or missing factor config in the metadata"),
+    ({"config": '{"kind": "seg", "colour": 1}'}, r"bad or missing factor config in the metadata"),
+])
+def test_a_factor_file_from_another_version_or_with_a_broken_config_is_named(
+        tmp_path, meta_change, needle):
+    """A factor written by another version of the pack, or whose config was edited, is refused
+    by both readers with the file's name, before any tensor is matched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = str(tmp_path / "depth.safetensors")
+    save_factor(randomised(FactorConfig(kind="depth", time_conditioned=False, **SMALL)), good)
+    with safe_open(good, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    other = str(tmp_path / "other.safetensors")
+    save_file(tensors, other, metadata={**meta, **meta_change})
+    for read in (load_factor, read_factor_config):
+        with pytest.raises(ValueError, match=needle):
+            read(other)
+    without = {k: v for k, v in meta.items() if k != "config"}
+    save_file(tensors, other, metadata=without)
+    with pytest.raises(ValueError, match="bad or missing factor config in the metadata"):
+        load_factor(other)
+
 def test_config_validation():
     with pytest.raises(ValueError, match="kind 'pose'"):
         FactorConfig(kind="pose")
