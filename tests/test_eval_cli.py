@@ -217,3 +217,24 @@ def test_recall_cli_errors(maps, tmp_path):
         main(["recall", "--maps", str(maps), "--prompts", str(write(prompts, "{"))])
     with pytest.raises(SystemExit):  # --objects or --prompts is required (argparse)
         main(["recall", "--maps", str(maps)])
+    absent = tmp_path / "nowhere.json"
+    with pytest.raises(SystemExit, match=r"nowhere\.json does not exist; give the path of a JSON"):
+        main(["recall", "--maps", str(maps), "--prompts", str(absent)])
+    with pytest.raises(SystemExit, match=r"must hold an object \{file name: prompt\}, got list"):
+        main(["recall", "--maps", str(maps), "--prompts", str(write(prompts, ["a dog"]))])
+    with pytest.raises(SystemExit, match=r"entry 'a\.png' must be a prompt string or a list of "
+                                         r"object names, got \['dog', 3\]"):
+        main(["recall", "--maps", str(maps), "--prompts",
+              str(write(prompts, {"a.png": ["dog", 3]}))])
+    with pytest.raises(SystemExit, match=r"maps folder .*nothing does not exist"):
+        main(["recall", "--maps", str(tmp_path / "nothing"), "--objects", "dog"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a map")
+    with pytest.raises(SystemExit, match=r"maps folder .*empty holds no \.png map"):
+        main(["recall", "--maps", str(empty), "--objects", "dog"])
+    (empty / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"cannot read image .*broken\.png: .*is it a PNG/JPEG"):
+        main(["recall", "--maps", str(empty), "--objects", "dog"])
+    with pytest.raises(ValueError, match="give the required objects"):
+        folder_recall(maps, "coco183", "  ")

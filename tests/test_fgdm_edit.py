@@ -301,11 +301,29 @@ def test_parse_accepts_documents_lists_text_and_aliases():
      ([{"op": "paste", "object": "dog", "box": 0, "source": -2}], r'"source" must be an integer'),
      ([{"op": "recolor", "object": "dog"}], r'give "to"'),
      ([{"op": "recolor", "object": "dog", "to": "dgo"}], r"unknown target class 'dgo'"),
-     ([{"op": "recolor", "object": 999, "to": 1}], r"object id 999 is not in palette")],
+     ([{"op": "recolor", "object": 999, "to": 1}], r"object id 999 is not in palette"),
+     ([{"op": "flip", "object": ["dog"]}],
+      r"operation 1 \(flip\): object must be a class name or a palette id, got \['dog'\]"),
+     ([{"op": "flip", "object": True}], r"object must be a class name or a palette id, got True"),
+     ([{"op": "recolor", "object": "dog", "to": None}],
+      r"target class must be a class name or a palette id, got None"),
+     ([{"op": "move_to_box", "object": "dog", "box": "left half"}],
+      r'"box" must be \[x0, y0, x1, y1\] in \[0, 1\] or a box index, got \'left half\''),
+     ([{"op": "move_to_box", "object": "dog", "box": {"x0": 0}}],
+      r'"box" must be \[x0, y0, x1, y1\] in \[0, 1\] or a box index')],
 )  # fmt: skip
 def test_parse_errors_name_the_operation_and_the_fix(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_operations(spec, P)
+
+
+def test_integral_floats_are_ids_and_counts_as_json_writers_make_them():
+    """1.0 from a JSON writer that makes every number a float reads as 1; 1.5 does not."""
+    ops = parse_operations([{"op": "flip", "object": 18.0, "instance": 1.0},
+                            {"op": "recolor", "object": "dog", "to": 17.0}], P)
+    assert (ops[0].class_id, ops[0].instance, ops[1].to) == (18, 1, 17)
+    with pytest.raises(ValueError, match=r'"instance" must be an integer >= 1, got 1.5'):
+        parse_operations([{"op": "flip", "object": "dog", "instance": 1.5}], P)
 
 
 def test_apply_errors_name_the_operation_and_the_fix():

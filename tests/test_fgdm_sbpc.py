@@ -65,6 +65,21 @@ def test_candidate_count_is_checked(n):
         check_candidates(n)
 
 
+def test_a_numpy_count_is_a_count():
+    assert check_candidates(np.int64(10)) == 10 and type(check_candidates(np.int64(3))) is int
+
+
+def test_candidates_that_are_not_rgb_images_are_refused_with_their_shape():
+    rgba = torch.cat([as_batch([scene(person=8)] * 2), torch.ones(2, 32, 32, 1)], dim=-1)
+    with pytest.raises(ValueError, match=r"candidate maps must be \(N, H, W, 3\), got "
+                                         r"\(2, 32, 32, 4\)"):
+        score_candidates(rgba, COCO, [PERSON], seed=0)
+    with pytest.raises(ValueError, match=r"got \(32, 32, 3\)"):
+        score_candidates(as_batch([scene(person=8)])[0], COCO, [PERSON], seed=0)
+    with pytest.raises(ValueError, match="no candidate maps to show"):
+        candidate_grid([], COCO, [], [], 0)
+
+
 def test_object_masks_follow_the_required_order():
     cm = ClassMap(scene(person=4, dog=3), COCO)
     masks = object_masks(cm, [DOG, PERSON])

@@ -110,6 +110,42 @@ def test_ip_adapter_variants_are_named(tmp_path, mutate, needle):
     assert found.kind == "ip_adapter_other" and re.search(needle, found.what), found.what
 
 
+def test_an_sd2_ip_adapter_names_its_text_width(tmp_path):
+    """Sixteen layers as SD-1.5's, but keys and values read a 1024-wide text context."""
+    tensors = ip_adapter_tensors(embed=8)
+    for k in [k for k in tensors if ".to_k_ip." in k or ".to_v_ip." in k]:
+        tensors[k] = torch.zeros(tensors[k].shape[0], 1024)
+    path = write(tmp_path, "ip-adapter_sd2.safetensors", tensors)
+    found = sniff(path)
+    assert found.kind == "ip_adapter_other"
+    assert found.what == "an IP-Adapter for another model (text context [1024]; SD-1.5's is 768)"
+    with pytest.raises(ValueError, match=r"ip-adapter_sd2.safetensors is an IP-Adapter for another "
+                                         r"model \(text context \[1024\]"):
+        load_adapter(path)
+
+
+def test_zip_archives_and_unreadable_paths_are_named(tmp_path):
+    """A zip that torch.save did not write is named as a zip; one that is cut short too; a path
+    that cannot be read says why."""
+    import zipfile
+
+    path = tmp_path / "weights.safetensors"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "not weights")
+    assert sniff(str(path)).what == "a zip archive, not a safetensors file"
+    path.write_bytes(b"PK\x03\x04" + b"\0" * 40)  # a zip's magic, no archive after it
+    assert sniff(str(path)).what == "a zip archive, not a safetensors file"
+    with pytest.raises(ValueError, match=r"weights.safetensors is a zip archive, not a "
+                                         r"safetensors file"):
+        load_adapter(str(path))
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"folder.safetensors cannot be read \(Is a directory\)"):
+        load_adapter(str(folder))
+    with pytest.raises(ValueError, match=r"folder.safetensors cannot be read"):
+        load_factor(str(folder))
+
+
 def test_sdxl_ip_adapters_say_which_they_are_and_what_is_supported(tmp_path):
     path = write(tmp_path, "ip-adapter_sdxl.safetensors", sdxl_ip_adapter_tensors())
     assert sniff(path).kind == "ip_adapter_other"

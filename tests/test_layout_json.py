@@ -82,12 +82,34 @@ def test_document_errors(text, needle):
     ({"x0": 1.1, "y0": 0.1, "x1": 1.4, "y1": 0.5}, "entirely outside"),
     ({"x0": -0.5, "y0": 0.1, "x1": 0.0, "y1": 0.5}, "entirely outside"),
     ({"x0": 0.1, "y0": 0.1, "x1": 0.5, "y1": 0.5, "label": 7}, "label must be text"),
+    ([0.1, 0.1, 0.5, 0.5], r'box 1 must be an object like \{"x0": 0.1.*got \[0.1, 0.1, 0.5, 0.5\]'),
+    ({"x": 10, "y": 10, "width": 50}, "missing x0, y0, x1, y1"),
 ])
 def test_box_errors_name_the_box(box, needle):
     text = doc([{"x0": 0, "y0": 0, "x1": 0.5, "y1": 0.5, "label": "ok"}, box])
     with pytest.raises(ValueError, match=needle) as err:
         parse_layout_json(text, 512, 512)
     assert "box 1" in str(err.value)
+
+
+@pytest.mark.parametrize("items, needle", [
+    ("0,0,64,64", r"bounding boxes must be a list of \{x, y, width, height\}, got '0,0,64,64'"),
+    (7, r"bounding boxes must be a list .*got 7"),
+    ([{"x": 0, "y": 0, "width": 64, "height": 64}, [0, 0, 64, 64]],
+     r"bounding box 1 must be an object \{x, y, width, height\}, got \[0, 0, 64, 64\]"),
+    ([{"x": 0, "y": 0, "width": 64}], r"box 0 is missing height \(pixels\)"),
+])
+def test_bounding_box_errors_name_the_box(items, needle):
+    """What a BOUNDING_BOX input that is not one gets (the Boxes node shows it)."""
+    with pytest.raises(ValueError, match=needle):
+        bounding_boxes_to_boxes(items, 512, 512)
+
+
+def test_one_bounding_box_or_one_images_list_in_a_batch_list_is_read():
+    one = {"x": 0, "y": 0, "width": 256, "height": 128}
+    assert bounding_boxes_to_boxes(one, 512, 512) == bounding_boxes_to_boxes([[one]], 512, 512)
+    box = bounding_boxes_to_boxes(one, 512, 512)[0]
+    assert (box.x0, box.y0, box.x1, box.y1) == (0.0, 0.0, 0.5, 0.25)
 
 
 def test_nan_written_by_python_json_is_rejected():
