@@ -215,3 +215,22 @@ def test_converter_refuses_pickles_that_need_more_than_weights(tmp_path):
                plain)
     with pytest.raises(ValueError, match="no FG-DM adapter weights"):
         extract_adapter(read_checkpoint(str(plain)), str(plain))
+    torch.save([torch.zeros(1)], plain)
+    with pytest.raises(ValueError, match=r"sd.ckpt: not a checkpoint \(a list, no state dict\)"):
+        read_checkpoint(str(plain))
+
+
+def test_converter_command_line_writes_the_factor_with_its_kind(tmp_path, caplog):
+    from locref_core.fgdm.convert_official import infer_config, main
+
+    adapter = randomised(FactorConfig(time_conditioned=False, in_channels=8,
+                                      channels=SMALL["channels"]))
+    src, dst = tmp_path / "fgdm_depth.pth", tmp_path / "depth.safetensors"
+    torch.save(lightning_checkpoint(adapter), src)
+    with caplog.at_level("INFO", logger="locref_core.fgdm.convert_official"):
+        main([str(src), str(dst), "--kind", "depth", "--palette", "ade150"])
+    cfg = read_factor_config(str(dst))
+    assert (cfg.kind, cfg.palette, cfg.channels) == ("depth", "ade150", adapter.cfg.channels)
+    assert f"wrote {dst}" in caplog.text
+    with pytest.raises(ValueError, match="adapter weights have no conv_in.weight"):
+        infer_config({"body.0.block1.weight": torch.zeros(1)}, "seg", "coco183")

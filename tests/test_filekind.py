@@ -207,3 +207,17 @@ def test_convert_pickle_makes_a_loadable_file(tmp_path):
     with pytest.raises(ValueError, match="refused"):
         convert(str(tmp_path / "evil.pt"), str(tmp_path / "evil.safetensors"))
     assert not (tmp_path / "unpickled").exists()
+
+
+def test_convert_pickle_from_the_command_line_and_a_pickle_with_no_tensors(tmp_path, caplog):
+    from locref_core.convert_pickle import main
+
+    src, dst = tmp_path / "proj.pt", tmp_path / "proj.safetensors"
+    torch.save({"proj": {"weight": torch.ones(2, 3)}, "step": 7}, str(src))
+    with caplog.at_level("INFO", logger="locref_core.convert_pickle"):
+        main([str(src), str(dst)])
+    assert f"wrote {dst}: 1 tensors" in caplog.text
+    assert sniff(str(dst)).shapes == {"proj.weight": (2, 3)}
+    torch.save({"step": 7, "lr": 1e-4}, str(src))
+    with pytest.raises(ValueError, match=r"proj.pt: holds no tensors; nothing to convert"):
+        convert(str(src), str(dst))
