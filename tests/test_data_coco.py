@@ -227,6 +227,77 @@ def test_unknown_category_and_duplicate_ids(synth, tmp_path):
         load_coco(images, write(data))
 
 
+
+def _set_first(key, **fields):
+    return lambda d: d[key][0].update(fields)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(images=None), r"'images' must be a list of entries, got NoneType; is "
+                                      r"this a COCO-format file\?"),
+    (lambda d: d["categories"][0].pop("name"), r"category entry .* needs 'id' and 'name'"),
+    (lambda d: d["categories"].append(dict(d["categories"][0], name="twin")),
+     r"category id \d+ is listed twice \('.*' and 'twin'\)"),
+    (lambda d: d.update(categories=[]), r"'categories' is empty; list the object classes as"),
+    (_set_first("categories", id="seven"), r"category '.*' has id 'seven'; ids must be integers"),
+    (lambda d: d["images"][0].pop("width"), r"image entry .* needs 'id', 'file_name', 'width'"),
+    (_set_first("images", height=0), r"image id 1 \('000001.png'\) has size 64x0; width and "
+                                     r"height must be positive integers"),
+    (lambda d: d["annotations"][0].pop("bbox"), r"annotation entry .* needs 'id', 'image_id', "
+                                                r"'category_id' and 'bbox'"),
+    (_set_first("annotations", image_id=999), r"annotation id 1 refers to image id 999, which is "
+                                              r"not in 'images'"),
+    (_set_first("annotations", bbox=[1, 2, 3]), r"annotation id 1 \(image id 1\) has bbox "
+                                                r"\[1, 2, 3\]; use \[x, y, width, height\]"),
+    (_set_first("annotations", segmentation=[[0, 0, 4, 0]]),
+     r"annotation id 1 has a polygon that is not a flat list of at least 3 x, y pairs"),
+    (_set_first("annotations", segmentation={"counts": [4]}),
+     r"annotation id 1 has an RLE segmentation without 'size'"),
+    (_set_first("annotations", segmentation={"size": [32, 32], "counts": [4]}),
+     r"annotation id 1 has an RLE mask of size \[32, 32\] but its image is 64x64"),
+    (_set_first("annotations", segmentation="0 4"),
+     r"annotation id 1 has segmentation of type str; use polygons \(list\) or RLE \(dict\)"),
+])  # fmt: skip
+def test_malformed_entries_name_the_entry_and_the_fix(synth, tmp_path, mutate, message):
+    """What a hand-made or half-converted COCO file gets: the first bad entry, named."""
+    images, data, write = copy_set(synth, tmp_path)
+    assert (data["images"][0]["id"], data["annotations"][0]["id"]) == (1, 1)
+    mutate(data)
+    with pytest.raises(DataError, match=r"instances_bad\.json: " + message):
+        load_coco(images, write(data))
+
+
+def test_a_file_that_is_not_an_object_or_not_text_is_named(synth, tmp_path):
+    images, data, write = copy_set(synth, tmp_path)
+    with pytest.raises(DataError, match=r"the top level must be a JSON object with 'images', "
+                                        r"'annotations' and 'categories', got list"):
+        load_coco(images, write([data]))
+    path = write(data)
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match=r"instances file .* cannot be read .*UTF-8 JSON file"):
+        load_coco(images, path)
+    with pytest.raises(DataError, match=r"images folder .*nowhere does not exist; pass the "
+                                        r"folder that holds the images listed in"):
+        load_coco(tmp_path / "nowhere", write(data))
+
+
+def test_caption_files_with_bad_entries_or_some_other_images(synth, tmp_path, caplog):
+    images, data, write = copy_set(synth, tmp_path)
+    caps = tmp_path / "captions_bad.json"
+    caps.write_text(json.dumps({"annotations": [{"image_id": 1}]}))
+    with pytest.raises(DataError, match=r"caption entry \{'image_id': 1\} needs 'image_id' and "
+                                        r"'caption'"):
+        load_coco(images, write(data), caps)
+    caps.write_text(json.dumps({"annotations": [{"id": 5, "image_id": 1, "caption": 3}]}))
+    with pytest.raises(DataError, match=r"caption 5 of image id 1 is not a string"):
+        load_coco(images, write(data), caps)
+    caps.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": " a red disc "},
+                                                {"image_id": 999, "caption": "a cat"}]}))
+    with caplog.at_level("WARNING"):
+        coco = load_coco(images, write(data), caps)
+    assert "1 captions refer to images not in the instances file; ignored" in caplog.text
+    assert coco.images[0].captions == ("a red disc",)  # stripped
+
 def test_captions_from_another_split_are_refused(synth, tmp_path):
     images, data, write = copy_set(synth, tmp_path)
     caps = tmp_path / "captions_val.json"
