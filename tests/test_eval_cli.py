@@ -116,7 +116,14 @@ def test_boxes_without_label_map_scores_unmatched_class_ids_as_misses(layouts, t
       r"entry 0 refers to image 'img_0009\.png'"),
      ([{"file_name": "img_0001.png", "bbox": [0, 0, 1], "score": 1, "label": "dog"}],
       r"\[x, y, width, height\]"),
-     ([{"file_name": "img_0001.png", "bbox": [0, 0, 1, 1], "score": 1}], "category_id")],
+     ([{"file_name": "img_0001.png", "bbox": [0, 0, 1, 1], "score": 1}], "category_id"),
+     (["img_0001.png"], r"entry 0 must be an object, got 'img_0001\.png'"),
+     ([{"bbox": [0, 0, 1, 1], "score": 1, "label": "dog"}],
+      r"entry 0 has neither file_name nor image_id; name the image"),
+     ([{"image_id": 2, "bbox": [0, 0, 1, 1], "score": "high", "label": "dog"}],
+      r'entry 0: "score" must be a number, got \'high\''),
+     ([{"image_id": 1, "bbox": [0, 0, -4, 1], "score": 1, "label": "dog"}],
+      r"entry 0: bbox width/height are negative \(-4.0, 1.0\)")],
 )  # fmt: skip
 def test_bad_detection_files_exit_naming_the_file(layouts, tmp_path, content, match):
     dets = write(tmp_path / "det.json", content)
@@ -136,6 +143,35 @@ def test_missing_or_bad_layouts_exit_naming_the_file(layouts, tmp_path):
         main(["boxes", "--layouts", str(tmp_path / "nope"), "--detections", str(dets)])
     with pytest.raises(SystemExit, match="module:function"):
         main(["boxes", "--layouts", str(layouts), "--detector", "no_colon"])
+    with pytest.raises(SystemExit, match=r"--detector: .*absent\.py does not exist; give an "
+                                         r"existing \.py file"):
+        main(["boxes", "--layouts", str(layouts), "--detector", f"{tmp_path}/absent.py:detect"])
+    with pytest.raises(SystemExit, match=r"--detector: cannot import 'no_such_module_here'"):
+        main(["boxes", "--layouts", str(layouts), "--detector", "no_such_module_here:detect"])
+    (layouts / "img_0003.png").unlink()  # the folder's images have their layouts again
+    (layouts / "img_0003.json").unlink()
+    odd = write(tmp_path / "odd_detector.py", "def detect(path):\n    return 'a dog'\n")
+    with pytest.raises(SystemExit, match=r"the detector returned str for img_0001\.png; return a "
+                                         r"list of"):
+        main(["boxes", "--layouts", str(layouts), "--detector", f"{odd}:detect"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=r"layouts folder .*empty holds no image"):
+        main(["boxes", "--layouts", str(empty), "--detections", str(dets)])
+
+
+def test_label_maps_inline_or_in_a_file_and_their_errors(tmp_path):
+    from locref_core.eval.folder import parse_label_map
+
+    assert parse_label_map("1=person, 18 = Dog") == parse_label_map(
+        str(write(tmp_path / "labels.json", {"1": "person", "18": "dog"})))
+    with pytest.raises(ValueError, match=r"label map entry '18:dog' needs the form from=to"):
+        parse_label_map("1=person, 18:dog")
+    with pytest.raises(ValueError, match=r"label map .*labels\.json must be a JSON object"):
+        parse_label_map(str(write(tmp_path / "labels.json", [["1", "person"]])))
+    with pytest.raises(ValueError, match=r"absent\.json does not exist; give the path of a label "
+                                         r"map"):
+        parse_label_map(str(tmp_path / "absent.json"))
 
 
 def test_clip_i_over_the_folder(layouts, tmp_path, capsys):
