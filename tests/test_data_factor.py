@@ -142,3 +142,43 @@ def test_bad_arguments_are_refused(synth):
         FactorDataset(synth["images"], synth["labels"], kind="canny")
     with pytest.raises(ValueError, match="unknown palette"):
         FactorDataset(synth["images"], synth["labels"], palette="voc")
+    for size in (4, 10000):
+        with pytest.raises(ValueError, match=rf"size={size} must be in 8\.\.8192 pixels"):
+            FactorDataset(synth["images"], synth["labels"], size=size)
+    with pytest.raises(ValueError, match="collate_factor needs at least one item"):
+        collate_factor([])
+
+
+def test_two_files_with_one_stem_and_file_maps_that_are_not_maps(synth, tmp_path):
+    labels = copy_dir(synth["labels"], tmp_path / "labels")
+    (labels / "000002.jpg").write_bytes((labels / "000002.png").read_bytes())
+    (labels / "notes.txt").write_text("not an image")  # other files are passed over
+    with pytest.raises(DataError, match=r"conditions folder .*labels has two files with stem "
+                                        r"'000002' \(000002\.jpg, 000002\.png\); keep one"):
+        FactorDataset(synth["images"], labels, size=64)
+    (tmp_path / "map.json").write_text(json.dumps([["000001.png", "000001.png"]]))
+    with pytest.raises(DataError, match=r"file map .*map\.json must be a JSON object"):
+        FactorDataset(synth["images"], synth["labels"], size=64, file_map=tmp_path / "map.json")
+    with pytest.raises(DataError, match=r"the file map is empty; list \{image file: condition"):
+        FactorDataset(synth["images"], synth["labels"], size=64, file_map={})
+
+
+def test_captions_of_another_split_or_of_some_images(synth, tmp_path, caplog):
+    data = json.loads(synth["captions"].read_text())
+    other = tmp_path / "captions_other.json"
+    other.write_text(json.dumps({**data, "annotations": [{"image_id": 999, "caption": "a cat"}]}))
+    with pytest.raises(DataError, match=r"captions_other\.json: no caption refers to any image in"):
+        FactorDataset(synth["images"], synth["labels"], other, size=64)
+    first = data["images"][0]["id"]
+    some = {**data, "annotations": [a for a in data["annotations"] if a["image_id"] == first]}
+    other.write_text(json.dumps(some))
+    with caplog.at_level("WARNING"):
+        ds = FactorDataset(synth["images"], synth["labels"], other, size=64)
+    assert "3 of 4 images have no caption in" in caplog.text
+    assert [ds[i]["caption"] == "" for i in range(4)] == [False, True, True, True]
+    other.write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match=r"a COCO captions file needs an 'annotations' list"):
+        FactorDataset(synth["images"], synth["labels"], other, size=64)
+    other.write_text(json.dumps({**data, "annotations": [{"image_id": first, "caption": 7}]}))
+    with pytest.raises(DataError, match=r"caption entry .* needs 'image_id' and a string"):
+        FactorDataset(synth["images"], synth["labels"], other, size=64)

@@ -228,8 +228,26 @@ def test_image_errors_name_the_file(tmp_path):
         LocRefDataset(cs, size=64)[0]
 
 
-def test_bad_arguments_are_refused(coco):
-    bad = ({"size": 32}, {"max_instances": 0}, {"max_instances": 33}, {"min_box_frac": 1.0})
-    for kwargs in bad:
-        with pytest.raises(ValueError):
-            LocRefDataset(coco, **kwargs)
+@pytest.mark.parametrize("kwargs, message", [
+    ({"size": 32}, r"size=32: the composite canvas must be \d+\.\.8192 px"),
+    ({"max_instances": 0}, r"max_instances=0 must be in 1\.\.\d+"),
+    ({"max_instances": 33}, r"max_instances=33 must be in 1\.\.\d+"),
+    ({"ref_size": 0}, r"ref_size=0 must be a positive size \(224 for CLIP\)"),
+    ({"min_box_frac": 1.0}, r"min_box_frac=1\.0 must be in \[0, 1\)"),
+])
+def test_bad_arguments_are_refused(coco, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LocRefDataset(coco, **kwargs)
+
+
+def test_a_set_of_crowd_regions_only_has_nothing_to_train_on(tmp_path):
+    cs, _ = hand_made(tmp_path, OBJECTS[:2])
+    crowd = dataclasses.replace(cs, images=tuple(
+        dataclasses.replace(img, annotations=tuple(dataclasses.replace(a, iscrowd=True)
+                                                   for a in img.annotations))
+        for img in cs.images))
+    with pytest.raises(DataError, match=r"no image in .*img has an instance annotation \(crowd "
+                                        r"regions excluded\); LocRef needs boxes"):
+        LocRefDataset(crowd, size=64)
+    with pytest.raises(ValueError, match="collate_locref needs at least one item"):
+        collate_locref([])
