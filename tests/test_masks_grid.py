@@ -40,6 +40,18 @@ def test_token_grid_prefers_activations_shape_and_checks_it():
         token_grid([2, 320, 9, 16], tokens=145)
 
 
+def test_token_grid_for_an_unknown_downsampler_and_when_it_cannot_tell():
+    """A grid no halving of the latent gives (a downsampler that floors 63 to 21): the
+    factorisation with the latent's aspect; a count it cannot factor so, or no latent: errors."""
+    assert token_grid(tokens=21 * 42, latent_hw=(63, 126)) == (21, 42)
+    with pytest.raises(ValueError, match=r"cannot infer a token grid for 997 tokens from latent "
+                                         r"\(64, 64\)"):
+        token_grid(tokens=997, latent_hw=(64, 64))
+    with pytest.raises(ValueError, match="token_grid needs activations_shape, or tokens and "
+                                         "latent_hw"):
+        token_grid(tokens=64)
+
+
 @pytest.mark.parametrize("h, w", sorted(set(grids())))
 def test_mask_edges_within_one_cell(h, w):
     masks = box_masks(Layout(512, 512, BOXES), h, w)
