@@ -215,6 +215,57 @@ def test_bad_layouts_sbpc_objects_and_percent_order_are_refused(server, sd15_che
     assert "palette 'coco999' is not one of" in refused(server, sbpc, "5")
 
 
+
+def run_error(server, prompt: dict) -> dict:
+    """The one execution_error of a queued prompt (the server keeps running)."""
+    entry = wait_for_history(server, queue_prompt(server, prompt), timeout=120)
+    [error] = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["exception_type"] == "ValueError", error
+    return error
+
+
+def test_run_time_refusals_name_the_value_and_the_fix(server, sd15_checkpoint_name):
+    """What only the run can know: a 33rd box added to a full layout, a source map of another
+    palette, an SBPC map size the VAE cannot encode. Each a ValueError on its node."""
+    full = json.dumps({"version": 1, "boxes": [
+        {"x0": (i % 8) / 8, "y0": (i // 8) / 4, "x1": (i % 8 + 1) / 8, "y1": (i // 8 + 1) / 4,
+         "label": f"box {i}"} for i in range(32)]})
+    region = {"2": {"class_type": "LocRefBoxes",
+                    "inputs": {"width": 512, "height": 512, "boxes_json": full}},
+              "7": {"class_type": "LoadImage", "inputs": {"image": "fb_mask.png"}},
+              "8": {"class_type": "LocRefRegionMask", "inputs": {
+                  "layout": ["2", 0], "mask": ["7", 1], "box_index": 0, "label": "one more",
+                  "add_new_box": True}},
+              "9": {"class_type": "LocRefLayoutPreview", "inputs": {"layout": ["8", 0]}},
+              "10": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}}
+    error = run_error(server, region)
+    assert error["node_id"] == "8" and ("the layout already has 32 boxes, the most supported; "
+                                        "shape an existing box instead of adding one"
+                                        ) in error["exception_message"], error
+    prompt = edit_prompt('[{"op": "paste", "object": "dog", "box": [0, 0, 0.5, 0.5]}]')
+    prompt["5"] = {"class_type": "FGDMDecodeMap", "inputs": {
+        "image": ["1", 0], "palette": "ade150", "batch_index": 0, "color_cutoff": 60.0,
+        "mode_filter": 3}}
+    prompt["3"]["inputs"]["source_map"] = ["5", 0]
+    error = run_error(server, prompt)
+    assert error["node_id"] == "3" and ("source_map is in palette ade150 but the map is in "
+                                        "coco183; convert it with FGDM Palette Convert first"
+                                        ) in error["exception_message"], error
+    sbpc = {"1": {"class_type": "CheckpointLoaderSimple",
+                  "inputs": {"ckpt_name": sd15_checkpoint_name}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog", "clip": ["1", 1]}},
+            "5": {"class_type": "FGDMSBPCSelect", "inputs": {
+                "model": ["1", 0], "positive": ["4", 0], "negative": ["4", 0], "vae": ["1", 2],
+                "n": 2, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+                "map_width": 100, "map_height": 64, "seed": 3, "objects": "dog",
+                "palette": "coco183", "output_width": 64, "output_height": 64}},
+            "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}}
+    error = run_error(server, sbpc)
+    assert error["node_id"] == "5", error
+    assert ("map size 100x64 must be a multiple of 8 (the VAE's factor); e.g. 256x256"
+            in error["exception_message"]), error
+
+
 # ------------------------------------------------------------------ wrong weight files
 
 
