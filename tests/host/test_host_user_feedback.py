@@ -184,6 +184,18 @@ def edit_prompt(operations: str) -> dict:
             "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}}}
 
 
+def sbpc_prompt(ckpt: str, **inputs) -> dict:
+    """Checkpoint -> FGDM SBPC Select (node "5", two 64 px candidates, one step) -> Preview."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog", "clip": ["1", 1]}},
+            "5": {"class_type": "FGDMSBPCSelect", "inputs": {
+                "model": ["1", 0], "positive": ["4", 0], "negative": ["4", 0], "vae": ["1", 2],
+                "n": 2, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+                "map_width": 64, "map_height": 64, "seed": 3, "output_width": 64,
+                "output_height": 64, **inputs}},
+            "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}}
+
+
 @pytest.mark.parametrize("operations, message", [
     ('{"version": 1, "operations": [', "edit operations are not valid JSON"),
     ('[{"op": "explode", "object": "dog"}]', "'explode'"),
@@ -201,15 +213,7 @@ def test_bad_layouts_sbpc_objects_and_percent_order_are_refused(server, sd15_che
     assert "start_percent 0.8 is after end_percent 0.2; swap them" in refused(server, prompt, "3")
     prompt = apply_prompt(sd15_checkpoint_name, end_percent=1.5)
     assert "end_percent is 1.5; it must be in 0.0..1.0" in refused(server, prompt, "3")
-    sbpc = {"1": {"class_type": "CheckpointLoaderSimple",
-                  "inputs": {"ckpt_name": sd15_checkpoint_name}},
-            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog", "clip": ["1", 1]}},
-            "5": {"class_type": "FGDMSBPCSelect", "inputs": {
-                "model": ["1", 0], "positive": ["4", 0], "negative": ["4", 0], "vae": ["1", 2],
-                "n": 2, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-                "map_width": 64, "map_height": 64, "seed": 3, "objects": "dog, flying saucer",
-                "palette": "ade150", "output_width": 64, "output_height": 64}},
-            "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}}
+    sbpc = sbpc_prompt(sd15_checkpoint_name, objects="dog, flying saucer", palette="ade150")
     assert "unknown object 'flying saucer' for palette ade150" in refused(server, sbpc, "5")
     sbpc["5"]["inputs"]["palette"] = "coco999"
     assert "palette 'coco999' is not one of" in refused(server, sbpc, "5")
@@ -251,15 +255,7 @@ def test_run_time_refusals_name_the_value_and_the_fix(server, sd15_checkpoint_na
     assert error["node_id"] == "3" and ("source_map is in palette ade150 but the map is in "
                                         "coco183; convert it with FGDM Palette Convert first"
                                         ) in error["exception_message"], error
-    sbpc = {"1": {"class_type": "CheckpointLoaderSimple",
-                  "inputs": {"ckpt_name": sd15_checkpoint_name}},
-            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog", "clip": ["1", 1]}},
-            "5": {"class_type": "FGDMSBPCSelect", "inputs": {
-                "model": ["1", 0], "positive": ["4", 0], "negative": ["4", 0], "vae": ["1", 2],
-                "n": 2, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-                "map_width": 100, "map_height": 64, "seed": 3, "objects": "dog",
-                "palette": "coco183", "output_width": 64, "output_height": 64}},
-            "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}}
+    sbpc = sbpc_prompt(sd15_checkpoint_name, objects="dog", palette="coco183", map_width=100)
     error = run_error(server, sbpc)
     assert error["node_id"] == "5", error
     assert ("map size 100x64 must be a multiple of 8 (the VAE's factor); e.g. 256x256"
