@@ -124,9 +124,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     other = SIDES[args.versus]
-    times: dict[str, list[float]] = {"one process, two threads": [], other: []}
     sides = (("one process, two threads", 1, False),
              (other, 2, False) if args.versus == "processes" else (other, 1, True))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in sides}
     for r in range(args.rounds):
         for name, world, compiled in sides:
             times[name].append(measure(args, world, compiled))
