@@ -44,6 +44,24 @@ def test_projection_adds_the_base_and_the_longer_half(est):
                                             + m["tables"])
 
 
+def test_least_on_two_cores_shares_the_work_after_the_base(est):
+    m = est.project(PRESET, RATE)
+    halves = m["LocRef half"] + m["FG-DM half"]
+    assert m["least on 2 cores"] == pytest.approx(1 + m["VAE"] + 40 + halves / 2 + m["tables"])
+    assert m["least on 2 cores"] < m["total"]  # the halves differ: the run's order waits
+    even = est.project(PRESET, {**RATE, "seg ControlNet step": 0.9 - (
+        m["FG-DM half"] - m["LocRef half"]) * 60 / 1500})  # the halves made equal
+    assert even["least on 2 cores"] == pytest.approx(even["total"])
+
+
+def test_the_estimate_line_says_the_least_on_two_cores(est):
+    result = {"minutes": est.project(PRESET, RATE), "seconds": RATE}
+    line = est.format_estimate(result)
+    assert line.startswith(f"about {result['minutes']['total']:.0f} min from nothing")
+    assert line.endswith("No order of these stages on 2 cores takes less than "
+                         f"{result['minutes']['least on 2 cores']:.0f} min")
+
+
 def test_odd_layout_counts_split_as_the_run_splits_them(est):
     m = est.project({**PRESET, "heldout": 5}, RATE)
     assert m["FG-DM images, first half"] == pytest.approx(3 * 30 / 60)

@@ -538,6 +538,10 @@ def test_estimate_times_every_stage_and_keeps_no_model(bench, tmp_path):
     halves = max(m["LocRef half"], m["FG-DM half"])
     assert m["total"] == pytest.approx(m["data"] + m["VAE"] + m["UNet"] + halves + m["tables"],
                                        abs=0.3)  # each minute rounded to 0.1
+    both = m["LocRef half"] + m["FG-DM half"]
+    assert m["least on 2 cores"] == pytest.approx(
+        m["data"] + m["VAE"] + m["UNet"] + both / 2 + m["tables"], abs=0.3)
+    assert m["least on 2 cores"] <= m["total"] + 0.1
     assert json.loads((folder / "estimate.json").read_text()) == est
     assert (folder / "data" / "train").is_dir()  # the run reuses the world's data
     assert not (folder / "estimate").exists()
