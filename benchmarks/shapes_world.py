@@ -425,6 +425,25 @@ class Timings:
         self.path.write_text(json.dumps(self.minutes, indent=1))
 
 
+ONE_CORE_STAGES = {"timings.json": ("locref adapter", "locref images", "locref table",
+                                     "fgdm images, second half"),
+                   "timings_fgdm.json": ("fgdm seg factor", "seg controlnet",
+                                         "fgdm images, first half")}
+
+
+def least_on_two_cores(minutes: dict, branch_minutes: dict) -> float | None:
+    """The least any order of a run's stages could take on 2 cores, from its `Timings` minutes
+    (timings.json) and the FG-DM half's (timings_fgdm.json): every stage after the base needs
+    the base, and a stage on both cores is at best twice as fast as on one, so the data, the
+    base and the tables plus half the one-core stages' minutes (the waits left out). None where
+    a stage was resumed (its minutes are only part of its cost)."""
+    if "resumed" in minutes or "resumed" in branch_minutes:
+        return None
+    one_core = (sum(minutes[k] for k in ONE_CORE_STAGES["timings.json"])
+                + sum(branch_minutes[k] for k in ONE_CORE_STAGES["timings_fgdm.json"]))
+    return minutes["data"] + minutes["base"] + one_core / 2 + minutes["tables and grid"]
+
+
 def world_config(run: dict) -> WorldConfig:
     """The base's sizes for this run (before its VAE fixes the latent scale)."""
     return WorldConfig(seed=run["seed"], prediction=run["prediction"],
@@ -818,11 +837,15 @@ def main(argv=None) -> dict:
     timings.mark("tables and grid")
     minutes = (time.perf_counter() - t0) / 60
     branch_minutes = json.loads((run["dir"] / "timings_fgdm.json").read_text())
+    least = least_on_two_cores(timings.minutes, branch_minutes)
     log.info("shapes world (%s, seed %d) in %.1f min:\n%s\n\n%s\ngrid: %s\nminutes per stage: "
-             "%s; FG-DM half, alongside: %s", run["name"], args.seed, minutes, table, table_fgdm,
-             grid, timings.minutes, branch_minutes)
+             "%s; FG-DM half, alongside: %s; no order of these stages on 2 cores takes less "
+             "than %s", run["name"], args.seed, minutes, table, table_fgdm, grid,
+             timings.minutes, branch_minutes,
+             "(a stage was resumed)" if least is None else f"{least:.1f} min")
     return {"table": table, "table_fgdm": table_fgdm, "grid": str(grid), "dir": str(run["dir"]),
-            "minutes": minutes, "timings": timings.minutes, "timings_fgdm": branch_minutes}
+            "minutes": minutes, "timings": timings.minutes, "timings_fgdm": branch_minutes,
+            "least on 2 cores": least}
 
 
 if __name__ == "__main__":

@@ -303,6 +303,23 @@ def test_a_resumed_stage_keeps_its_minutes_apart(sw, tmp_path):
     assert rerun.minutes["base"] == timings.minutes["base"]
 
 
+RUN_MINUTES = {"data": 0.2, "base": 60.0, "locref adapter": 22.0, "locref images": 6.0,
+               "locref table": 0.5, "waiting for the seg ControlNet": 9.0,
+               "fgdm images, second half": 5.5, "waiting for the FG-DM half": 0.3,
+               "tables and grid": 0.1}
+BRANCH_MINUTES = {"fgdm seg factor": 14.0, "seg controlnet": 23.0,
+                  "fgdm images, first half": 5.5}
+
+
+def test_least_on_two_cores_halves_the_work_after_the_base(sw):
+    one_core = 22.0 + 6.0 + 0.5 + 5.5 + 14.0 + 23.0 + 5.5  # the waits are not work
+    assert sw.least_on_two_cores(RUN_MINUTES, BRANCH_MINUTES) == pytest.approx(
+        0.2 + 60.0 + one_core / 2 + 0.1)
+    assert sw.least_on_two_cores({**RUN_MINUTES, "resumed": ["base"]}, BRANCH_MINUTES) is None
+    assert sw.least_on_two_cores(RUN_MINUTES, {**BRANCH_MINUTES,
+                                               "resumed": ["seg controlnet"]}) is None
+
+
 @pytest.fixture(scope="module")
 def diagnose(sw):
     return load_benchmark("shapes_world_diagnose")

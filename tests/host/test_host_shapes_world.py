@@ -56,6 +56,7 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
                                      "tables and grid"}
     assert set(first["timings_fgdm"]) == {"fgdm seg factor", "seg controlnet",
                                           "fgdm images, first half"}
+    assert 0 < first["least on 2 cores"] <= first["minutes"]
     need_tensorboard(bench)  # else the run writes no curves to check
     assert {p.parent.name for p in (out / "tb").glob("*/events.out.tfevents.*")} >= {
         "base", "locref", "fgdm"}  # base (with the seg ControlNet), LocRef and factor curves
@@ -125,6 +126,7 @@ def test_quick_preset_runs_every_stage_and_a_rerun_reproduces_it(bench, tmp_path
         again = run(bench, tmp_path / "b")
     assert "resumed from" in caplog.text and "step_00000005 at step 5" in caplog.text
     assert again["timings"]["resumed"] == ["base"]
+    assert again["least on 2 cores"] is None  # the base's minutes are only its second part
     assert not (out_b / "base_ckpt").exists()  # base.safetensors holds it all
     assert (again["table"], again["table_fgdm"]) == (first["table"], first["table_fgdm"])
 
