@@ -113,6 +113,11 @@ def test_locref_file_with_wrong_tensors_names_the_mismatch(tmp_path):
     save_file(tensors, path, metadata=meta)
     with pytest.raises(ValueError, match=r"bad.safetensors.*1 missing.*wrong shape"):
         load_adapter(path)
+    tensors["kv_ri.input_1.to_q.weight"] = torch.zeros(4, 4)  # a tensor no adapter has
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match=r"1 missing \(e.g. \['kv_ri.input_1.to_k.weight'\]\); "
+                                         r"1 unexpected \(e.g. \['kv_ri.input_1.to_q.weight'\]\)"):
+        load_adapter(path)
 
 
 def test_pickles_and_unknown_files_are_refused(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from locref_core.train.losses import (
     attention_kl,
     latent_weight_mask,
+    mean_attention_map,
     resize_query_grid,
     v_error_weight,
     weighted_eps_mse,
@@ -44,6 +45,8 @@ def test_weighted_mse_rejects_bad_shapes():
         weighted_eps_mse(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3), None)
     with pytest.raises(ValueError, match="fg_mask must be"):
         weighted_eps_mse(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.zeros(16))
+    with pytest.raises(ValueError, match="fg_mask has 3 rows, pred has 2"):
+        weighted_eps_mse(torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), torch.ones(3, 16, 16))
 
 
 def rows(*r):
@@ -103,6 +106,12 @@ def test_kl_errors_name_the_problem():
         attention_kl(torch.ones(1, 4, 2), torch.ones(1, 4, 3))
     with pytest.raises(ValueError, match="same non-zero number"):
         attention_kl([torch.ones(1, 4, 2)], [])
+    with pytest.raises(ValueError, match=r"maps have 6 query positions, grid \(2, 2\) has 4"):
+        resize_query_grid(torch.ones(1, 6, 2), (2, 2), (4, 4))
+    with pytest.raises(ValueError, match="no attention maps to average"):
+        mean_attention_map([], (2, 2))
+    with pytest.raises(ValueError, match="2 maps but 1 grids"):
+        mean_attention_map([torch.ones(1, 4, 2), torch.ones(1, 4, 2)], (2, 2), grids=[(2, 2)])
 
 
 def test_v_error_weight_is_v_error_over_eps_error():
