@@ -105,6 +105,11 @@ def test_single_process_fallback_and_step_generators(monkeypatch):
     assert not torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
     with pytest.raises(ValueError, match="auto, cuda or cpu"):
         init_distributed("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on CI's CPU wheel
+    with pytest.raises(ValueError, match="--device cuda was asked for but torch sees no CUDA "
+                                         "device; use cpu"):
+        init_distributed("cuda")
+    assert init_distributed("auto").device == torch.device("cpu")
 
 
 def test_cpu_autocast_is_fp32_unless_bf16_is_asked(monkeypatch, caplog):
