@@ -186,8 +186,26 @@ def test_thresholds_and_dict_inputs():
      ({"a": gt([], [])}, {}, "no boxes"),
      ({"a": gt([SQUARE], ["dog"])}, {"a": {"boxes": [SQUARE], "labels": ["dog"]}}, "scores"),
      ({"a": gt([SQUARE], ["dog", "cat"])}, {}, "labels"),
-     ({"a": gt([SQUARE], ["dog"])}, {"a": gt([SQUARE], ["dog"])}, "no scores")],
+     ({"a": gt([SQUARE], ["dog"])}, {"a": gt([SQUARE], ["dog"])}, "no scores"),
+     ({"a": [SQUARE]}, {}, "must be a mapping with boxes and labels, got list"),
+     ({"a": gt([[0, 0, float("nan"), 10]], ["dog"])}, {},
+      "non-finite coordinate; fix or drop that box"),
+     ({"a": {"boxes": [[0, 0, 10]], "labels": ["dog"]}}, {},
+      r"boxes must be \(N, 4\) xyxy, got shape \(1, 3\)"),
+     ({"a": gt([SQUARE], ["dog"])}, {"a": det([SQUARE], ["dog"], [0.9, 0.5])},
+      "1 boxes but 2 scores; give one each"),
+     ({"a": gt([SQUARE], ["dog"])}, {"a": det([SQUARE], ["dog"], [float("inf")])},
+      "scores must be finite numbers")],
 )  # fmt: skip
 def test_bad_inputs_raise_clear_errors(truth, found, match):
     with pytest.raises(ValueError, match=match):
         box_ap(truth, found)
+
+
+def test_bad_thresholds_and_max_dets_are_named():
+    truth, found = {"a": gt([SQUARE], ["dog"])}, {"a": det([SQUARE], ["dog"], [1.0])}
+    with pytest.raises(ValueError, match=r"iou_thresholds must be numbers in \(0, 1\], got "
+                                         r"\[0.5, 1.5\]"):
+        box_ap(truth, found, iou_thresholds=[0.5, 1.5])
+    with pytest.raises(ValueError, match="max_dets must be at least 1, got 0"):
+        box_ap(truth, found, max_dets=0)
