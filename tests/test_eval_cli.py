@@ -198,6 +198,24 @@ def test_clip_i_errors(layouts, tmp_path):
         main(["clip-i", "--layouts", str(layouts), "--encoder", f"{module}:make_encoder"])
     with pytest.raises(SystemExit, match="has no function 'nope'"):
         main(["clip-i", "--layouts", str(layouts), "--encoder", f"{module}:nope"])
+    with pytest.raises(SystemExit, match="--size 8 is too small; CLIP models take 224"):
+        main(["clip-i", "--layouts", str(layouts), "--encoder", f"{module}:make_encoder",
+              "--size", "8"])
+    not_callable = write(tmp_path / "not_callable.py", "def make():\n    return 3\n")
+    with pytest.raises(SystemExit, match=r"returned int, not a callable; make the function "
+                                         r"return encode\(batch\) -> embeddings"):
+        main(["clip-i", "--layouts", str(layouts), "--encoder", f"{not_callable}:make"])
+
+
+def test_clip_i_without_any_reference_names_the_fix(layouts, tmp_path):
+    module = write(tmp_path / "toy_clip.py", ENCODER)
+    data = {"version": 1, "boxes": [dict(LAYOUTS["img_0001"]["boxes"][1])]}  # no reference
+    write(layouts / "img_0001.json", data)
+    (layouts / "img_0002_ref0.png").unlink()
+    with pytest.raises(SystemExit, match="no box in .* has a reference image; add "
+                                         "\"reference\" paths to the layout JSONs"):
+        main(["clip-i", "--layouts", str(layouts), "--encoder", f"{module}:make_encoder",
+              "--size", "32"])
 
 
 # ------------------------------------------------------------------ FG-DM recall
