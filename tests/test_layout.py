@@ -73,3 +73,24 @@ def test_a_reference_that_is_not_an_image_names_its_shape(image, mask, needle):
 def test_a_canvas_size_must_be_an_integer(width):
     with pytest.raises(ValueError, match=f"canvas width must be an integer, got {width!r}"):
         Layout(width, 512)
+
+
+@pytest.mark.parametrize("coords, region, needle", [
+    ((0.0, 0.0, float("nan"), 0.5), None, r"box x1=nan must be a finite number in \[0, 1\]"),
+    ((0.0, -0.1, 0.5, 0.5), None, r"box y0=-0.1 must be a finite number in \[0, 1\]"),
+    ((0.5, 0.0, 0.5, 0.5), None, r"box \(0.5, 0.0, 0.5, 0.5\) has zero or negative area"),
+    ((0.0, 0.0, 0.5, 0.5), torch.ones(1, 8, 8), "a box region must be an \\(H, W\\) mask tensor"),
+])
+def test_a_box_outside_the_canvas_or_without_area_is_refused(coords, region, needle):
+    with pytest.raises(ValueError, match=needle):
+        Box(*coords, "dog", region=region)
+
+
+def test_canvas_range_and_box_count_are_bounded():
+    with pytest.raises(ValueError, match=r"canvas height=1 is out of range; use \d+..\d+ pixels"):
+        Layout(512, 1)
+    boxes = [Box(0.0, 0.0, 0.5, 0.5, f"b{i}") for i in range(33)]  # a list: kept as a tuple
+    with pytest.raises(ValueError, match="the layout has 33 boxes; at most 32 are supported. "
+                                         "Merge or remove boxes."):
+        Layout(512, 512, boxes)
+    assert isinstance(Layout(512, 512, boxes[:32]).boxes, tuple)
