@@ -421,6 +421,10 @@ def test_map_to_layout_excludes_void_and_validates():
         map_to_layout(m, P, width=64, height=64, min_area=2.0)
     with pytest.raises(ValueError, match="max_boxes must be in 1..32"):
         map_to_layout(m, P, width=64, height=64, max_boxes=0)
+    for not_int in (True, 2.0):
+        with pytest.raises(ValueError, match=f"max_boxes must be an integer in 1..32, got "
+                                             f"{not_int!r}"):
+            map_to_layout(m, P, width=64, height=64, max_boxes=not_int)
     with pytest.raises(ValueError, match="unknown object 'cra'"):
         map_to_layout(m, P, width=64, height=64, objects=["cra"])
     with pytest.raises(ValueError, match="canvas width=10"):
@@ -440,3 +444,8 @@ def test_missing_skip_goes_on_past_absent_objects_but_not_absent_sources(caplog)
                          source_maps=[m], missing="skip")
     with pytest.raises(ValueError, match="missing='ignore'"):
         apply_operations(m, [], P, missing="ignore")
+
+
+def test_an_edit_of_an_unknown_kind_names_the_kinds():
+    with pytest.raises(ValueError, match="edit kind 'teleport' is unknown; use one of "):
+        EditOp("teleport", PERSON)
