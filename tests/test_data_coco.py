@@ -304,3 +304,11 @@ def test_captions_from_another_split_are_refused(synth, tmp_path):
     caps.write_text(json.dumps({"annotations": [{"image_id": 999, "caption": "a cat"}]}))
     with pytest.raises(DataError, match=r"captions_val\.json: none of its captions"):
         load_coco(images, write(data), caps)
+
+
+@pytest.mark.parametrize("n_images, max_objects", [(0, 3), (4, 0), (4, len(COLOURS) + 1)])
+def test_the_shapes_world_refuses_sizes_it_cannot_draw(tmp_path, n_images, max_objects):
+    with pytest.raises(ValueError, match=f"n_images={n_images} must be >= 1 and max_objects="
+                                         f"{max_objects} in 1..{len(COLOURS)} \\(one distinct "
+                                         "colour per object\\)"):
+        make_synthetic_coco(tmp_path, n_images=n_images, max_objects=max_objects)

@@ -98,6 +98,16 @@ def test_boxes_from_a_detector_callable(layouts, tmp_path, capsys):
     assert json.loads(out.read_text())["per_class"]["dog"]["AP"] == 1.0
 
 
+def test_a_detection_that_is_no_object_and_an_unreadable_image_are_named(layouts, tmp_path):
+    module = write(tmp_path / "lists.py", "def detect(path):\n    return [[0, 0, 4, 4]]\n")
+    with pytest.raises(SystemExit, match=r"must be an object with bbox, score and label, got "
+                                         r"\[0, 0, 4, 4\]"):
+        main(["boxes", "--layouts", str(layouts), "--detector", f"{module}:detect"])
+    (layouts / "img_0002.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"cannot read image .*img_0002\.png"):
+        main(["boxes", "--layouts", str(layouts), "--detector", f"{module}:detect"])
+
+
 def test_boxes_without_label_map_scores_unmatched_class_ids_as_misses(layouts, tmp_path, caplog):
     # category_id 18 is not "dog" without the label map: dog AP = 1 of 2 found = 51/101.
     dets = write(tmp_path / "det.json", [

@@ -86,3 +86,10 @@ def test_errors_name_the_fix():
         clip_i([solid(RED)], [solid(RED)], lambda b: b.mean(dim=(1, 2, 3)))
     with pytest.raises(ValueError, match="at least one"):
         clip_i([], [], mean_colour)
+    with pytest.raises(ValueError, match=r"image must be a \(3, H, W\) tensor, got \(8, 8, 3\)"):
+        crop_boxes(torch.zeros(8, 8, 3), [[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match=r"image must be a \(3, H, W\) tensor, got ndarray"):
+        crop_boxes(np.zeros((3, 8, 8)), [[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="2 crops but 1 references; give one each"):
+        clip_i_scores([solid(RED), solid(RED)], [solid(RED)], mean_colour)
+    assert clip_i_scores([], [], mean_colour).shape == (0,)
