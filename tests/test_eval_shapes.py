@@ -323,3 +323,13 @@ def test_appearance_refuses_bad_boxes_and_references_by_value():
         appearance_scores(image, [(0, 0, 1, 1)], [("pink", "disc")])
     with pytest.raises(ValueError, match="no boxes"):
         summarise([])
+
+
+def test_the_detectors_options_and_inputs_are_named():
+    found = [Detection((0.1, 0.2, 0.3, 0.4), "red", "disc", 0.9, 0.01)]
+    with pytest.raises(ValueError, match=r"label_by='size' must be one of"):
+        to_image_boxes(found, "size")
+    with pytest.raises(ValueError, match=r"image is empty \(0 x 4 pixels\)"):
+        detect_shapes(np.zeros((0, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"background=\(1, 2\) must be an RGB triple in 0-255"):
+        detect_shapes(np.zeros((8, 8, 3), np.uint8), background=(1, 2))

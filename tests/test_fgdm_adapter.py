@@ -50,6 +50,15 @@ def test_features_depend_on_x_t_and_on_the_timestep():
     with pytest.raises(ValueError, match="timestep-conditioned"):
         adapter(x)
     assert torch.equal(plain(x)[0], plain(x, emb)[0])  # the plain variant ignores time
+    with pytest.raises(ValueError, match=r"takes 4 input channels \(x_t and earlier factors' "
+                                         r"latents\), got 8"):
+        adapter(torch.randn(1, 8, 16, 16), emb)
+
+
+def test_a_config_without_the_unets_four_scales_is_refused():
+    with pytest.raises(ValueError, match=r"an SD-1.5 factor adapter has 4 scales, got channels "
+                                         r"\(32, 64\)"):
+        FactorConfig(channels=(32, 64), emb_channels=128)
 
 
 def test_zero_adapter_gives_zero_features():

@@ -304,3 +304,8 @@ def test_instances_are_ordered_by_area_then_raster_order():
     assert len(instances(d, 1, connectivity=8)[1]) == 1
     assert instances(d, 1, connectivity=4)[1].tolist() == [1, 1]
     assert len(instances(d, 9)[1]) == 0
+
+
+def test_components_of_a_mask_that_is_not_2d_are_refused():
+    with pytest.raises(ValueError, match=r"a mask must be \(H, W\), got shape \(2, 2, 2\)"):
+        label_components(np.zeros((2, 2, 2), bool))
