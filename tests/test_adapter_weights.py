@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from locref_core.adapter import SD15_SITE_CHANNELS, AdapterConfig, LocRefAdapter, site_key
@@ -18,6 +19,12 @@ def ip_adapter_tensors(embed=1024, tokens=4):
         t[f"ip_adapter.{ip_id}.to_k_ip.weight"] = torch.randn(c, 768, generator=g).half()
         t[f"ip_adapter.{ip_id}.to_v_ip.weight"] = torch.randn(c, 768, generator=g).half()
     return t
+
+
+def metadata_and_tensors(path):
+    """A saved file's metadata and tensors, to write back changed."""
+    with safe_open(path, framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
 
 
 def test_projection_shapes_and_null_tokens():
@@ -61,7 +68,6 @@ def test_locref_format_round_trips(tmp_path):
         assert k == k2 and torch.equal(a, b)
 
 
-
 @pytest.mark.parametrize("meta_change, needle", [
     ({"format_version": "99"}, r"other.safetensors: LocRef format version '99'; this pack reads "
                                r"version \d+\. Update the pack\."),
@@ -73,16 +79,14 @@ def test_a_locref_file_from_another_version_or_with_a_broken_config_is_named(
         tmp_path, meta_change, needle):
     """A LocRef file written by a newer pack, or whose config was edited, is refused with the
     file's name and what to do, before any tensor is matched."""
-    from safetensors import safe_open
-
     good = str(tmp_path / "mine.safetensors")
     save_adapter(LocRefAdapter(AdapterConfig(tokens=2, hidden_dim=64, embed_dim=32)), good)
-    with safe_open(good, framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = metadata_and_tensors(good)
     other = str(tmp_path / "other.safetensors")
     save_file(tensors, other, metadata={**meta, **meta_change})
     with pytest.raises(ValueError, match=needle):
         load_adapter(other)
+
 
 @pytest.mark.parametrize("mutate, needle", [
     (lambda t: t.pop("ip_adapter.31.to_k_ip.weight"), "another model"),
@@ -104,10 +108,7 @@ def test_locref_file_with_wrong_tensors_names_the_mismatch(tmp_path):
     adapter = LocRefAdapter(AdapterConfig(tokens=2, hidden_dim=None, embed_dim=32))
     path = str(tmp_path / "bad.safetensors")
     save_adapter(adapter, path)
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = metadata_and_tensors(path)
     tensors.pop("kv_ri.input_1.to_k.weight")
     tensors["appearance.norm.weight"] = torch.zeros(5)
     save_file(tensors, path, metadata=meta)

@@ -227,7 +227,6 @@ def test_unknown_category_and_duplicate_ids(synth, tmp_path):
         load_coco(images, write(data))
 
 
-
 def _set_first(key, **fields):
     return lambda d: d[key][0].update(fields)
 
@@ -297,6 +296,7 @@ def test_caption_files_with_bad_entries_or_some_other_images(synth, tmp_path, ca
         coco = load_coco(images, write(data), caps)
     assert "1 captions refer to images not in the instances file; ignored" in caplog.text
     assert coco.images[0].captions == ("a red disc",)  # stripped
+
 
 def test_captions_from_another_split_are_refused(synth, tmp_path):
     images, data, write = copy_set(synth, tmp_path)

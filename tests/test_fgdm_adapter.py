@@ -126,7 +126,6 @@ def test_a_file_that_does_not_match_its_config_names_the_mismatches(tmp_path):
     assert read_factor_config(bad) == adapter.cfg  # the header is sound; the tensors are not
 
 
-
 @pytest.mark.parametrize("meta_change, needle", [
     ({"format_version": "99"}, r"other.safetensors: factor format version '99'; this pack reads"),
     ({"config": "{not json"}, r"other.safetensors: bad or missing factor config in the metadata"),
@@ -152,6 +151,7 @@ def test_a_factor_file_from_another_version_or_with_a_broken_config_is_named(
     save_file(tensors, other, metadata=without)
     with pytest.raises(ValueError, match="bad or missing factor config in the metadata"):
         load_factor(other)
+
 
 def test_config_validation():
     with pytest.raises(ValueError, match="kind 'pose'"):
